@@ -1,7 +1,9 @@
 """Load a named config, apply dotted overrides, validate everything before any model loads.
 
-``load_config("config/opd.py:mopd", ["train.learning_rate=1e-4", "save_every=5"])``. Every
-error names the offending key. The schema is config/base.py: a key that is not there (outside
+``load_config("config/opd.py:mopd", ["train.learning_rate=1e-4", "save_every=5"])``. Overrides
+may also be written the way absl / ml_collections ``config_flags`` users type them
+(``--config.train.learning_rate=1e-4`` or ``--config.train.learning_rate 1e-4``): same keys,
+same parsing, same errors. Every error names the offending key. The schema is config/base.py: a key that is not there (outside
 the user-named ``tasks.*`` / ``teachers.*`` entries) is rejected, with the closest valid key.
 """
 from __future__ import annotations
@@ -59,9 +61,30 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
         raise ConfigError(f"--config: file {path!r} not found")
     module = _import_file(path, "_diffusion_opd_user_config")
     config = module.get_config(name) if name else module.get_config()
-    for item in overrides:
+    for item in normalise_overrides(overrides):
         apply_override(config, item)
     return config
+
+
+ABSL_PREFIX = "config."  # ``--config.key=value``: the absl config_flags spelling of ``key=value``
+
+
+def normalise_overrides(args: Sequence[str]) -> list[str]:
+    """Command-line words -> ``key=value`` strings.
+
+    Accepts ``key=value``, ``--key=value``, ``--config.key=value`` and the two-word absl form
+    ``--config.key value``. The ``config.`` prefix is dropped (the schema has no ``config`` key).
+    """
+    out, args, i = [], list(args), 0
+    while i < len(args):
+        item = args[i].lstrip("-")
+        if item.startswith(ABSL_PREFIX):
+            item = item[len(ABSL_PREFIX):]
+            if "=" not in item and i + 1 < len(args) and not args[i + 1].startswith("--"):
+                item, i = f"{item}={args[i + 1]}", i + 1
+        out.append(item)
+        i += 1
+    return out
 
 
 def _parse_value(text: str, current: Any) -> Any:
@@ -86,8 +109,10 @@ def _parse_value(text: str, current: Any) -> Any:
 
 
 def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
-    """Set ``key.sub=value`` on ``config``, parsing ``value`` as the type of the current value."""
-    key, sep, text = item.lstrip("-").partition("=")
+    """Set ``key.sub=value`` on ``config``, parsing ``value`` as the type of the current value.
+    ``--key=value`` and ``--config.key=value`` (absl) name the same key."""
+    item = item.lstrip("-")
+    key, sep, text = (item[len(ABSL_PREFIX):] if item.startswith(ABSL_PREFIX) else item).partition("=")
     if not sep:
         raise ConfigError(f"override {item!r}: expected key=value")
     parts = key.split(".")

@@ -6,7 +6,8 @@
         scripts/train_opd.py --config config/opd.py:mopd
     torchrun --nproc_per_node 2 scripts/train_opd.py --config config/opd.py:tiny_mopd
 
-Overrides may be written ``key=value`` or ``--key=value``; unknown keys are rejected.
+Overrides may be written ``key=value``, ``--key=value`` or, as absl / ml_collections users type
+them, ``--config.key=value`` / ``--config.key value``; unknown keys are rejected.
 """
 import argparse
 import os
