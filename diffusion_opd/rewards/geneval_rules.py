@@ -24,7 +24,8 @@ Three verdicts per image:
   0 and a 1 when a position check fails (their loop falls through); here a failure is 0.
 
 Detection filtering (``select_detections``): per class, keep scores > 0.3 (0.9 for the
-counting tag), the 16 most confident, no NMS (official NMS threshold 1.0). Relative position
+counting tag, compared in float32), the 16 most confident (ties in the official
+``np.argsort(scores)[::-1]`` order), no NMS (official NMS threshold 1.0). Relative position
 uses box centres with a margin of 0.1 x the summed box sizes (``relative_position``).
 """
 from __future__ import annotations
@@ -111,11 +112,22 @@ def select_detections(
     nms_threshold: float = NMS_THRESHOLD,
 ) -> dict[str, list[Detection]]:
     """Per class: most confident first, above the tag's threshold, at most ``max_objects``,
-    greedy NMS only when ``nms_threshold < 1``. Classes left empty are dropped."""
-    cutoff = counting_threshold if tag == "counting" else threshold
+    greedy NMS only when ``nms_threshold < 1``. Classes left empty are dropped.
+
+    Two details follow the official ``evaluate_images.py`` bit for bit: the detector's scores
+    are float32 and the threshold is compared in float32 (a score of exactly float32(0.3) is
+    NOT above 0.3 there, although float(float32(0.3)) > 0.3 in float64), and objects are
+    visited in the order ``np.argsort(scores)[::-1]``: tied scores come out in the order numpy's
+    (unstable) default sort leaves them, reversed; not in the order the detector gave them.
+    """
+    cutoff = np.float32(counting_threshold if tag == "counting" else threshold)
     kept: dict[str, list[Detection]] = {}
     for cls, objects in raw.items():
-        ranked = sorted((o for o in objects if o.score > cutoff), key=lambda o: -o.score)[:max_objects]
+        objects = list(objects)
+        scores = np.asarray([o.score for o in objects], dtype=np.float32)
+        order = np.argsort(scores)[::-1]
+        order = order[scores[order] > cutoff][:max_objects]
+        ranked = [objects[i] for i in order]
         chosen: list[Detection] = []
         for obj in ranked:
             if nms_threshold >= 1 or all(box_iou(obj.box, c.box) < nms_threshold for c in chosen):

@@ -198,3 +198,43 @@ def test_official_metadata_file_is_valid():
     assert {r["tag"] for r in rows} == set(TAGS)
     assert {c.get("color") for r in rows for c in r["include"]} - {None} <= set(COLORS)
 
+
+
+# ----------------------------------------------------------------------------- official parity
+def _official_order(scores, cutoff):
+    """The selection lines of djghosh13/geneval evaluation/evaluate_images.py, on a float32
+    score column (what mmdet returns): argsort, reverse, threshold, cap."""
+    scores = np.asarray(scores, dtype=np.float32)
+    ordering = np.argsort(scores)[::-1]
+    ordering = ordering[scores[ordering] > cutoff]
+    return ordering[:16].tolist()
+
+
+def test_threshold_is_compared_in_float32_like_the_official_evaluator():
+    at = float(np.float32(0.3))  # what a float32 detector score of "0.3" becomes in Python
+    assert at > 0.3  # in float64 it is above the threshold ...
+    just_above = float(np.nextafter(np.float32(0.3), np.float32(1)))
+    raw = {"dog": [det(0, 0, 10, 10, at), det(20, 0, 30, 10, just_above)]}
+    kept = select_detections(raw, "single_object")["dog"]
+    # ... but the official evaluator compares in float32 and drops it; the next float32 stays.
+    assert [d.score for d in kept] == [just_above]
+    assert _official_order([at, just_above], 0.3) == [1]
+    at_09 = float(np.float32(0.9))
+    assert select_detections({"dog": [det(0, 0, 1, 1, at_09)]}, "counting") == {}
+    assert _official_order([at_09], 0.9) == []
+
+
+def test_tied_scores_are_visited_in_the_official_order():
+    scores = [0.8, 0.95, 0.8, 0.8, 0.5]
+    raw = {"car": [det(10 * i, 0, 10 * i + 5, 5, s) for i, s in enumerate(scores)]}
+    kept = select_detections(raw, "colors")["car"]
+    expected = _official_order(scores, 0.3)
+    stable = sorted(range(len(scores)), key=lambda i: -scores[i])  # [1, 0, 2, 3, 4]
+    assert expected != stable  # the ties 0, 2, 3 are visited in numpy's order, not the given one
+    assert [int(d.box[0]) // 10 for d in kept] == expected
+    # The order decides verdicts: "a red car" with two equally confident cars, red first.
+    meta = {"tag": "colors", "include": [{"class": "car", "count": 1, "color": "red"}]}
+    cars = {"car": [det(0, 0, 10, 10, 0.9, color="red"), det(20, 0, 30, 10, 0.9, color="blue")]}
+    assert evaluate(meta, select_detections(cars, "colors")).correct is False  # official: the blue one is "top"
+    cars = {"car": [det(0, 0, 10, 10, 0.9, color="blue"), det(20, 0, 30, 10, 0.9, color="red")]}
+    assert evaluate(meta, select_detections(cars, "colors")).correct is True
