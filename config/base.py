@@ -65,7 +65,8 @@ def get_config():
     c.train.max_grad_norm = 1.0
     c.train.lr_schedule = "constant"  # constant | cosine
     c.train.warmup_rounds = 0
-    c.train.ema_decay = 0.9  # 0 disables the EMA
+    c.train.ema_decay = 0.9  # 0 disables the EMA; one EMA update per optimizer step (per round)
+    c.train.ema_warmup = False  # True: decay min(ema_decay, (1 + n) / (10 + n)) at step n (diffusers' ramp)
     c.train.nan_patience = 3  # stop after this many non-finite rounds in a row
     c.train.stop_after_round = 0  # >0: exit cleanly after this round (scripted pauses, tests)
 

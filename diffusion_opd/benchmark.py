@@ -334,7 +334,7 @@ class RoundRunner:
         self.params = policy.trainable_parameters()
         optimizer, self.scheduler = build_optimizer(self.params, config.train)
         self.optimizer = accelerator.prepare_optimizer(optimizer)
-        self.ema = EMA(self.params, config.train.ema_decay) if config.train.ema_decay > 0 else None
+        self.ema = EMA(self.params, config.train.ema_decay, config.train.ema_warmup) if config.train.ema_decay > 0 else None
         self.guard = NonFiniteGuard(config.train.nan_patience)
         self.step_loss = make_step_loss(config.train, config.sample.noise_level)
         self.nonfinite_rounds = 0

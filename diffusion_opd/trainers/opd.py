@@ -147,7 +147,7 @@ class OPDRun:
         broadcast_parameters(self.params, acc)
         optimizer, self.scheduler = build_optimizer(self.params, config.train)
         self.optimizer = acc.prepare_optimizer(optimizer)  # fp16: loss scaling + skipped inf steps
-        self.ema = EMA(self.params, config.train.ema_decay) if config.train.ema_decay > 0 else None
+        self.ema = EMA(self.params, config.train.ema_decay, config.train.ema_warmup) if config.train.ema_decay > 0 else None
         self.step_loss = make_step_loss(config.train, config.sample.noise_level)
         self.per_task = config.train.batch_size * config.train.grad_accum
         self.samplers = {
