@@ -11,14 +11,22 @@ What to fetch comes from each reward module's ``CHECKPOINTS`` dict: ``files`` of
 ``*``: every matching file); entries with ``url`` are plain HTTPS downloads; ``optional``
 entries (non-default back ends, the UnifiedReward judge's weights) only with ``--optional``.
 Files already present are kept (``--force`` fetches again). Needs internet and huggingface_hub.
+
+Without a network the script finds out in seconds: ONE probe of the Hub (``$HF_ENDPOINT``, or
+nothing at all with ``HF_HUB_OFFLINE=1``) with a ``--probe-timeout`` (5 s), then it stops and
+prints every file still missing: where it goes, its size, where it comes from and the command
+that fetches it on a machine with internet (copy the files over, then rerun to check).
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import os
+import re
 import shutil
+import time
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -83,6 +91,61 @@ def present(folder: Path, spec: str) -> bool:
     return any((folder / name).is_file() for name in spec.split("|"))
 
 
+def hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def probe_network(url: str, timeout: float) -> str:
+    """"" when ``url`` answers anything at all (an HTTP error is an answer), else why not."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout):
+            return ""
+    except urllib.error.HTTPError:
+        return ""
+    except (urllib.error.URLError, OSError) as err:  # DNS, refused, timeout, TLS
+        reason = getattr(err, "reason", err)
+        return f"{type(reason).__name__}: {reason}"
+
+
+def source_url(entry: dict, name: str) -> str:
+    """Where one file of an entry comes from, as a URL a browser or wget can fetch."""
+    if entry.get("url"):
+        return entry["url"]
+    return f"{hub_endpoint()}/{entry['repo_id']}/resolve/main/{name}"
+
+
+def missing_files(todo: list[tuple[str, str, dict, str]], root: Path, force: bool) -> list[tuple[str, dict, list[str]]]:
+    """(label, entry, missing file specs) for every entry with something left to fetch."""
+    out = []
+    for reward, name, entry, shared in todo:
+        if shared or not entry.get("files"):
+            continue
+        missing = [spec for spec in entry["files"] if force or not present(root / entry["local"], spec)]
+        if missing:
+            out.append((f"{reward}/{name}", entry, missing))
+    return out
+
+
+def print_manual_plan(missing: list[tuple[str, dict, list[str]]], root: Path) -> None:
+    """Every missing file: where it goes, its size, its source, and a command for a connected machine."""
+    print(f"Files still missing under {root} (place them by hand, then rerun this script to check):")
+    for label, entry, specs in missing:
+        folder = root / entry["local"]
+        size = re.search(r"(?:about )?\d[\d.]*\s*[KMGT]B", entry.get("purpose", ""))
+        print(f"\n[{label}] {size.group(0) if size else 'small (no weights)'}: {entry.get('purpose', '')}")
+        for spec in specs:
+            first, *alternatives = spec.split("|")
+            alt = f" (or {', '.join(alternatives)})" if alternatives else ""
+            print(f"    {folder / first}{alt}\n        from {source_url(entry, first)}")
+        if entry.get("url"):
+            print(f"    on a connected machine: wget {entry['url']} -O {folder / specs[0]}")
+        else:
+            files = " ".join(spec.split("|")[0] for spec in specs)
+            print(f"    on a connected machine: hf download {entry['repo_id']} {files} --local-dir {folder}")
+
+
 def _size(path: Path) -> str:
     return f"{path.stat().st_size / 2**20:.1f} MiB"
 
@@ -96,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--optional", action="store_true", help="also fetch optional back-end files")
     parser.add_argument("--force", action="store_true", help="fetch again even when present")
     parser.add_argument("--dry-run", action="store_true", help="print what would be fetched and exit")
+    parser.add_argument("--probe-timeout", type=float, default=5.0,
+                        help="seconds the one network probe may take before the script reports offline")
     args = parser.parse_args(argv)
 
     rewards = [n.strip() for item in args.only for n in item.split(",") if n.strip()] or reward_names()
@@ -103,8 +168,20 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown reward(s) {', '.join(unknown)}; valid rewards: {', '.join(reward_names())}")
     root = ckpt_root(args.root)
+    todo = plan(rewards, args.optional)
+    missing = missing_files(todo, root, args.force)
+    if missing and not args.dry_run:
+        needs_hub = any(not entry.get("url") for _, entry, _ in missing)
+        target = hub_endpoint() if needs_hub else missing[0][1]["url"]
+        start = time.perf_counter()
+        offline = probe_network(target, args.probe_timeout)
+        if offline:
+            print(f"no network: {target} is unreachable ({offline}; one probe, {time.perf_counter() - start:.1f} s); "
+                  "nothing was downloaded.\n")
+            print_manual_plan(missing, root)
+            return 1
     failures = []
-    for reward, name, entry, shared in plan(rewards, args.optional):
+    for reward, name, entry, shared in todo:
         files = entry.get("files") or []
         if not files:
             print(f"[{reward}/{name}] {entry.get('purpose', 'nothing to download')}")
