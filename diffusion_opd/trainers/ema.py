@@ -1,7 +1,15 @@
-"""Exponential moving average of the student's LoRA weights, one update per optimizer step."""
+"""Exponential moving averages of weights, one update per optimizer step.
+
+- :class:`EMA`: a float32 shadow of the student's LoRA weights (evaluation, saving).
+- :func:`old_policy_decay` + :func:`ema_update_`: DiffusionNFT's "old" sampling policy, a
+  second set of live weights (the old adapter) pulled towards the student with a decay that
+  ramps up over training.
+"""
 from __future__ import annotations
 
 from contextlib import contextmanager
+
+from typing import Iterable
 
 import torch
 
@@ -62,3 +70,42 @@ class EMA:
         self.num_updates = state["num_updates"]
         for s, saved in zip(self.shadow, state["shadow"]):
             s.copy_(saved)
+
+
+def old_policy_decay(step: int, rate: float = 0.001, max_decay: float = 0.5, delay: int = 0) -> float:
+    """DiffusionNFT's old-policy decay: ``0`` before ``delay`` steps, then
+    ``min(rate * (step - delay), max_decay)``.
+
+    ``step`` is the number of optimizer steps taken so far. Decay 0 copies the student into the
+    old policy (fully on-policy sampling); the ramp lets the sampler lag more and more behind
+    the student as training settles. Reference schedules: ``rate 0.001, max 0.5, delay 0``
+    (the default, the published GenEval/OCR/PickScore recipes) and
+    ``rate 0.0075, max 0.999, delay 75``.
+    """
+    if step < 0 or rate < 0 or delay < 0 or not 0 <= max_decay <= 1:
+        raise ValueError(f"old_policy_decay: need step, rate, delay >= 0 and max_decay in [0, 1]; "
+                         f"got step={step}, rate={rate}, max_decay={max_decay}, delay={delay}")
+    if step < delay:
+        return 0.0
+    return min(rate * (step - delay), max_decay)
+
+
+@torch.no_grad()
+def ema_update_(target: Iterable[torch.Tensor], source: Iterable[torch.Tensor], decay: float) -> None:
+    """In place, per tensor: ``target <- decay * target + (1 - decay) * source``.
+
+    Computed in float32 and written back in the target's dtype (the old adapter may be fp16 /
+    bf16); ``decay = 0`` copies ``source`` exactly. ``source`` is not modified.
+    """
+    if not 0 <= decay <= 1:
+        raise ValueError(f"ema_update_: decay must be in [0, 1], got {decay}")
+    target, source = list(target), list(source)
+    if len(target) != len(source):
+        raise ValueError(f"ema_update_: {len(target)} target tensors but {len(source)} source tensors")
+    for t, s in zip(target, source):
+        if t.shape != s.shape:
+            raise ValueError(f"ema_update_: shape {tuple(t.shape)} != {tuple(s.shape)}")
+        if decay == 0:
+            t.copy_(s)
+        else:
+            t.copy_(decay * t.float() + (1 - decay) * s.detach().float())

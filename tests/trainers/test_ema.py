@@ -45,3 +45,32 @@ def test_warmup_state_round_trips():
     fresh = EMA([torch.nn.Parameter(torch.zeros(3))], 0.9, warmup=True)
     fresh.load_state_dict(ema.state_dict())
     assert fresh.current_decay() == ema.current_decay() == pytest.approx(3 / 12)
+
+
+def test_old_policy_decay_reference_schedules():
+    from diffusion_opd.trainers.ema import old_policy_decay
+
+    # min(0.001 * step, 0.5): the published DiffusionNFT recipes
+    assert [old_policy_decay(s) for s in (0, 1, 100, 499, 500, 10_000)] == pytest.approx([0, 0.001, 0.1, 0.499, 0.5, 0.5])
+    # flat 0 for 75 steps, then 0.0075 per step up to 0.999
+    sched = dict(rate=0.0075, max_decay=0.999, delay=75)
+    assert [old_policy_decay(s, **sched) for s in (0, 74, 75, 175, 207, 208, 209, 1000)] == pytest.approx(
+        [0, 0, 0, 0.75, 0.99, 0.9975, 0.999, 0.999])
+    with pytest.raises(ValueError, match="max_decay"):
+        old_policy_decay(1, max_decay=1.5)
+
+
+def test_ema_update_in_place_closed_form_and_dtypes():
+    from diffusion_opd.trainers.ema import ema_update_
+
+    old = [torch.full((2,), 4.0), torch.full((3,), 1.0, dtype=torch.bfloat16)]
+    new = [torch.full((2,), 8.0, requires_grad=True), torch.full((3,), 3.0)]
+    ema_update_(old, new, 0.25)  # 0.25 * old + 0.75 * new
+    assert old[0].tolist() == [7.0, 7.0] and old[1].tolist() == [2.5, 2.5, 2.5]
+    assert old[1].dtype == torch.bfloat16 and new[0].tolist() == [8.0, 8.0] and not old[0].requires_grad
+    ema_update_(old, new, 1.0)  # decay 1 keeps the old policy
+    assert old[0].tolist() == [7.0, 7.0]
+    ema_update_(old, new, 0.0)  # decay 0 copies the student exactly
+    assert old[0].tolist() == [8.0, 8.0] and old[1].tolist() == [3.0, 3.0, 3.0]
+    with pytest.raises(ValueError, match="2 target tensors but 1"):
+        ema_update_(old, new[:1], 0.5)
