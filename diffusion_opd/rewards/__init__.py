@@ -22,6 +22,10 @@ REGISTRY: dict[str, str] = {
     "aesthetic": "diffusion_opd.rewards.aesthetic:AestheticScorer",
     "imagereward": "diffusion_opd.rewards.imagereward:ImageRewardScorer",
     "unifiedreward": "diffusion_opd.rewards.unifiedreward:UnifiedRewardScorer",
+    # weight-free, from the decoded pixels (CI, smoke runs, the toy demo)
+    "brightness": "diffusion_opd.rewards.pixel:BrightnessScorer",
+    "colorfulness": "diffusion_opd.rewards.pixel:ColorfulnessScorer",
+    "target_color": "diffusion_opd.rewards.pixel:TargetColorScorer",
 }
 
 _CACHE: dict[tuple, Scorer] = {}

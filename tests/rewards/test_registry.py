@@ -25,7 +25,9 @@ from diffusion_opd.rewards import (
 from diffusion_opd.rewards.base import resolve_dir, resolve_file
 
 REPO = Path(__file__).resolve().parents[2]
-ALL = ["aesthetic", "clipscore", "geneval", "hpsv2", "imagereward", "ocr", "pickscore", "unifiedreward"]
+WEIGHT_FREE = ["brightness", "colorfulness", "target_color"]
+ALL = sorted(["aesthetic", "clipscore", "geneval", "hpsv2", "imagereward", "ocr", "pickscore", "unifiedreward"]
+             + WEIGHT_FREE)
 
 
 def _script():
@@ -164,3 +166,70 @@ def test_download_script_fetches_url_and_reports_failures(tmp_path, capsys):
     # Offline: every Hub file fails, the script says which and exits 1.
     assert script.main(["--only", "geneval", "--root", str(tmp_path / "root")]) == 1
     assert "facebook/mask2former-swin-small-coco-instance" in capsys.readouterr().err
+
+
+def _solid(*rgb, size=(6, 4)):
+    from PIL import Image
+
+    return Image.new("RGB", size, rgb)
+
+
+def _halves(left, right):
+    """A 4x4 image: left half ``left``, right half ``right`` (uint8 array)."""
+    a = np.zeros((4, 4, 3), dtype=np.uint8)
+    a[:, :2], a[:, 2:] = left, right
+    return a
+
+
+RED, BLUE = (255, 0, 0), (0, 0, 255)
+
+
+# Hand-computed: luma 0.299 R + 0.587 G + 0.114 B; colourfulness with rg = R - G,
+# yb = (R + G)/2 - B (red|blue halves: rg = {1, 0}, yb = {.5, -1} -> sqrt(.25 + .5625) +
+# .3 sqrt(.25 + .0625)); colour match 1 - mean ||p - c|| / sqrt(3).
+@pytest.mark.parametrize("name, options, image, prompt, expected", [
+    ("brightness", {}, _solid(*RED), "", 0.299),
+    ("brightness", {}, _solid(255, 255, 255), "", 1.0),
+    ("brightness", {}, _halves((0, 0, 0), (255, 255, 255)), "", 0.5),
+    ("colorfulness", {}, _solid(128, 128, 128), "", 0.0),
+    ("colorfulness", {}, _solid(*RED), "", 0.3 * np.sqrt(1.25)),
+    ("colorfulness", {}, _halves(RED, BLUE), "", np.sqrt(0.8125) + 0.3 * np.sqrt(0.3125)),
+    ("target_color", {}, _solid(*RED), "a Red apple", 1.0),
+    ("target_color", {}, _solid(0, 0, 0), "a red car", 1 - 1 / np.sqrt(3)),
+    ("target_color", {}, _solid(255, 255, 255), "a black cat", 0.0),
+    ("target_color", {}, _solid(*BLUE), "a blue cup and a red apple", 1.0),  # the first colour word
+    ("target_color", {"color": "blue"}, _halves(RED, BLUE), "no colour named", 1 - np.sqrt(2) / 2 / np.sqrt(3)),
+    ("target_color", {}, _solid(*RED), "a reddish sky", float("nan")),  # whole words only
+])
+def test_weight_free_rewards_closed_form(name, options, image, prompt, expected):
+    out = load_reward(name, cache=False, **options)([image], [prompt])
+    np.testing.assert_allclose(out[name], [expected], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", WEIGHT_FREE)
+def test_weight_free_rewards_contract(name, test_images, test_prompts):
+    """Every image type and size, batching-independent, deterministic, bounded, no checkpoint."""
+    scorer = load_reward(name, cache=False, batch_size=2)
+    out = scorer(test_images, test_prompts)
+    scores = out[name]
+    assert scores.shape == (5,) and scores.dtype == np.float32
+    one_by_one = np.concatenate([scorer([im], [p])[name] for im, p in zip(test_images, test_prompts)])
+    np.testing.assert_array_equal(scores, one_by_one)
+    finite = scores[np.isfinite(scores)]
+    assert len(finite) and (finite >= 0).all() and (finite <= 2).all()
+    if name == "target_color":  # 3 of the 5 prompts name no colour
+        assert list(out["color"]) == ["", "red", "", "green", ""] and np.isnan(scores).sum() == 3
+        assert scorer.stats["prompts_without_color"] == 6
+    else:
+        assert np.isfinite(scores).all()
+    with pytest.raises(ValueError, match="unknown color 'teal'"):
+        load_reward("target_color", color="teal", cache=False)
+
+
+def test_weight_free_rewards_in_a_multi_reward():
+    from diffusion_opd.rewards.multi import MultiReward
+
+    multi = MultiReward({"brightness": 1.0, "target_color": 2.0})
+    out = multi([_solid(*RED), _solid(*BLUE)], ["a red kite", "a red kite"])
+    np.testing.assert_allclose(out["total"], [0.299 + 2.0, 0.114 + 2 * (1 - np.sqrt(2) / np.sqrt(3))], rtol=1e-5)
+    assert list(out["target_color/color"]) == ["red", "red"]
