@@ -5,6 +5,8 @@ Keys that external scripts rely on: ``output_dir``, ``train.num_rounds``, ``save
 """
 import ml_collections
 
+from diffusion_opd.models.specs import DEFAULT_LORA_TARGETS
+
 
 def get_config():
     c = ml_collections.ConfigDict()
@@ -28,16 +30,18 @@ def get_config():
     c.model.gradient_checkpointing = False
     c.model.max_sequence_length = 128
     c.model.offload_text_encoders = False  # True: text encoders back to the CPU after each encode (-11 GB, slower)
+    # What sample.guidance_scale / teachers.*.guidance_scale drive: auto = the guidance embedding of a
+    # guidance-distilled model (FLUX.1-dev), classifier-free guidance otherwise (SD3); true_cfg = CFG
+    # with the empty prompt (FLUX: the embedding then gets embedded_guidance); embedded = demand it.
+    c.model.guidance = "auto"
+    c.model.embedded_guidance = 1.0
 
     # The student LoRA (DiffusionNFT / released recipe defaults).
     c.lora = ml_collections.ConfigDict()
     c.lora.rank = 32
     c.lora.alpha = 64
     c.lora.init = "gaussian"
-    c.lora.target_modules = (
-        "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-        "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
-    )
+    c.lora.target_modules = DEFAULT_LORA_TARGETS["sd3"]  # the 8 joint-attention projections
 
     # How the student rolls out (and is trained on its own states).
     c.sample = ml_collections.ConfigDict()

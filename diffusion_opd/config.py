@@ -25,6 +25,7 @@ CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "mixed_precision": ("no", "fp16", "bf16"),
     "model.dtype": ("fp32", "fp16", "bf16"),
+    "model.guidance": ("auto", "embedded", "true_cfg"),
     "train.mode": ("fused", "two_pass"),
     "train.loss": ("auto", "l2", "kl", "ppo"),
     "train.loss_reduction": ("mean", "sum"),

@@ -17,7 +17,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .models.base import STUDENT, Policy, PromptEmbeds
-from .sampling import StepResult, randn, sd3_sigmas, sde_step
+from .sampling import StepResult, randn, sde_step
 
 __all__ = ["Trajectory", "rollout"]
 
@@ -69,7 +69,8 @@ def rollout(
         policy: the model (its ``velocity`` is called once per step, CFG batched inside).
         embeds: one row per sample (``policy.encode_prompts``).
         seeds: one int per sample; sample i's randomness comes only from ``seeds[i]``.
-        num_steps, shift: the SD3 schedule (``shift=None``: ``policy.scheduler_shift``).
+        num_steps, shift: the schedule, ``policy.sigmas(num_steps, resolution, shift)`` (SD3: static
+            shift, ``None`` = the scheduler's; FLUX: ``None`` = the resolution-dependent shift).
         noise_level: eta of the SDE step; 0 is the deterministic Euler ODE.
         guidance_scale: CFG scale of the sampling adapter.
         resolution: image side in pixels (latent shape from ``policy.latent_shape``).
@@ -89,7 +90,7 @@ def rollout(
     if train and adapter != STUDENT:
         raise ValueError(f"training steps need the student as the sampling adapter, got {adapter!r}")
 
-    sigmas = sd3_sigmas(num_steps, policy.scheduler_shift if shift is None else shift).float()
+    sigmas = policy.sigmas(num_steps, resolution, shift).float()
     generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
     x = randn((n, *policy.latent_shape(resolution)), generators, policy.device)
     traj = Trajectory(latents=x, sigmas=sigmas)

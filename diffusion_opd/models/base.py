@@ -6,7 +6,8 @@ A policy is one denoiser backbone carrying named adapters:
 * one name per teacher (frozen LoRA adapters on the same backbone, or separate frozen models),
 * ``BASE`` (``"base"``): the backbone with every adapter disabled.
 
-Everything a trainer needs is below; SD3.5 (``models/sd3.py``) is one back end.
+Everything a trainer needs is below; SD3 / SD3.5 (``models/sd3.py``) and FLUX (``models/flux.py``)
+are the back ends, picked from the pipeline folder by ``models.build_policy``.
 """
 from __future__ import annotations
 
@@ -54,6 +55,7 @@ class Policy(ABC):
 
     device: torch.device
     dtype: torch.dtype
+    scheduler_shift: float = 1.0  # static schedule shift when a rollout gives none
 
     @abstractmethod
     def encode_prompts(self, prompts: Sequence[str]) -> PromptEmbeds:
@@ -70,11 +72,24 @@ class Policy(ABC):
     ) -> torch.Tensor:
         """Velocity at (latents, sigma) under ``adapter`` with classifier-free guidance.
 
-        ``guidance_scale > 1`` runs uncond + cond in ONE batched forward and returns
-        ``v_u + g (v_c - v_u)``; ``<= 1`` runs the conditional branch only. Gradients flow
+        ``guidance_scale`` is the family's guidance. Classifier-free guidance (SD3; FLUX with
+        ``guidance="true_cfg"``): ``> 1`` runs uncond + cond in ONE batched forward and returns
+        ``v_u + g (v_c - v_u)``, ``<= 1`` the conditional branch only. A guidance-distilled
+        model (FLUX.1-dev) feeds it to its guidance embedding instead: one forward. Gradients flow
         only for ``adapter == "student"`` under grad mode; the student stays the active,
         trainable adapter after every call whatever ``adapter`` was.
         """
+
+    def sigmas(self, num_steps: int, resolution: int, shift: Optional[float] = None) -> torch.Tensor:
+        """The ``num_steps + 1`` sigmas (float64, 1 -> 0) this model samples ``resolution`` px with.
+
+        Default: SD3's static shift (:func:`~diffusion_opd.sampling.sd3_sigmas`) with ``shift``
+        or, when None, the pipeline scheduler's ``scheduler_shift``. FLUX overrides it with the
+        resolution-dependent shift.
+        """
+        from ..sampling import sd3_sigmas
+
+        return sd3_sigmas(num_steps, self.scheduler_shift if shift is None else shift)
 
     @abstractmethod
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:

@@ -47,23 +47,23 @@ def _check_subfolder(local: str, subfolder: Optional[str], what: str, source: st
 
 
 def resolve_pipeline_dir(path: str, revision: Optional[str] = None) -> str:
-    """Local folder of a StableDiffusion3Pipeline given as a local folder or a Hub id.
+    """Local folder of a diffusers pipeline (SD3, FLUX) given as a local folder or a Hub id.
 
-    Hub ids are fetched with the pipeline's own download logic (only the files the pipeline
-    loads). A local folder must hold ``model_index.json``.
+    Hub ids are fetched with diffusers' own download logic (only the files the pipeline named in
+    the repo's model_index.json loads). A local folder must hold ``model_index.json``.
     """
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "model_index.json")):
             raise FileNotFoundError(
                 f"'{path}' is a folder but not a diffusers pipeline (no model_index.json). Pass the folder "
-                f"written by `StableDiffusion3Pipeline.save_pretrained` or `hf download <id> --local-dir`."
+                f"written by a pipeline's `save_pretrained` or `hf download <id> --local-dir`."
             )
         return path
-    from diffusers import StableDiffusion3Pipeline
+    from diffusers import DiffusionPipeline
     from huggingface_hub.errors import HFValidationError
 
     try:
-        return str(StableDiffusion3Pipeline.download(path, revision=revision))
+        return str(DiffusionPipeline.download(path, revision=revision))
     except HFValidationError as e:
         raise _invalid_id(path, "model", e) from e
     except OSError as e:  # the Hub's HTTP / offline / cache errors are all OSErrors

@@ -9,20 +9,33 @@ import torch
 
 from .base import BASE, STUDENT
 
-__all__ = ["DTYPES", "DEFAULT_LORA", "TeacherSpec", "parse_dtype", "parse_lora", "parse_teachers"]
+__all__ = ["DTYPES", "FAMILIES", "DEFAULT_LORA", "DEFAULT_LORA_TARGETS", "GUIDANCE_MODES", "TeacherSpec", "parse_dtype", "parse_lora",
+           "parse_teachers"]
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
-# DiffusionNFT / DiffusionOPD student LoRA: r 32, alpha 64 on the joint-attention projections.
-DEFAULT_LORA = dict(
-    rank=32,
-    alpha=64,
-    init="gaussian",
-    target_modules=(
-        "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-        "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
-    ),
+# Model families: the diffusers pipeline class named in a folder's model_index.json -> family.
+FAMILIES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
+
+# What a policy's guidance_scale drives (see models.build_policy).
+GUIDANCE_MODES = ("auto", "embedded", "true_cfg")
+
+# The joint-attention projections (image stream q/k/v/out, text stream add_q/k/v + to_add_out).
+_ATTENTION = (
+    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
 )
+# Default student LoRA targets per family (peft suffix match on module names), the one source of
+# truth for configs, the policy and config checks.
+# sd3: DiffusionNFT / DiffusionOPD's set: every projection of every joint-attention block.
+# flux: the same names; in FLUX.1 they adapt all 8 projections of the 19 double-stream blocks and
+#   to_q / to_k / to_v of the 38 single-stream blocks (whose attention has no output projection:
+#   proj_out / proj_mlp are block-level and not adapted), the attention-only LoRA that Flow-GRPO
+#   and diffusers' FLUX LoRA examples train.
+DEFAULT_LORA_TARGETS = {"sd3": _ATTENTION, "flux": _ATTENTION}
+
+# DiffusionNFT / DiffusionOPD student LoRA: r 32, alpha 64 on the joint-attention projections.
+DEFAULT_LORA = dict(rank=32, alpha=64, init="gaussian", target_modules=DEFAULT_LORA_TARGETS["sd3"])
 # Inits that leave the base weights untouched (pissa / olora / loftq rewrite them, which would
 # silently change every teacher sharing the backbone).
 _LORA_INITS = (True, False, "gaussian")
@@ -50,13 +63,13 @@ def parse_dtype(dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def parse_lora(lora: Optional[dict]) -> dict:
-    """Student LoRA settings merged over :data:`DEFAULT_LORA`, checked."""
+def parse_lora(lora: Optional[dict], family: str = "sd3") -> dict:
+    """Student LoRA settings merged over :data:`DEFAULT_LORA` (targets: the family's default), checked."""
     lora = dict(lora or {})
     unknown = sorted(set(lora) - set(DEFAULT_LORA))
     if unknown:
         raise ValueError(f"unknown student LoRA option(s) {unknown}; valid: {list(DEFAULT_LORA)}")
-    cfg = {**DEFAULT_LORA, **lora}
+    cfg = {**DEFAULT_LORA, "target_modules": DEFAULT_LORA_TARGETS[family], **lora}
     if not isinstance(cfg["rank"], int) or cfg["rank"] < 1:
         raise ValueError(f"LoRA rank must be a positive int, got {cfg['rank']!r}")
     if not isinstance(cfg["alpha"], (int, float)) or cfg["alpha"] <= 0:

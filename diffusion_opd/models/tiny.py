@@ -21,6 +21,7 @@ __all__ = [
     "TINY_TRANSFORMER_CONFIG",
     "build_tiny_sd3",
     "write_random_teacher_lora",
+    "TINY_BUILDERS",
     "sd35_medium_transformer_config",
     "build_random_transformer",
 ]
@@ -202,6 +203,13 @@ def build_tiny_sd3(directory: str, seed: int = 0) -> str:
     return str(directory)
 
 
+def _transformer_class(pipeline_dir: str) -> str:
+    import json
+
+    with open(os.path.join(pipeline_dir, "model_index.json")) as f:
+        return json.load(f)["transformer"][1]
+
+
 def write_random_teacher_lora(
     pipeline_dir: str,
     out_dir: str,
@@ -229,13 +237,15 @@ def write_random_teacher_lora(
     ``B A x`` is of the order of ``scale^2 * |x|``; on the tiny model the default scale 1.5 moves
     the velocity by about 30% of its norm (scale 1: ~12%, 0.5: ~3%).
     """
-    from diffusers import SD3Transformer2DModel
+    import diffusers
     from peft import LoraConfig
     from safetensors.torch import save_file
 
     if fmt not in ("peft", "diffusers"):
         raise ValueError(f"fmt must be 'peft' or 'diffusers', got {fmt!r}")
-    transformer = SD3Transformer2DModel.from_pretrained(pipeline_dir, subfolder="transformer")
+    config = getattr(diffusers, _transformer_class(pipeline_dir)).load_config(pipeline_dir, subfolder="transformer")
+    with torch.device("meta"):  # shapes only: the weights are never read
+        transformer = getattr(diffusers, config["_class_name"]).from_config(config)
     parts = [(torch.Generator().manual_seed(seed), 1.0)]
     if shared_seed is not None:
         parts = [(torch.Generator().manual_seed(shared_seed), 1.0), (parts[0][0], specific_scale)]
@@ -262,3 +272,7 @@ def write_random_teacher_lora(
         save_file({f"transformer.{k}": v.contiguous() for k, v in weights.items()},
                   os.path.join(out_dir, "pytorch_lora_weights.safetensors"), metadata={"format": "pt"})
     return str(out_dir)
+
+
+# ``builtin:<name>`` model paths of the configs -> the builder of that tiny pipeline folder.
+TINY_BUILDERS = {"tiny-sd3": build_tiny_sd3}

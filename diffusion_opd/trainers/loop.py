@@ -46,19 +46,22 @@ def make_accelerator(config) -> Accelerator:
 
 
 def resolve_builtin_paths(config, accelerator: Accelerator) -> tuple[str, dict[str, dict]]:
-    """``builtin:tiny-sd3`` / ``builtin:tiny-teacher:<seed>`` -> folders built offline in seconds
-    under ``<output_dir>/builtin`` (main process builds, the others wait); other paths unchanged."""
-    from ..models.tiny import build_tiny_sd3, write_random_teacher_lora
+    """``builtin:tiny-sd3`` / ``builtin:tiny-flux`` / ``builtin:tiny-teacher:<seed>`` -> folders built
+    offline in seconds under ``<output_dir>/builtin`` (main process builds, the others wait); other
+    paths unchanged."""
+    from ..models.tiny import TINY_BUILDERS, write_random_teacher_lora
 
     root = os.path.join(config.output_dir, "builtin")
     model_path = config.model.path
     teachers = {name: dict(t) for name, t in config.teachers.items()}
     if model_path.startswith(BUILTIN):
-        if model_path != "builtin:tiny-sd3":
-            raise ConfigError(f"model.path: unknown builtin {model_path!r}; valid: builtin:tiny-sd3")
-        model_path = os.path.join(root, "tiny-sd3")
+        name = model_path[len(BUILTIN):]
+        if name not in TINY_BUILDERS:
+            valid = ", ".join(BUILTIN + n for n in TINY_BUILDERS)
+            raise ConfigError(f"model.path: unknown builtin {model_path!r}; valid: {valid}")
+        model_path = os.path.join(root, name)
         if accelerator.is_main_process and not os.path.isfile(os.path.join(model_path, "model_index.json")):
-            build_tiny_sd3(model_path, seed=0)
+            TINY_BUILDERS[name](model_path, seed=0)
         accelerator.wait_for_everyone()
     for name, spec in teachers.items():
         if spec["path"].startswith(BUILTIN):
@@ -90,6 +93,8 @@ def build_policy_from_config(config, accelerator: Accelerator):
         gradient_checkpointing=config.model.gradient_checkpointing,
         max_sequence_length=config.model.max_sequence_length,
         offload_text_encoders=config.model.offload_text_encoders,
+        guidance=config.model.guidance,
+        embedded_guidance=config.model.embedded_guidance,
     )
 
 

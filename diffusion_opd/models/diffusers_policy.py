@@ -1,0 +1,308 @@
+"""What every diffusers-transformer back end shares (SD3 / SD3.5, FLUX): one transformer carrying
+the student LoRA and every LoRA teacher (adapter switching, no copies), teachers given as full
+transformers as separate frozen modules, prompt embeddings cached per string, the VAE loaded
+only when images are decoded, and the student saved in diffusers LoRA format.
+
+A family subclass (models/sd3.py, models/flux.py) names its diffusers classes and writes the
+four things that differ: how prompts are encoded, how one transformer forward is called, the
+latent shape, and the sigma schedule.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import OrderedDict
+from contextlib import contextmanager
+from typing import Optional, Sequence
+
+import torch
+
+from .base import BASE, STUDENT, Policy, PromptEmbeds
+from .hub import resolve_folder
+from .lora import AdapterMismatchError, AdapterSwitch, add_lora_adapter, read_lora_adapter
+from .specs import TeacherSpec
+
+__all__ = ["DiffusersPolicy"]
+
+_ENCODE_CHUNK = 32  # prompts per text-encoder forward
+_TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+
+
+def _diffusers_class(name: str):
+    import diffusers
+
+    return getattr(diffusers, name)
+
+
+class DiffusersPolicy(Policy):
+    """Student LoRA + frozen teachers on one diffusers transformer (use ``models.build_policy``)."""
+
+    pipeline_class: str = ""  # diffusers pipeline class name, e.g. "StableDiffusion3Pipeline"
+    transformer_class: str = ""  # e.g. "SD3Transformer2DModel"
+    # transformer config keys a full-transformer teacher must share with the backbone
+    teacher_config_keys: tuple[str, ...] = ("in_channels", "out_channels", "patch_size", "joint_attention_dim",
+                                            "pooled_projection_dim")
+
+    def __init__(self, model_dir: str, *, dtype: torch.dtype, device: torch.device, lora: dict,
+                 teachers: Sequence[TeacherSpec] = (), gradient_checkpointing: bool = False,
+                 max_sequence_length: int = 128, max_cached_prompts: Optional[int] = None,
+                 offload_text_encoders: bool = False, guidance: str = "auto", embedded_guidance: float = 1.0):
+        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+        from peft import LoraConfig
+
+        self.model_dir, self.dtype, self.device = model_dir, dtype, torch.device(device)
+        self.max_sequence_length = max_sequence_length
+        self.offload_text_encoders = offload_text_encoders
+        self.scheduler_config = dict(FlowMatchEulerDiscreteScheduler.load_config(model_dir, subfolder="scheduler"))
+        self.scheduler_shift = float(self.scheduler_config.get("shift", 1.0))
+        self._vae_config = AutoencoderKL.load_config(model_dir, subfolder="vae")
+        self.vae_scale_factor = 2 ** (len(self._vae_config["block_out_channels"]) - 1)
+
+        transformer = _diffusers_class(self.transformer_class).from_pretrained(
+            model_dir, subfolder="transformer", torch_dtype=dtype)
+        transformer.requires_grad_(False)
+        transformer.to(self.device)
+        transformer.add_adapter(
+            LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"], init_lora_weights=lora["init"],
+                       target_modules=list(lora["target_modules"])),
+            adapter_name=STUDENT,
+        )
+        self.transformer = transformer
+        has_embedding = bool(transformer.config.get("guidance_embeds", False))
+        if guidance == "embedded" and not has_embedding:
+            raise ValueError(f"{model_dir}: guidance='embedded' but the {self.transformer_class} has no guidance "
+                             "embedding (guidance_embeds false); use guidance='auto' or 'true_cfg'")
+        # "embedded": guidance_scale feeds the guidance embedding; "true_cfg": it is classifier-free guidance
+        self.guidance_mode = "embedded" if guidance == "embedded" or (guidance == "auto" and has_embedding) \
+            else "true_cfg"
+        self.embedded_guidance = embedded_guidance  # the embedding's value under true CFG
+        self._full_teachers: dict[str, torch.nn.Module] = {}
+        self._teacher_names = [t.name for t in teachers]
+        for spec in teachers:
+            self._load_teacher(spec)
+        self._switch = AdapterSwitch(transformer, default=STUDENT)
+        self._switch.restore()
+        self._student_params = [p for n, p in transformer.named_parameters() if f".{STUDENT}." in n]
+        for p in self._student_params:  # train LoRA in fp32 even when the backbone is fp16 / bf16
+            p.data = p.data.float()
+        self._student_keys = set(self.student_state_dict())
+        if gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
+        self._student_module: torch.nn.Module = transformer
+        self._text_pipe = None
+        self._vae = None
+        self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._max_cached = max_cached_prompts
+        self._uncond: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    # ---------------------------------------------------------------- what a family defines
+    def _encode_texts(self, pipe, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prompt_embeds (B, L, D), pooled_prompt_embeds (B, P)) from the family's pipeline."""
+        raise NotImplementedError
+
+    def _uses_cfg(self, guidance_scale: float) -> bool:
+        """Whether ``guidance_scale`` means classifier-free guidance (an uncond branch)."""
+        return self.guidance_mode == "true_cfg" and guidance_scale > 1.0
+
+    def _forward(self, module: torch.nn.Module, x: torch.Tensor, sigma: torch.Tensor, cond: dict,
+                 guidance_scale: float) -> torch.Tensor:
+        """One transformer forward: latents (B, C, H, W), per-sample sigma (B,) -> velocity like x."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- teachers
+    def _load_teacher(self, spec: TeacherSpec) -> None:
+        folder = resolve_folder(spec.path, subfolder=spec.subfolder, revision=spec.revision,
+                                what=f"teacher '{spec.name}'")
+        if spec.kind == "lora":
+            add_lora_adapter(self.transformer, read_lora_adapter(folder, spec.weight_name), spec.name,
+                             label=f"teacher '{spec.name}'")
+            return
+        sub = "transformer" if os.path.isfile(os.path.join(folder, "transformer", "config.json")) else None
+        model = _diffusers_class(self.transformer_class).from_pretrained(folder, subfolder=sub, torch_dtype=self.dtype)
+        for key in self.teacher_config_keys:
+            if model.config.get(key) != self.transformer.config.get(key):
+                raise AdapterMismatchError(
+                    f"teacher '{spec.name}' ({folder}) does not fit the backbone: transformer config "
+                    f"{key}={model.config.get(key)} but the student has {self.transformer.config.get(key)}")
+        self._full_teachers[spec.name] = model.requires_grad_(False).eval().to(self.device)
+
+    @property
+    def teacher_names(self) -> list[str]:
+        """Names of the loaded teachers, in the order given."""
+        return list(self._teacher_names)
+
+    def set_student_module(self, module: torch.nn.Module) -> None:
+        """Route student forwards WITH grad through ``module`` (e.g. the DDP-wrapped transformer)."""
+        self._student_module = module
+
+    def unwrap_modules(self) -> dict:
+        """The module owning the trainable parameters (for accelerate.prepare / DDP)."""
+        return {"transformer": self.transformer}
+
+    # ---------------------------------------------------------------- prompts
+    def _text_pipeline(self):
+        if self._text_pipe is None:
+            self._text_pipe = _diffusers_class(self.pipeline_class).from_pretrained(
+                self.model_dir, transformer=None, vae=None, torch_dtype=self.dtype)
+            self._text_pipe.set_progress_bar_config(disable=True)
+        return self._text_pipe
+
+    @torch.no_grad()
+    def _encode(self, texts: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        pipe = self._text_pipeline()
+        encoders = [getattr(pipe, n) for n in _TEXT_ENCODERS if getattr(pipe, n, None) is not None]
+        for enc in encoders:  # no-op after the first call unless offloading
+            enc.to(self.device)
+        rows = []
+        try:
+            for i in range(0, len(texts), _ENCODE_CHUNK):
+                emb, pooled = self._encode_texts(pipe, texts[i:i + _ENCODE_CHUNK])
+                rows += list(zip(emb.cpu(), pooled.cpu()))
+        finally:
+            # Offloading frees ~11 GB (SD3.5 fp16) between calls but copies it both ways on every
+            # call; the trainer encodes new prompts every round, so the default keeps them resident.
+            if self.offload_text_encoders and self.device.type != "cpu":
+                for enc in encoders:
+                    enc.to("cpu")
+        return rows
+
+    def encode_prompts(self, prompts: Sequence[str]) -> PromptEmbeds:
+        """Conditioning for ``prompts`` (cached per string) + the empty prompt for CFG."""
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("encode_prompts needs at least one prompt")
+        bad = [p for p in prompts if not isinstance(p, str)]
+        if bad:
+            raise TypeError(f"prompts must be strings, got {bad[:3]}")
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
+        texts = missing + ([""] if self._uncond is None else [])
+        if texts:
+            rows = self._encode(texts)
+            if self._uncond is None:
+                self._uncond = rows.pop()
+            self._cache.update(zip(missing, rows))
+        rows = [self._cache[p] for p in prompts]
+        for p in prompts:
+            self._cache.move_to_end(p)
+        while self._max_cached is not None and len(self._cache) > self._max_cached:
+            self._cache.popitem(last=False)
+
+        def pack(items):
+            return {"prompt_embeds": torch.stack([r[0] for r in items]).to(self.device, self.dtype),
+                    "pooled_prompt_embeds": torch.stack([r[1] for r in items]).to(self.device, self.dtype)}
+
+        return PromptEmbeds(prompts, pack(rows), pack([self._uncond]))
+
+    # ---------------------------------------------------------------- denoiser
+    @contextmanager
+    def _active(self, adapter: str):
+        if adapter == STUDENT or adapter in self._full_teachers:
+            yield
+            return
+        self._switch.activate(None if adapter == BASE else adapter)
+        try:
+            yield
+        finally:  # the student is active again after every call (and the only trainable adapter)
+            self._switch.back()
+
+    def velocity(self, latents: torch.Tensor, sigma, embeds: PromptEmbeds, adapter: str = STUDENT,
+                 guidance_scale: float = 1.0) -> torch.Tensor:
+        """Velocity at (latents, sigma) under ``adapter`` (see :meth:`Policy.velocity`).
+
+        ``sigma``: float or per-sample (B,) tensor. When ``guidance_scale`` means CFG
+        (:meth:`_uses_cfg`) the uncond and cond rows run in ONE batched forward and the result is
+        ``v_u + g (v_c - v_u)``.
+        """
+        valid = [STUDENT, BASE, *self._teacher_names]
+        if adapter not in valid:
+            raise ValueError(f"unknown adapter {adapter!r}; valid: {valid}")
+        b = latents.shape[0]
+        if len(embeds) != b:
+            raise ValueError(f"{len(embeds)} prompt embeddings for a batch of {b} latents")
+        t = torch.as_tensor(sigma, dtype=torch.float32, device=self.device)
+        t = t.expand(b) if t.ndim == 0 else t.reshape(b)
+        x = latents.to(self.device, self.dtype)
+        cond = {k: v.to(self.dtype) for k, v in embeds.cond.items()}
+        cfg = self._uses_cfg(guidance_scale)
+        if cfg:
+            x, t = torch.cat([x, x]), torch.cat([t, t])
+            cond = {k: torch.cat([embeds.uncond[k].to(self.dtype).expand(b, *v.shape[1:]), v]) for k, v in cond.items()}
+        grad = adapter == STUDENT and torch.is_grad_enabled()
+        module = self._student_module if grad else self._full_teachers.get(adapter, self.transformer)
+        with self._active(adapter), torch.set_grad_enabled(grad):
+            out = self._forward(module, x, t, cond, guidance_scale)
+        if cfg:
+            v_u, v_c = out.float().chunk(2)
+            out = v_u + guidance_scale * (v_c - v_u)
+        return out.to(latents.dtype)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, output_type: str = "pil"):
+        """Latents -> images ("pil": list of PIL images; "pt": float (B, 3, H, W) in [0, 1]).
+
+        ``z = latents / scaling_factor + shift_factor`` (the VAE config's constants: SD3 1.5305 /
+        0.0609, FLUX 0.3611 / 0.1159), then the VAE decoder.
+        """
+        from diffusers.image_processor import VaeImageProcessor
+
+        if self._vae is None:  # loaded on first use only
+            from diffusers import AutoencoderKL
+
+            self._vae = AutoencoderKL.from_pretrained(self.model_dir, subfolder="vae", torch_dtype=self.dtype)
+            self._vae.requires_grad_(False).eval().to(self.device)
+        cfg = self._vae.config
+        z = latents.to(self.device, self.dtype) / cfg.scaling_factor + (cfg.shift_factor or 0.0)
+        images = self._vae.decode(z, return_dict=False)[0]
+        return VaeImageProcessor(vae_scale_factor=self.vae_scale_factor).postprocess(images, output_type=output_type)
+
+    # ---------------------------------------------------------------- student weights
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """Exactly the student's LoRA parameters."""
+        return list(self._student_params)
+
+    def student_state_dict(self) -> dict[str, torch.Tensor]:
+        """Student LoRA weights, peft names (``<module>.lora_A.weight``), detached clones."""
+        from peft import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(self.transformer, adapter_name=STUDENT, save_embedding_layers=False)
+        return {k: v.detach().clone() for k, v in state.items()}
+
+    def _check_state(self, state: dict) -> None:
+        missing, extra = self._student_keys - set(state), set(state) - self._student_keys
+        if missing or extra:
+            raise ValueError(f"student state dict mismatch: missing {sorted(missing)[:3]}, "
+                             f"unexpected {sorted(extra)[:3]} ({len(missing)} / {len(extra)} keys)")
+
+    def load_student_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy ``state`` (peft names, as from :meth:`student_state_dict`) into the student in place."""
+        from peft import set_peft_model_state_dict
+
+        self._check_state(state)
+        set_peft_model_state_dict(self.transformer, state, adapter_name=STUDENT)
+
+    def save_student(self, directory: str, state: Optional[dict[str, torch.Tensor]] = None) -> None:
+        """Write ``pytorch_lora_weights.safetensors`` (diffusers format, LoraConfig in its metadata).
+
+        Loads with the family pipeline's ``load_lora_weights(directory)``
+        (``StableDiffusion3Pipeline`` / ``FluxPipeline``).
+        """
+        state = self.student_state_dict() if state is None else state
+        self._check_state(state)
+        config = self.transformer.peft_config[STUDENT].to_dict()
+        config["target_modules"] = sorted(config["target_modules"])
+        _diffusers_class(self.pipeline_class).save_lora_weights(
+            directory, transformer_lora_layers={k: v.detach().cpu().contiguous() for k, v in state.items()},
+            transformer_lora_adapter_metadata=config)
+
+    def save_merged_pipeline(self, directory: str, state: Optional[dict[str, torch.Tensor]] = None) -> None:
+        """Write a full pipeline folder with the student LoRA merged into the transformer weights.
+
+        Loads a second copy of the pipeline on the CPU (an export tool, not for the training loop).
+        """
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_student(tmp, state)
+            pipe = _diffusers_class(self.pipeline_class).from_pretrained(self.model_dir, torch_dtype=self.dtype)
+            pipe.load_lora_weights(tmp, adapter_name=STUDENT)
+        pipe.fuse_lora(components=["transformer"], lora_scale=1.0)
+        pipe.unload_lora_weights()
+        pipe.save_pretrained(directory)

@@ -1,0 +1,93 @@
+"""Which back end a pipeline folder needs, decided in ONE place: the diffusers pipeline class
+named in its ``model_index.json`` (``_class_name``). The trainer, the evaluation CLI and the
+benchmark all build their policy through :func:`build_policy`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional, Sequence
+
+import torch
+
+from .hub import resolve_pipeline_dir
+from .specs import FAMILIES, GUIDANCE_MODES, parse_dtype, parse_lora, parse_teachers
+
+__all__ = ["pipeline_family", "policy_class", "build_policy"]
+
+
+def pipeline_family(model_dir: str) -> str:
+    """"sd3" or "flux" for a local pipeline folder, from ``model_index.json``'s ``_class_name``."""
+    index = os.path.join(model_dir, "model_index.json")
+    try:
+        with open(index) as f:
+            class_name = json.load(f).get("_class_name")
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"{index}: cannot read the pipeline's model_index.json ({e})") from e
+    if class_name not in FAMILIES:
+        valid = ", ".join(f"{k} ({v})" for k, v in FAMILIES.items())
+        raise ValueError(f"{index}: _class_name {class_name!r} is not a supported pipeline; supported: {valid}")
+    return FAMILIES[class_name]
+
+
+def policy_class(family: str):
+    """The :class:`~diffusion_opd.models.base.Policy` subclass of ``family``."""
+    if family == "flux":
+        from .flux import FluxPolicy
+
+        return FluxPolicy
+    from .sd3 import SD3Policy
+
+    return SD3Policy
+
+
+def build_policy(
+    model_path: str,
+    *,
+    revision: Optional[str] = None,
+    dtype="fp32",
+    device="cpu",
+    lora: Optional[dict] = None,
+    teachers: Sequence[dict] = (),
+    gradient_checkpointing: bool = False,
+    max_sequence_length: int = 128,
+    max_cached_prompts: Optional[int] = None,
+    offload_text_encoders: bool = False,
+    guidance: str = "auto",
+    embedded_guidance: float = 1.0,
+):
+    """Build the policy of the pipeline at ``model_path`` (Hub id or local folder), SD3 or FLUX.
+
+    Every argument is validated before any weight is read: dtype ("fp32"/"fp16"/"bf16"), the
+    LoRA dict (rank, alpha, init, target_modules; defaults r 32, alpha 64, the family's targets
+    from ``specs.DEFAULT_LORA_TARGETS``), the teacher dicts (name, path, subfolder, weight_name,
+    kind "lora"/"transformer", revision; names unique and not "student"/"base").
+    ``max_cached_prompts`` bounds the prompt-embedding cache (LRU; default unbounded: about 1.3 MB
+    per prompt for SD3.5 in fp16). ``offload_text_encoders``: move the text encoders back to the
+    CPU after every encoding call (saves ~11 GB of GPU memory for SD3.5, ~9.5 GB for FLUX's T5,
+    costs two host<->device copies of them per call).
+
+    ``guidance``: what ``velocity``'s ``guidance_scale`` drives. "auto": the guidance embedding
+    when the transformer has one (FLUX.1-dev is guidance-distilled: one forward, no uncond
+    branch), classifier-free guidance otherwise (SD3). "true_cfg": classifier-free guidance with
+    the empty prompt as the negative (FluxPipeline's ``true_cfg_scale``); a guidance-distilled
+    model's embedding then gets ``embedded_guidance``. "embedded": demand the embedding.
+    """
+    torch_dtype = parse_dtype(dtype)
+    parse_lora(lora)  # option errors first; the family's default targets are filled in below
+    specs = parse_teachers(teachers)
+    if not isinstance(model_path, str) or not model_path:
+        raise ValueError(f"model_path must be a Hub id or a local folder, got {model_path!r}")
+    if not 1 <= int(max_sequence_length) <= 512:
+        raise ValueError(f"max_sequence_length must be in [1, 512] (T5's limit), got {max_sequence_length}")
+    if guidance not in GUIDANCE_MODES:
+        raise ValueError(f"guidance must be one of {list(GUIDANCE_MODES)}, got {guidance!r}")
+    if not isinstance(embedded_guidance, (int, float)) or embedded_guidance < 0:
+        raise ValueError(f"embedded_guidance must be a number >= 0, got {embedded_guidance!r}")
+    model_dir = resolve_pipeline_dir(model_path, revision)
+    family = pipeline_family(model_dir)
+    return policy_class(family)(
+        model_dir, dtype=torch_dtype, device=torch.device(device), lora=parse_lora(lora, family), teachers=specs,
+        gradient_checkpointing=gradient_checkpointing, max_sequence_length=int(max_sequence_length),
+        max_cached_prompts=max_cached_prompts, offload_text_encoders=offload_text_encoders, guidance=guidance,
+        embedded_guidance=float(embedded_guidance))
