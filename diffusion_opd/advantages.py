@@ -41,7 +41,7 @@ def group_advantages(
     eps: float = 1e-4,
     clip: Optional[float] = None,
 ) -> torch.Tensor:
-    """Per-sample group-relative advantages (float32, shape (N,)).
+    """Per-sample group-relative advantages (float32 CPU tensor, shape (N,)).
 
     Args:
         rewards: one reward per sample (the gathered batch).

@@ -181,8 +181,9 @@ def clipped_surrogate(ratio: torch.Tensor, advantages: torch.Tensor, clip_range:
 
         loss = max(-A rho, -A clip(rho, 1 - eps, 1 + eps))
 
-    ``eps = 1e-4`` in Flow-GRPO (its ratios are of per-element-averaged log densities, hence
-    close to 1). Outside the trust region in the direction the advantage favours, the loss is
+    ``eps = 1e-4`` in Flow-GRPO, whose ratios are of per-element-AVERAGED log densities (hence
+    close to 1): compute the log-probs with ``sde_step(..., log_prob_reduction="mean")`` for that
+    clip range (the default "sum" gives ratios of exact densities, far wider). Outside the trust region in the direction the advantage favours, the loss is
     constant and the sample stops contributing gradient.
     """
     if clip_range < 0:
