@@ -183,8 +183,9 @@ def clipped_surrogate(ratio: torch.Tensor, advantages: torch.Tensor, clip_range:
 
     ``eps = 1e-4`` in Flow-GRPO, whose ratios are of per-element-AVERAGED log densities (hence
     close to 1): compute the log-probs with ``sde_step(..., log_prob_reduction="mean")`` for that
-    clip range (the default "sum" gives ratios of exact densities, far wider). Outside the trust region in the direction the advantage favours, the loss is
-    constant and the sample stops contributing gradient.
+    clip range (the default "sum" gives ratios of exact densities, far wider). Outside the trust
+    region in the direction the advantage favours, the loss is constant and the sample stops
+    contributing gradient.
     """
     if clip_range < 0:
         raise ValueError(f"clipped_surrogate: clip_range must be >= 0, got {clip_range}")
