@@ -26,6 +26,10 @@ REGISTRY: dict[str, str] = {
     "brightness": "diffusion_opd.rewards.pixel:BrightnessScorer",
     "colorfulness": "diffusion_opd.rewards.pixel:ColorfulnessScorer",
     "target_color": "diffusion_opd.rewards.pixel:TargetColorScorer",
+    # The demo's toy world (weight-free, see rewards/toy.py).
+    "toy_colour": "diffusion_opd.rewards.toy:ToyColourScorer",
+    "toy_glyph": "diffusion_opd.rewards.toy:ToyGlyphScorer",
+    "toy_aesthetic": "diffusion_opd.rewards.toy:ToyAestheticScorer",
 }
 
 _CACHE: dict[tuple, Scorer] = {}

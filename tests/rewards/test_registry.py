@@ -26,8 +26,9 @@ from diffusion_opd.rewards.base import resolve_dir, resolve_file
 
 REPO = Path(__file__).resolve().parents[2]
 WEIGHT_FREE = ["brightness", "colorfulness", "target_color"]
+TOY = ["toy_aesthetic", "toy_colour", "toy_glyph"]  # the demo's world (tests/demo)
 ALL = sorted(["aesthetic", "clipscore", "geneval", "hpsv2", "imagereward", "ocr", "pickscore", "unifiedreward"]
-             + WEIGHT_FREE)
+             + WEIGHT_FREE + TOY)
 
 
 def _script():
