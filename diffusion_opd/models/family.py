@@ -17,7 +17,7 @@ __all__ = ["pipeline_family", "policy_class", "build_policy"]
 
 
 def pipeline_family(model_dir: str) -> str:
-    """"sd3" or "flux" for a local pipeline folder, from ``model_index.json``'s ``_class_name``."""
+    """"sd3", "flux" or "toy" for a local pipeline folder, from ``model_index.json``'s ``_class_name``."""
     index = os.path.join(model_dir, "model_index.json")
     try:
         with open(index) as f:
@@ -32,6 +32,10 @@ def pipeline_family(model_dir: str) -> str:
 
 def policy_class(family: str):
     """The :class:`~diffusion_opd.models.base.Policy` subclass of ``family``."""
+    if family == "toy":
+        from .toy import ToyPolicy
+
+        return ToyPolicy
     if family == "flux":
         from .flux import FluxPolicy
 

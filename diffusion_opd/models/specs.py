@@ -15,7 +15,7 @@ __all__ = ["DTYPES", "FAMILIES", "DEFAULT_LORA", "DEFAULT_LORA_TARGETS", "GUIDAN
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # Model families: the diffusers pipeline class named in a folder's model_index.json -> family.
-FAMILIES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
+FAMILIES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux", "ToyFlowPipeline": "toy"}
 
 # What a policy's guidance_scale drives (see models.build_policy).
 GUIDANCE_MODES = ("auto", "embedded", "true_cfg")
@@ -32,7 +32,9 @@ _ATTENTION = (
 #   to_q / to_k / to_v of the 38 single-stream blocks (whose attention has no output projection:
 #   proj_out / proj_mlp are block-level and not adapted), the attention-only LoRA that Flow-GRPO
 #   and diffusers' FLUX LoRA examples train.
-DEFAULT_LORA_TARGETS = {"sd3": _ATTENTION, "flux": _ATTENTION}
+# toy: every Linear of the demo's MLP denoiser (models/toy.py), text and time conditioning included.
+DEFAULT_LORA_TARGETS = {"sd3": _ATTENTION, "flux": _ATTENTION,
+                        "toy": ("cond_proj", "in_proj", "mod", "fc1", "fc2", "out_proj")}
 
 # DiffusionNFT / DiffusionOPD student LoRA: r 32, alpha 64 on the joint-attention projections.
 DEFAULT_LORA = dict(rank=32, alpha=64, init="gaussian", target_modules=DEFAULT_LORA_TARGETS["sd3"])

@@ -275,4 +275,10 @@ def write_random_teacher_lora(
 
 
 # ``builtin:<name>`` model paths of the configs -> the builder of that tiny pipeline folder.
-TINY_BUILDERS = {"tiny-sd3": build_tiny_sd3}
+def _build_random_toy(directory: str, seed: int = 0) -> str:
+    from .toy import build_random_toy
+
+    return build_random_toy(directory, seed=seed)
+
+
+TINY_BUILDERS = {"tiny-sd3": build_tiny_sd3, "toy": _build_random_toy}

@@ -13,7 +13,9 @@ Same contract as the SD3.5 back end, at a size that trains in seconds on a CPU:
   layout that :func:`~diffusion_opd.models.lora.read_lora_adapter` reads back (so a trained
   student is a teacher entry of another config with no conversion).
 
-A model folder holds ``toy_config.json`` (architecture + vocabulary) and ``model.safetensors``.
+A model folder holds ``model_index.json`` (``_class_name`` "ToyFlowPipeline", which makes
+:func:`~diffusion_opd.models.build_policy` pick this back end; architecture and vocabulary) and
+``model.safetensors``. ``model.path = "builtin:toy"`` builds a random (untrained) one.
 """
 from __future__ import annotations
 
@@ -27,21 +29,16 @@ from torch import nn
 
 from .base import BASE, STUDENT, Policy, PromptEmbeds
 from .lora import AdapterSwitch, add_lora_adapter, read_lora_adapter
-from .specs import TeacherSpec, parse_dtype, parse_lora, parse_teachers
+from .specs import DEFAULT_LORA_TARGETS, TeacherSpec
 
-__all__ = ["TOY_CONFIG_FILE", "TOY_LORA_TARGETS", "ToyDenoiser", "ToyPolicy", "is_toy_model", "save_toy_model",
-           "build_random_toy", "build_toy_policy"]
+__all__ = ["TOY_LORA_TARGETS", "ToyDenoiser", "ToyPolicy", "save_toy_model", "build_random_toy", "load_toy_model"]
 
-TOY_CONFIG_FILE = "toy_config.json"
-TOY_LORA_TARGETS = ("cond_proj", "in_proj", "mod", "fc1", "fc2", "out_proj")
+TOY_LORA_TARGETS = DEFAULT_LORA_TARGETS["toy"]
+_INDEX = "model_index.json"
+_CLASS_NAME = "ToyFlowPipeline"
 _WEIGHTS = "model.safetensors"
 _LORA_FILE = "pytorch_lora_weights.safetensors"
 EMPTY, UNKNOWN = "<empty>", "<unk>"
-
-
-def is_toy_model(path: str) -> bool:
-    """True for a folder written by :func:`save_toy_model`."""
-    return os.path.isfile(os.path.join(path, TOY_CONFIG_FILE))
 
 
 class _Block(nn.Module):
@@ -103,8 +100,9 @@ def save_toy_model(model: ToyDenoiser, directory: str, shift: float = 1.0, pixel
     os.makedirs(directory, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if "lora_" not in k}
     save_file(state, os.path.join(directory, _WEIGHTS))
-    config = dict(_architecture(model), vocab=model.vocab, shift=shift, pixel_scale=pixel_scale)
-    with open(os.path.join(directory, TOY_CONFIG_FILE), "w") as f:
+    config = dict(_class_name=_CLASS_NAME, **_architecture(model), shift=shift, pixel_scale=pixel_scale,
+                  vocab=model.vocab)
+    with open(os.path.join(directory, _INDEX), "w") as f:
         json.dump(config, f, indent=1)
     return directory
 
@@ -120,7 +118,7 @@ def build_random_toy(directory: str, seed: int = 0, **architecture) -> str:
 def load_toy_model(directory: str) -> tuple[ToyDenoiser, dict]:
     from safetensors.torch import load_file
 
-    with open(os.path.join(directory, TOY_CONFIG_FILE)) as f:
+    with open(os.path.join(directory, _INDEX)) as f:
         config = json.load(f)
     keys = ("image_size", "channels", "width", "depth", "text_dim", "time_freqs")
     model = ToyDenoiser(config["vocab"], **{k: config[k] for k in keys})
@@ -128,32 +126,25 @@ def load_toy_model(directory: str) -> tuple[ToyDenoiser, dict]:
     return model, config
 
 
-def build_toy_policy(model_path: str, *, dtype="fp32", device="cpu", lora: Optional[dict] = None,
-                     teachers: Sequence[dict] = (), **_ignored) -> "ToyPolicy":
-    """A :class:`ToyPolicy` from a folder written by :func:`save_toy_model` (arguments checked
-    before anything loads; SD3-only options such as ``max_sequence_length`` are ignored)."""
-    torch_dtype = parse_dtype(dtype)
-    lora_cfg = parse_lora(lora)
-    specs = parse_teachers(teachers)
-    if not is_toy_model(model_path):
-        raise FileNotFoundError(f"'{model_path}' is not a toy model folder (no {TOY_CONFIG_FILE})")
-    bad = [t for t in lora_cfg["target_modules"] if t.split(".")[-1] not in TOY_LORA_TARGETS]
-    if bad:
-        raise ValueError(f"LoRA target_modules {bad} do not exist in the toy model; valid: {list(TOY_LORA_TARGETS)}")
-    return ToyPolicy(model_path, dtype=torch_dtype, device=torch.device(device), lora=lora_cfg, teachers=specs)
-
-
 class ToyPolicy(Policy):
-    """Student LoRA + frozen LoRA teachers on a :class:`ToyDenoiser` (use :func:`build_toy_policy`)."""
+    """Student LoRA + frozen LoRA teachers on a :class:`ToyDenoiser`.
+
+    Built by :func:`~diffusion_opd.models.build_policy` (arguments checked there); the SD3-only
+    options (text-encoder offloading, sequence length, guidance embedding...) do not apply and
+    are ignored.
+    """
 
     def __init__(self, model_dir: str, *, dtype: torch.dtype, device: torch.device, lora: dict,
-                 teachers: Sequence[TeacherSpec] = ()):
+                 teachers: Sequence[TeacherSpec] = (), **_not_applicable):
         from peft import LoraConfig, inject_adapter_in_model
 
         from .hub import resolve_folder
 
         self.model_dir, self.dtype, self.device = model_dir, dtype, torch.device(device)
         model, config = load_toy_model(model_dir)
+        bad = [t for t in lora["target_modules"] if t.split(".")[-1] not in TOY_LORA_TARGETS]
+        if bad:
+            raise ValueError(f"LoRA target_modules {bad} do not exist in the toy model; valid: {list(TOY_LORA_TARGETS)}")
         self.scheduler_shift = float(config["shift"])
         self.pixel_scale = int(config["pixel_scale"])
         self._token = {w: i for i, w in enumerate(model.vocab)}

@@ -26,7 +26,9 @@ from ..demo.world import GLYPHS, GOLD, IMAGE_SIZE, PALETTE
 from ..demo.world import tokenize as _tokenize
 from .base import Scorer
 
-CHECKPOINTS: dict = {}  # nothing to download
+# Same schema as the other rewards; nothing to download.
+CHECKPOINTS = {"none": {"repo_id": None, "files": [], "local": None,
+                        "purpose": "nothing to download: rules on the toy world's pixels"}}
 
 
 def image_grid(image) -> np.ndarray:
