@@ -29,6 +29,8 @@ def get_config():
     c.model.dtype = "fp32"  # weights of the frozen backbone: fp32 | fp16 | bf16
     c.model.gradient_checkpointing = False
     c.model.max_sequence_length = 128
+    c.model.student_init = ""  # "" = a fresh LoRA; else a LoRA folder or Hub repo (PEFT or diffusers format)
+    c.model.student_init_subfolder = ""  # the student starts as exactly that adapter (its rank / alpha / targets)
     c.model.offload_text_encoders = False  # True: text encoders back to the CPU after each encode (-11 GB, slower)
     # What sample.guidance_scale / teachers.*.guidance_scale drive: auto = the guidance embedding of a
     # guidance-distilled model (FLUX.1-dev), classifier-free guidance otherwise (SD3); true_cfg = CFG

@@ -216,6 +216,7 @@ def validate_config(config, *, world_size: int = 1, check_data: bool = True) -> 
             "(on the CPU use torchrun --nproc_per_node N, or accelerate launch --multi_gpu --num_processes N; `accelerate launch --cpu` starts one process)"
         )
 
+    check_student_init(config)
     if not config.teachers:
         raise ConfigError("teachers: no teacher configured")
     for name, spec in config.teachers.items():
@@ -266,6 +267,17 @@ def validate_config(config, *, world_size: int = 1, check_data: bool = True) -> 
             if config.eval.every:
                 task_prompts(config, name, "eval")
     return prompts
+
+
+def check_student_init(config) -> None:
+    """``model.student_init`` brings its own rank, alpha and targets (compared with ``lora.*`` when
+    the adapter is read, before the backbone loads); here only what needs no file."""
+    m = config.model
+    if m.student_init_subfolder and not m.student_init:
+        raise ConfigError("model.student_init_subfolder: set but model.student_init is empty")
+    if m.student_init and config.lora.init != base_config().lora.init:
+        raise ConfigError(f"lora.init: {config.lora.init!r} has no effect with model.student_init (the student starts "
+                          "as that adapter's weights); drop one of them")
 
 
 def task_prompts(config, task: str, split: str) -> list:

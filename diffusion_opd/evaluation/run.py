@@ -5,7 +5,7 @@
         --lora_subfolder Student/lora --resolution 1024
 
 What is evaluated: the base model (no LoRA flag), one of our training checkpoints
-(``--checkpoint_path``, optionally its EMA), or any LoRA folder / Hub repo in PEFT or diffusers
+(``--checkpoint_path``, optionally its EMA; Flow-GRPO / DiffusionNFT ``checkpoint-N/`` folders too), or any LoRA folder / Hub repo in PEFT or diffusers
 format (``--lora_path`` [+ ``--lora_subfolder``]). The LoRA is loaded as a frozen adapter named
 ``evaluated`` on the backbone and sampled with that adapter; its own saved LoraConfig decides
 rank and alpha.
@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"Hub id or local pipeline folder (default: the checkpoint's model.path, else {DEFAULT_MODEL})")
     p.add_argument("--revision", default=None)
     p.add_argument("--checkpoint_path", default=None,
-                   help="a training checkpoint <output_dir>/checkpoints/round-N (or the output_dir: newest round)")
+                   help="a training checkpoint <output_dir>/checkpoints/round-N (or the output_dir: newest round), "
+                        "or a Flow-GRPO / DiffusionNFT checkpoint-N/ (or checkpoint-N/lora, or their save_dir)")
     p.add_argument("--use_ema", action="store_true", help="evaluate the checkpoint's EMA weights")
     p.add_argument("--lora_path", default=None, help="a LoRA folder or Hub repo (PEFT or diffusers format)")
     p.add_argument("--lora_subfolder", default=None)
@@ -155,11 +156,31 @@ def shard_indices(num_rows: int, rank: int, world_size: int) -> list[int]:
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def resolve_checkpoint(path: str, use_ema: bool = False) -> tuple[str, str, dict]:
-    """(folder holding the LoRA weights, the round-N folder, its training config) of a checkpoint.
+PEFT_DIR = "lora"  # the PEFT copy in our round-N/ and the peers' checkpoint-N/ (Flow-GRPO, DiffusionNFT)
+_PEER_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+NEITHER = ("is neither a checkpoint of this repo (<output_dir>/checkpoints/round-N/ holding {weights}) nor a "
+           "Flow-GRPO / DiffusionNFT one (checkpoint-N/lora/ holding adapter_config.json); for any other LoRA "
+           "folder use --lora_path")
 
-    ``path`` is ``<output_dir>/checkpoints/round-N`` or a training ``output_dir`` (its newest
-    complete round). Raises ``FileNotFoundError`` saying where it looked.
+
+def _is_peft_folder(folder: Path) -> bool:
+    return (folder / "adapter_config.json").is_file() and any((folder / n).is_file() for n in _LORA_FILES[:2])
+
+
+def _newest_peer_checkpoint(root: Path) -> Optional[Path]:
+    """The newest ``checkpoints/checkpoint-N`` (peers' layout) holding a PEFT ``lora/``."""
+    found = [(int(m.group(1)), d) for d in (root / "checkpoints").iterdir()
+             if (m := _PEER_CHECKPOINT.match(d.name)) and _is_peft_folder(d / PEFT_DIR)]
+    return max(found)[1] if found else None
+
+
+def resolve_checkpoint(path: str, use_ema: bool = False) -> tuple[str, str, dict]:
+    """(folder holding the LoRA weights, the checkpoint folder, its training config) of a checkpoint.
+
+    Accepted: our ``<output_dir>/checkpoints/round-N`` (or its PEFT copy ``round-N/lora``) or a
+    training ``output_dir`` (its newest complete round); the peers' (Flow-GRPO, DiffusionNFT)
+    ``checkpoint-N/`` or ``checkpoint-N/lora`` or their ``save_dir`` (newest ``checkpoint-N``).
+    Raises ``FileNotFoundError`` saying where it looked and what it expected.
     """
     from ..trainers.checkpoint import list_checkpoints
 
@@ -168,11 +189,24 @@ def resolve_checkpoint(path: str, use_ema: bool = False) -> tuple[str, str, dict
         raise FileNotFoundError(
             f"--checkpoint_path: no folder at {root.resolve()}. Training writes checkpoints to "
             f"<output_dir>/checkpoints/round-N/ (every save_every rounds and at the end).")
+    if root.name == PEFT_DIR and (root.parent / LORA_WEIGHTS).is_file():
+        root = root.parent  # our round-N/lora: the round itself (its EMA and config are beside)
     if not (root / LORA_WEIGHTS).is_file() and (root / "checkpoints").is_dir():
         found = list_checkpoints(str(root))
-        if not found:
-            raise FileNotFoundError(f"--checkpoint_path: no complete checkpoint under {(root / 'checkpoints').resolve()}")
-        root = Path(found[-1][1])
+        peer = None if found else _newest_peer_checkpoint(root)
+        if not found and peer is None:
+            raise FileNotFoundError(f"--checkpoint_path: no complete checkpoint under {(root / 'checkpoints').resolve()} "
+                                    "(neither round-N/ of this repo nor checkpoint-N/lora/ of Flow-GRPO / DiffusionNFT)")
+        root = Path(found[-1][1]) if found else peer
+    if not (root / LORA_WEIGHTS).is_file():  # the peers' layout: one PEFT folder, no separate EMA
+        folder = root / PEFT_DIR if _is_peft_folder(root / PEFT_DIR) else root
+        if not _is_peft_folder(folder):
+            raise FileNotFoundError(f"--checkpoint_path: {root.resolve()} " + NEITHER.format(weights=LORA_WEIGHTS))
+        if use_ema:
+            raise FileNotFoundError(
+                f"--checkpoint_path: {folder.resolve()} is a Flow-GRPO / DiffusionNFT checkpoint: it holds one set of "
+                "LoRA weights (already the EMA ones when that run used EMA); drop --use_ema")
+        return str(folder), str(root), {}
     folder = root / "ema" if use_ema else root
     if not (folder / LORA_WEIGHTS).is_file():
         hint = (" (the run was trained without EMA: train.ema_decay=0; drop --use_ema)"
@@ -253,7 +287,8 @@ def plan_from_args(args: argparse.Namespace) -> EvalPlan:
     if args.checkpoint_path:
         folder, round_dir, config = resolve_checkpoint(args.checkpoint_path, args.use_ema)
         model = model or _model_from_checkpoint(config, round_dir)
-        adapter = dict(name=EVAL_ADAPTER, path=folder, weight_name=LORA_WEIGHTS)
+        ours = os.path.isfile(os.path.join(folder, LORA_WEIGHTS))
+        adapter = dict(name=EVAL_ADAPTER, path=folder, weight_name=LORA_WEIGHTS if ours else None)
     elif args.lora_path:
         _check_lora_source(args.lora_path, args.lora_subfolder)
         adapter = dict(name=EVAL_ADAPTER, path=args.lora_path, subfolder=args.lora_subfolder)

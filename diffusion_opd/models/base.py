@@ -115,6 +115,19 @@ class Policy(ABC):
     def save_student(self, directory: str, state: Optional[dict[str, torch.Tensor]] = None) -> None:
         """Write the student LoRA (or ``state``, e.g. its EMA) in diffusers LoRA format."""
 
+    def student_lora_config(self):
+        """The student's ``peft.LoraConfig`` (rank, alpha, targets); back ends keep the student
+        as the ``"student"`` adapter of ``self.transformer``."""
+        return self.transformer.peft_config[STUDENT]
+
+    def save_student_peft(self, directory: str, state: Optional[dict[str, torch.Tensor]] = None) -> None:
+        """Write the student LoRA (or ``state``) in PEFT format: ``adapter_config.json`` +
+        ``adapter_model.safetensors``, loadable with ``PeftModel.from_pretrained(transformer, directory)``."""
+        from .lora import save_peft_adapter
+
+        state = self.student_state_dict() if state is None else state
+        save_peft_adapter(directory, state, self.student_lora_config(), getattr(self, "model_dir", ""))
+
     @property
     @abstractmethod
     def teacher_names(self) -> list[str]:

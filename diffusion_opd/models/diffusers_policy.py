@@ -19,7 +19,8 @@ import torch
 
 from .base import BASE, STUDENT, Policy, PromptEmbeds
 from .hub import resolve_folder
-from .lora import AdapterMismatchError, AdapterSwitch, add_lora_adapter, read_lora_adapter
+from .lora import (AdapterMismatchError, AdapterSwitch, LoraAdapter, add_lora_adapter, add_student_adapter,
+                   read_lora_adapter)
 from .specs import TeacherSpec
 
 __all__ = ["DiffusersPolicy"]
@@ -46,9 +47,9 @@ class DiffusersPolicy(Policy):
     def __init__(self, model_dir: str, *, dtype: torch.dtype, device: torch.device, lora: dict,
                  teachers: Sequence[TeacherSpec] = (), gradient_checkpointing: bool = False,
                  max_sequence_length: int = 128, max_cached_prompts: Optional[int] = None,
-                 offload_text_encoders: bool = False, guidance: str = "auto", embedded_guidance: float = 1.0):
+                 offload_text_encoders: bool = False, guidance: str = "auto", embedded_guidance: float = 1.0,
+                 student_init: Optional[LoraAdapter] = None):
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
-        from peft import LoraConfig
 
         self.model_dir, self.dtype, self.device = model_dir, dtype, torch.device(device)
         self.max_sequence_length = max_sequence_length
@@ -62,11 +63,7 @@ class DiffusersPolicy(Policy):
             model_dir, subfolder="transformer", torch_dtype=dtype)
         transformer.requires_grad_(False)
         transformer.to(self.device)
-        transformer.add_adapter(
-            LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"], init_lora_weights=lora["init"],
-                       target_modules=list(lora["target_modules"])),
-            adapter_name=STUDENT,
-        )
+        add_student_adapter(transformer, lora, STUDENT, student_init)
         self.transformer = transformer
         has_embedding = bool(transformer.config.get("guidance_embeds", False))
         if guidance == "embedded" and not has_embedding:
@@ -86,6 +83,8 @@ class DiffusersPolicy(Policy):
         for p in self._student_params:  # train LoRA in fp32 even when the backbone is fp16 / bf16
             p.data = p.data.float()
         self._student_keys = set(self.student_state_dict())
+        if student_init is not None:  # again in fp32: exactly the saved weights, whatever the backbone dtype
+            self.load_student_state_dict(student_init.state_dict)
         if gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
         self._student_module: torch.nn.Module = transformer

@@ -10,7 +10,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from .hub import resolve_pipeline_dir
+from .hub import resolve_folder, resolve_pipeline_dir
+from .lora import LoraAdapter, read_lora_adapter
 from .specs import FAMILIES, GUIDANCE_MODES, parse_dtype, parse_lora, parse_teachers
 
 __all__ = ["pipeline_family", "policy_class", "build_policy"]
@@ -59,6 +60,7 @@ def build_policy(
     offload_text_encoders: bool = False,
     guidance: str = "auto",
     embedded_guidance: float = 1.0,
+    student_init: Optional[dict | LoraAdapter] = None,
 ):
     """Build the policy of the pipeline at ``model_path`` (Hub id or local folder), SD3 or FLUX.
 
@@ -76,6 +78,10 @@ def build_policy(
     branch), classifier-free guidance otherwise (SD3). "true_cfg": classifier-free guidance with
     the empty prompt as the negative (FluxPipeline's ``true_cfg_scale``); a guidance-distilled
     model's embedding then gets ``embedded_guidance``. "embedded": demand the embedding.
+
+    ``student_init`` ({path, subfolder, revision, weight_name}: a LoRA folder or Hub repo, PEFT
+    or diffusers format; or a :class:`LoraAdapter` already read): the student starts as exactly
+    that adapter (its rank, alpha, targets and weights; ``lora`` is then ignored).
     """
     torch_dtype = parse_dtype(dtype)
     parse_lora(lora)  # option errors first; the family's default targets are filled in below
@@ -88,10 +94,21 @@ def build_policy(
         raise ValueError(f"guidance must be one of {list(GUIDANCE_MODES)}, got {guidance!r}")
     if not isinstance(embedded_guidance, (int, float)) or embedded_guidance < 0:
         raise ValueError(f"embedded_guidance must be a number >= 0, got {embedded_guidance!r}")
+    init = read_student_init(student_init) if isinstance(student_init, dict) else student_init  # before the backbone
     model_dir = resolve_pipeline_dir(model_path, revision)
     family = pipeline_family(model_dir)
     return policy_class(family)(
         model_dir, dtype=torch_dtype, device=torch.device(device), lora=parse_lora(lora, family), teachers=specs,
         gradient_checkpointing=gradient_checkpointing, max_sequence_length=int(max_sequence_length),
         max_cached_prompts=max_cached_prompts, offload_text_encoders=offload_text_encoders, guidance=guidance,
-        embedded_guidance=float(embedded_guidance))
+        embedded_guidance=float(embedded_guidance), student_init=init)
+
+
+def read_student_init(spec: dict) -> LoraAdapter:
+    """The adapter a student starts from: ``{path, subfolder, revision, weight_name}``."""
+    unknown = sorted(set(spec) - {"path", "subfolder", "revision", "weight_name"})
+    if unknown or not spec.get("path"):
+        raise ValueError(f"student_init needs 'path' (+ optional subfolder, revision, weight_name), got {spec}")
+    folder = resolve_folder(spec["path"], subfolder=spec.get("subfolder") or None,
+                            revision=spec.get("revision") or None, what="model.student_init")
+    return read_lora_adapter(folder, spec.get("weight_name") or None)

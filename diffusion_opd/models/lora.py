@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 __all__ = ["AdapterMismatchError", "LoraAdapter", "read_lora_adapter", "check_adapter_fits", "add_lora_adapter",
-           "AdapterSwitch"]
+           "lora_conflicts", "add_student_adapter", "save_peft_adapter", "AdapterSwitch"]
 
 PEFT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 DIFFUSERS_FILES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
@@ -160,6 +160,62 @@ def add_lora_adapter(model: torch.nn.Module, adapter: LoraAdapter, name: str, la
     unexpected = [k for k in getattr(result, "unexpected_keys", []) if ".lora_" in k]
     if unexpected:
         raise AdapterMismatchError(f"{label} ({adapter.source}): weights not loaded: {unexpected[:3]}")
+
+
+def lora_conflicts(adapter: LoraAdapter, lora: dict, defaults: dict) -> list[str]:
+    """``lora.*`` settings that were changed from ``defaults`` and disagree with ``adapter`` (a
+    student started from ``adapter`` takes its rank, alpha and targets; a default is just superseded)."""
+    cfg, out = adapter.config, []
+    changed = {k: lora[k] for k in ("rank", "alpha", "target_modules")
+               if k in lora and (tuple(lora[k]) if k == "target_modules" else lora[k]) !=
+               (tuple(defaults[k]) if k == "target_modules" else defaults[k])}
+    if "rank" in changed and changed["rank"] != cfg.r:
+        out.append(f"lora.rank={changed['rank']} but the adapter has rank {cfg.r}")
+    if "alpha" in changed and changed["alpha"] != cfg.lora_alpha:
+        out.append(f"lora.alpha={changed['alpha']} but the adapter has alpha {cfg.lora_alpha}")
+    if "target_modules" in changed:
+        targets, modules = tuple(changed["target_modules"]), adapter.modules
+        unmatched = [t for t in targets if not any(m == t or m.endswith("." + t) for m in modules)]
+        extra = [m for m in modules if not any(m == t or m.endswith("." + t) for t in targets)]
+        if unmatched or extra:
+            out.append(f"lora.target_modules={list(targets)} but the adapter adapts "
+                       f"{'none of ' + str(unmatched) if unmatched else ''}{' and ' if unmatched and extra else ''}"
+                       f"{'also ' + extra[0] + ' ...' if extra else ''}")
+    return out
+
+
+def add_student_adapter(model: torch.nn.Module, lora: dict, name: str, init: Optional[LoraAdapter] = None) -> None:
+    """Add the trainable student adapter ``name``: a fresh LoRA from ``lora`` (rank, alpha, init,
+    target_modules), or, with ``init``, exactly that adapter (its rank, alpha, targets and weights;
+    ``model.student_init``)."""
+    if init is not None:
+        add_lora_adapter(model, init, name, label="model.student_init")
+        return
+    from peft import LoraConfig
+
+    model.add_adapter(LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"], init_lora_weights=lora["init"],
+                                 target_modules=list(lora["target_modules"])), adapter_name=name)
+
+
+def save_peft_adapter(directory: str, state: dict[str, torch.Tensor], config, base_model: str = "") -> None:
+    """Write ``state`` (peft names, as ``get_peft_model_state_dict`` returns) as a PEFT adapter folder.
+
+    ``adapter_config.json`` + ``adapter_model.safetensors`` with keys
+    ``base_model.model.<module>.lora_A.weight``: what ``PeftModel.save_pretrained`` writes, so
+    ``PeftModel.from_pretrained(transformer, directory)`` (the peers' loader) reads it.
+    """
+    import copy
+
+    from safetensors.torch import save_file
+
+    config = copy.deepcopy(config)
+    config.target_modules = sorted(config.target_modules)  # a set in memory; a stable file
+    config.base_model_name_or_path = base_model or None
+    config.inference_mode = True
+    os.makedirs(directory, exist_ok=True)
+    config.save_pretrained(directory)
+    save_file({f"base_model.model.{k}": v.detach().cpu().contiguous() for k, v in state.items()},
+              os.path.join(directory, PEFT_FILES[0]), metadata={"format": "pt"})
 
 
 class AdapterSwitch:

@@ -77,9 +77,31 @@ def resolve_builtin_paths(config, accelerator: Accelerator) -> tuple[str, dict[s
     return model_path, teachers
 
 
+def read_student_init(config):
+    """The adapter ``model.student_init`` names, checked against ``lora.*`` (ConfigError on a conflict)."""
+    from ..config import base_config
+    from ..models.family import read_student_init as read
+    from ..models.lora import lora_conflicts
+
+    m = config.model
+    if not m.student_init:
+        return None
+    try:
+        adapter = read(dict(path=m.student_init, subfolder=m.student_init_subfolder))
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model.student_init: {err}") from None
+    conflicts = lora_conflicts(adapter, dict(config.lora), dict(base_config().lora))
+    if conflicts:
+        raise ConfigError(f"{conflicts[0].split('=')[0]}: conflicts with model.student_init ({adapter.source}): "
+                          f"{'; '.join(conflicts)}. The student takes rank, alpha and targets from the adapter: "
+                          "drop the lora.* setting")
+    return adapter
+
+
 def build_policy_from_config(config, accelerator: Accelerator):
     from ..models import build_policy
 
+    student_init = read_student_init(config)
     model_path, teachers = resolve_builtin_paths(config, accelerator)
     return build_policy(
         model_path,
@@ -95,6 +117,7 @@ def build_policy_from_config(config, accelerator: Accelerator):
         offload_text_encoders=config.model.offload_text_encoders,
         guidance=config.model.guidance,
         embedded_guidance=config.model.embedded_guidance,
+        student_init=student_init,
     )
 
 
@@ -174,10 +197,12 @@ def save_checkpoint(accelerator: Accelerator, config, policy, optimizer, schedul
     if accelerator.is_main_process:
         student = policy.student_state_dict()
         policy.save_student(tmp)  # pytorch_lora_weights.safetensors, diffusers format
+        policy.save_student_peft(os.path.join(tmp, "lora"), student)  # the peers' PeftModel format
         save_file({k: v.contiguous() for k, v in student.items()}, os.path.join(tmp, "student_raw.safetensors"))
         if ema is not None:
             with ema.swapped_in():  # no key bookkeeping: save the live adapter holding the EMA
                 policy.save_student(os.path.join(tmp, "ema"))
+                policy.save_student_peft(os.path.join(tmp, "ema", "lora"))
             torch.save(ema.state_dict(), os.path.join(tmp, "ema_state.pt"))
         torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
         torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))

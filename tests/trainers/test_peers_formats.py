@@ -1,0 +1,94 @@
+"""What the peers' tools expect of our runs: PEFT-format checkpoint copies that
+``PeftModel.from_pretrained`` loads, and a student that starts from an existing LoRA."""
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffusion_opd.config import ConfigError, load_config
+from diffusion_opd.models.base import STUDENT
+from diffusion_opd.trainers.opd import OPDRun, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY = os.path.join(ROOT, "config", "opd.py") + ":tiny_mopd"
+
+
+def tiny(out, *overrides):
+    return load_config(TINY, [f"output_dir={out}", "logging.progress=false", "eval.every=0", *overrides])
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """Two rounds of tiny_mopd with an EMA; the round-2 checkpoint."""
+    out = tmp_path_factory.mktemp("peers") / "run"
+    run = train(tiny(out, "train.num_rounds=2", "save_every=2", "train.ema_decay=0.5"))
+    return run, os.path.join(out, "checkpoints", "round-2")
+
+
+def _inputs(policy, n=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(n, *policy.latent_shape(64), generator=g)
+    embeds = policy.encode_prompts(["a red cup", "a sign that says hi"][:n])
+    return latents, 0.6, embeds
+
+
+def _peft_velocity(model_dir, adapter_dir, latents, sigma, embeds):
+    from diffusers import SD3Transformer2DModel
+    from peft import PeftModel
+
+    base = SD3Transformer2DModel.from_pretrained(model_dir, subfolder="transformer")
+    model = PeftModel.from_pretrained(base, adapter_dir).eval()
+    with torch.no_grad():
+        return model(hidden_states=latents, timestep=torch.full((len(latents),), sigma * 1000.0),
+                     encoder_hidden_states=embeds.cond["prompt_embeds"],
+                     pooled_projections=embeds.cond["pooled_prompt_embeds"], return_dict=False)[0]
+
+
+def test_peft_from_pretrained_gives_the_students_velocities(finished_run):
+    run, ckpt = finished_run
+    policy = run.policy
+    for folder in ("lora", "ema/lora"):
+        assert sorted(os.listdir(os.path.join(ckpt, folder))) == ["adapter_config.json", "adapter_model.safetensors"]
+    latents, sigma, embeds = _inputs(policy)
+    with torch.no_grad():
+        student = policy.velocity(latents, sigma, embeds, STUDENT)
+        with run.ema.swapped_in():
+            ema = policy.velocity(latents, sigma, embeds, STUDENT)
+    assert (student - ema).abs().max() > 1e-4  # two different weight sets: the comparison below means something
+    for folder, expected in (("lora", student), ("ema/lora", ema)):
+        got = _peft_velocity(policy.model_dir, os.path.join(ckpt, folder), latents, sigma, embeds)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["peft", "diffusers"])
+def test_student_init_starts_from_that_adapter_exactly(finished_run, tmp_path, layout):
+    _, ckpt = finished_run
+    saved = load_file(os.path.join(ckpt, "student_raw.safetensors"))
+    source = os.path.join(ckpt, "lora") if layout == "peft" else ckpt  # round-N/ holds the diffusers file
+    run = OPDRun(tiny(tmp_path / "cont", f"model.student_init={source}"))
+    state = run.policy.student_state_dict()
+    assert state.keys() == saved.keys()
+    assert all(torch.equal(state[k], saved[k]) for k in saved)
+
+
+def test_student_init_takes_rank_alpha_targets_from_the_adapter(finished_run, tmp_path):
+    run, _ = finished_run
+    teacher = os.path.join(os.path.dirname(run.config.output_dir), "run", "builtin", "teacher-1")
+    # teacher-1: PEFT, rank 8, alpha 16, q/k/v/out only (tiny_mopd's student: rank 8, alpha 8, 8 targets)
+    started = OPDRun(tiny(tmp_path / "t", f"model.student_init={teacher}", "lora.alpha=16",
+                          "lora.target_modules=attn.to_q,attn.to_k,attn.to_v,attn.to_out.0"))
+    cfg = started.policy.student_lora_config()
+    assert (cfg.r, cfg.lora_alpha) == (8, 16)
+    assert all(m.endswith(("to_q", "to_k", "to_v", "to_out.0")) for m in cfg.target_modules)
+    latents, sigma, embeds = _inputs(started.policy)
+    with torch.no_grad():  # the student IS that adapter: same velocity as the teacher built from it
+        torch.testing.assert_close(started.policy.velocity(latents, sigma, embeds, STUDENT),
+                                   started.policy.velocity(latents, sigma, embeds, "teacher_a"), rtol=0, atol=0)
+    # tiny_mopd sets lora.alpha=8: a setting that contradicts the adapter is a config error ...
+    with pytest.raises(ConfigError, match=r"lora.alpha: conflicts with model.student_init .*alpha 16"):
+        OPDRun(tiny(tmp_path / "c1", f"model.student_init={teacher}"))
+    with pytest.raises(ConfigError, match="lora.init: .*no effect with model.student_init"):
+        OPDRun(tiny(tmp_path / "c2", f"model.student_init={teacher}", "lora.init=false"))
+    with pytest.raises(ConfigError, match="model.student_init: .*no LoRA weights"):
+        OPDRun(tiny(tmp_path / "c3", f"model.student_init={tmp_path}"))
