@@ -92,3 +92,66 @@ def test_student_init_takes_rank_alpha_targets_from_the_adapter(finished_run, tm
         OPDRun(tiny(tmp_path / "c2", f"model.student_init={teacher}", "lora.init=false"))
     with pytest.raises(ConfigError, match="model.student_init: .*no LoRA weights"):
         OPDRun(tiny(tmp_path / "c3", f"model.student_init={tmp_path}"))
+
+
+# ----------------------------------------------------------------------------- scripts/export.py
+def _export_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("export_script", os.path.join(ROOT, "scripts", "export.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("fmt,use_ema", [("diffusers", False), ("peft", True), ("merged", False)])
+def test_export_round_trip_reproduces_the_checkpoints_images(finished_run, tmp_path, fmt, use_ema):
+    run, ckpt = finished_run
+    script = _export_script()
+    out = tmp_path / fmt
+    argv = [ckpt, "--format", fmt, "--out", str(out), "--num_steps", "3"] + (["--use_ema"] if use_ema else [])
+    result = script.export(script.build_parser().parse_args(argv))
+    if fmt == "merged":
+        assert (out / "model_index.json").is_file() and (out / "transformer").is_dir()
+        assert result["max_pixel_diff"] <= 8  # W + BA fused in fp32: rounding only
+    else:
+        assert result["max_pixel_diff"] == 0  # the same LoRA arithmetic on the same weights
+        from diffusion_opd.models.lora import read_lora_adapter
+
+        exported = read_lora_adapter(str(out)).state_dict
+        if use_ema:
+            with run.ema.swapped_in():
+                expected = run.policy.student_state_dict()
+        else:
+            expected = load_file(os.path.join(ckpt, "student_raw.safetensors"))
+        assert exported.keys() == expected.keys()
+        assert all(torch.equal(exported[k].float(), expected[k]) for k in expected)
+    # The check can fail: a tolerance below what merging costs is refused with one line.
+    if fmt == "merged" and result["max_pixel_diff"] > 0:
+        assert script.main([ckpt, "--format", fmt, "--out", str(tmp_path / "m2"), "--num_steps", "3",
+                            "--tolerance", "0"]) == 2
+
+
+def test_export_refuses_push_without_a_token_and_existing_folders(finished_run, tmp_path, monkeypatch, capsys):
+    import huggingface_hub.constants as hub_constants
+
+    _, ckpt = finished_run
+    script = _export_script()
+    out = tmp_path / "never"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert script.main([ckpt, "--format", "peft", "--out", str(out), "--push_to_hub", "me/model"]) == 2
+    assert "HF_HUB_OFFLINE is set" in capsys.readouterr().err
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(hub_constants, "HF_TOKEN_PATH", str(tmp_path / "no_token_file"))
+    monkeypatch.setattr(hub_constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no_tokens_file"))
+    assert script.main([ckpt, "--format", "peft", "--out", str(out), "--push_to_hub", "me/model"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no Hugging Face token found" in err and "hf auth login" in err
+    assert not out.exists()  # refused before any work
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "mine.txt").write_text("user data")
+    assert script.main([ckpt, "--format", "peft", "--out", str(tmp_path / "taken")]) == 2
+    assert "already exists and is not empty" in capsys.readouterr().err
+    assert (tmp_path / "taken" / "mine.txt").read_text() == "user data"

@@ -1,0 +1,154 @@
+#!/usr/bin/env python
+"""Export a training checkpoint (raw or EMA weights) for use outside this repo.
+
+    python scripts/export.py outputs/mopd/checkpoints/round-300 --format diffusers --out exports/mopd-lora
+    python scripts/export.py outputs/mopd --use_ema --format peft --out exports/mopd-peft
+    python scripts/export.py outputs/mopd --format merged --out exports/mopd-pipeline --push_to_hub me/mopd
+
+Formats: ``diffusers`` (``pytorch_lora_weights.safetensors``: ``pipe.load_lora_weights(dir)``),
+``peft`` (``adapter_config.json`` + ``adapter_model.safetensors``:
+``PeftModel.from_pretrained(transformer, dir)``), ``merged`` (a full pipeline folder with the
+LoRA fused into the transformer: ``DiffusionPipeline.from_pretrained(dir)``).
+
+The checkpoint may be ours (``round-N/``, or the output_dir: its newest round) or a Flow-GRPO /
+DiffusionNFT ``checkpoint-N/lora``. After writing, the export is CHECKED: images sampled on a
+fixed seed from the exported files (loaded back as a separate adapter, or as the merged
+backbone) are compared with the checkpoint's own; the largest pixel difference is printed and
+the script fails when it exceeds ``--tolerance`` (LoRA formats: identical arithmetic, 0 expected;
+merged: fp rounding of W + BA, a few levels of 255). ``--push_to_hub REPO`` uploads the folder
+afterwards and needs a Hugging Face token (``hf auth login`` or ``HF_TOKEN``), checked first.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+FORMATS = ("diffusers", "peft", "merged")
+CHECK_PROMPTS = ("a photo of a red apple on a wooden table", 'a street sign that says "OPEN"')
+EXPORTED = "exported"  # adapter name of the re-loaded export during the check
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("checkpoint", help="round-N folder, a training output_dir, or a peers' checkpoint-N/lora")
+    p.add_argument("--format", choices=FORMATS, required=True)
+    p.add_argument("--out", required=True, help="folder to write (must not exist or be empty)")
+    p.add_argument("--use_ema", action="store_true", help="export the checkpoint's EMA weights")
+    p.add_argument("--model", default=None, help="backbone (default: the checkpoint's model.path)")
+    p.add_argument("--push_to_hub", default=None, metavar="REPO", help="upload the folder to this Hub repo")
+    p.add_argument("--no_check", action="store_true", help="skip the image check")
+    p.add_argument("--resolution", type=int, default=None, help="check images (default: the run's sample.resolution)")
+    p.add_argument("--num_steps", type=int, default=None, help="check sampling steps (default: the run's)")
+    p.add_argument("--guidance_scale", type=float, default=None, help="check CFG (default: the run's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="largest allowed pixel difference in [0, 255] (default 0 for LoRA formats, 8 for merged)")
+    p.add_argument("--device", default="cpu")
+    return p
+
+
+def hub_token_or_error(repo: str) -> str:
+    """The token ``--push_to_hub`` will use; a one-line error when there is none (before any work)."""
+    from huggingface_hub import get_token
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise ValueError(f"--push_to_hub {repo}: HF_HUB_OFFLINE is set; unset it on a machine with internet")
+    token = get_token()
+    if not token:
+        raise ValueError(f"--push_to_hub {repo}: no Hugging Face token found; run `hf auth login` or set HF_TOKEN "
+                         "(or drop --push_to_hub and upload the folder yourself)")
+    return token
+
+
+def check_output_dir(out: str) -> None:
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise ValueError(f"--out {out}: already exists and is not empty; choose a new folder (nothing is overwritten)")
+
+
+def sample_images(policy, adapter: str, settings: dict):
+    """uint8 images of CHECK_PROMPTS on fixed seeds under ``adapter`` (deterministic ODE)."""
+    import numpy as np
+    import torch
+
+    from diffusion_opd.rollout import rollout
+
+    embeds = policy.encode_prompts(list(CHECK_PROMPTS))
+    with torch.no_grad():
+        traj = rollout(policy, embeds, [settings["seed"] + i for i in range(len(CHECK_PROMPTS))], adapter=adapter,
+                       num_steps=settings["num_steps"], noise_level=0.0, guidance_scale=settings["guidance_scale"],
+                       resolution=settings["resolution"], shift=settings["shift"], keep_states=False)
+        images = policy.decode(traj.latents)
+    return np.stack([np.asarray(im.convert("RGB"), dtype=np.int16) for im in images])
+
+
+def export(args) -> dict:
+    """Write the export, check it, push it; returns what was done (for messages and tests)."""
+    from diffusion_opd.evaluation.run import _model_from_checkpoint, resolve_checkpoint
+    from diffusion_opd.models import build_policy
+    from diffusion_opd.models.base import BASE, STUDENT
+
+    if args.push_to_hub:
+        token = hub_token_or_error(args.push_to_hub)
+    check_output_dir(args.out)
+    folder, ckpt_dir, config = resolve_checkpoint(args.checkpoint, args.use_ema)
+    model = args.model or _model_from_checkpoint(config, ckpt_dir)
+    if not model:
+        raise ValueError(f"{args.checkpoint}: its backbone is not recorded (no config.json); pass --model")
+    sample = config.get("sample", {})
+    settings = dict(seed=args.seed, resolution=args.resolution or sample.get("resolution", 512),
+                    num_steps=args.num_steps or sample.get("num_steps", 10),
+                    guidance_scale=args.guidance_scale if args.guidance_scale is not None
+                    else sample.get("guidance_scale", 4.5), shift=sample.get("shift") or None)
+
+    # The student starts as exactly the checkpoint's adapter (model.student_init's loader).
+    policy = build_policy(model, device=args.device, student_init=dict(path=folder))
+    if args.format == "diffusers":
+        policy.save_student(args.out)
+    elif args.format == "peft":
+        policy.save_student_peft(args.out)
+    else:
+        policy.save_merged_pipeline(args.out)
+    print(f"[export] wrote {args.format} export of {folder} to {args.out}")
+
+    result = {"out": args.out, "max_pixel_diff": None}
+    if not args.no_check:
+        reference = sample_images(policy, STUDENT, settings)
+        if args.format == "merged":
+            exported = sample_images(build_policy(args.out, device=args.device), BASE, settings)
+        else:
+            back = build_policy(model, device=args.device, teachers=[dict(name=EXPORTED, path=args.out)])
+            exported = sample_images(back, EXPORTED, settings)
+        diff = float(abs(reference - exported).max())
+        tolerance = args.tolerance if args.tolerance is not None else (8.0 if args.format == "merged" else 0.0)
+        result["max_pixel_diff"] = diff
+        print(f"[export] check: {len(CHECK_PROMPTS)} images at {settings['resolution']} px, {settings['num_steps']} "
+              f"steps, seed {args.seed}: largest pixel difference {diff:g} / 255 (tolerance {tolerance:g})")
+        if diff > tolerance:
+            raise RuntimeError(f"the export does not reproduce the checkpoint's images: pixel difference {diff:g} > "
+                               f"--tolerance {tolerance:g}; the folder {args.out} is left for inspection")
+    if args.push_to_hub:
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(args.push_to_hub, exist_ok=True)
+        api.upload_folder(folder_path=args.out, repo_id=args.push_to_hub)
+        print(f"[export] pushed {args.out} to https://huggingface.co/{args.push_to_hub}")
+    return result
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        export(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        print(f"export: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
