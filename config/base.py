@@ -93,6 +93,7 @@ def get_config():
     c.logging.wandb_mode = "disabled"  # online | offline | disabled
     c.logging.wandb_project = "diffusion_opd"
     c.logging.progress = True  # tqdm bar over rounds
+    c.logging.phase_times = False  # log seconds/<phase>; syncs CUDA at every phase boundary (profiling only)
     return c
 
 

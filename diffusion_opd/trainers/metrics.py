@@ -69,11 +69,18 @@ def read_metrics(output_dir: str) -> list[dict]:
 class PhaseTimer:
     """Exclusive wall seconds per named phase: a phase entered inside another is charged to the
     inner one only (the fused rollout's ``teacher`` and ``backward`` are not also ``rollout``),
-    so the phases add up to the round. Synchronises CUDA at phase boundaries so GPU work is
-    attributed to the phase that launched it (costs a little overlap, buys honest numbers)."""
+    so the phases add up to the round.
 
-    def __init__(self, device: torch.device):
-        self.sync = device.type == "cuda"
+    Honest per-phase numbers on CUDA need a synchronisation at every phase boundary (about 116
+    per OPD round), which turns every CPU-side cost at a boundary into GPU idle time. So the
+    timer is off unless asked for (``logging.phase_times``): disabled, ``timer(name)`` does
+    nothing and :meth:`reset` returns ``{}``; the trainer then synchronises once per round for
+    its wall time only.
+    """
+
+    def __init__(self, device: torch.device, enabled: bool = True):
+        self.enabled = enabled
+        self.sync = enabled and device.type == "cuda"
         self.seconds: dict[str, float] = {}
         self._stack: list[list] = []  # [name, start of its current uninterrupted stretch]
 
@@ -87,6 +94,9 @@ class PhaseTimer:
 
     @contextmanager
     def __call__(self, name: str):
+        if not self.enabled:
+            yield
+            return
         now = self._now()
         if self._stack:  # pause the enclosing phase
             self._charge(self._stack[-1][0], now - self._stack[-1][1])
@@ -104,6 +114,12 @@ class PhaseTimer:
     def reset(self) -> dict[str, float]:
         out, self.seconds = self.seconds, {}
         return out
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the accelerator's queued work (the one sync per round behind the wall time)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def peak_memory_gb(device: torch.device) -> float:

@@ -32,7 +32,7 @@ from . import checkpoint as ckpt
 from .ema import EMA
 from .loop import (NonFiniteGuard, RunState, all_reduce_gradients, broadcast_parameters, build_optimizer,
                    build_policy_from_config, load_checkpoint, make_accelerator, save_checkpoint)
-from .metrics import MetricsLog, PhaseTimer, peak_memory_gb
+from .metrics import MetricsLog, PhaseTimer, peak_memory_gb, synchronize
 
 StepLoss = Callable[[StepResult, torch.Tensor, float], torch.Tensor]
 
@@ -154,7 +154,7 @@ class OPDRun:
             task: PromptSampler(len(rows), self.per_task, self.rank, self.world, seed=config.seed + 1000 * i)
             for i, (task, rows) in enumerate(self.prompts.items())
         }
-        self.timer = PhaseTimer(acc.device)
+        self.timer = PhaseTimer(acc.device, enabled=config.logging.phase_times)
         self.seen_prompts: list[tuple[int, str, list[int]]] = []  # (round, task, indices) on this process
         self.state = RunState()
         resume = ckpt.resolve_resume(config.resume_from, config.output_dir)
@@ -226,6 +226,7 @@ class OPDRun:
         lr = self.scheduler.get_last_lr()[0]
         metrics = self.backward_round(round_idx)
         metrics.update(self.update(round_idx, metrics["loss"]))
+        synchronize(self.accelerator.device)  # the round's one sync (phase syncs only with logging.phase_times)
         seconds = time.perf_counter() - start
         images = self.per_task * len(self.config.tasks) * self.world
         metrics.update({

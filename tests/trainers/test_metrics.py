@@ -33,3 +33,20 @@ def test_metrics_log_truncates_rows_after_the_resumed_round(tmp_path):
     assert [r["round"] for r in rows] == [1, 2]
     assert rows[0]["bad"] == "nan"  # valid JSON even for non-finite values
     json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+
+
+def test_phase_timer_synchronises_cuda_only_when_enabled(monkeypatch):
+    """logging.phase_times off (the default): no CUDA sync at phase boundaries and nothing
+    timed; on: one sync at each end of every phase. Counted on a fake cuda device (no GPU needed)."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: calls.append(a))
+    for enabled, syncs in ((False, 0), (True, 6)):
+        calls.clear()
+        timer = PhaseTimer(torch.device("cuda"), enabled=enabled)
+        with timer("rollout"):
+            with timer("teacher"):
+                pass
+            with timer("backward"):
+                pass
+        assert len(calls) == syncs
+        assert set(timer.reset()) == ({"rollout", "teacher", "backward"} if enabled else set())
