@@ -37,6 +37,19 @@ class PromptEmbeds:
     def __len__(self) -> int:
         return len(self.prompts)
 
+    def cfg_rows(self) -> dict[str, torch.Tensor]:
+        """Every tensor as the CFG batch ``[uncond x B, cond]`` (2B rows), built once per object.
+
+        A rollout queries the same embeddings at every step (student and teacher): concatenating
+        them once instead of at every forward saves a (2B, tokens, width) copy per call.
+        """
+        cached = getattr(self, "_cfg_rows", None)
+        if cached is None:
+            b = len(self)
+            cached = {k: torch.cat([self.uncond[k].expand(b, *v.shape[1:]), v]) for k, v in self.cond.items()}
+            self._cfg_rows = cached
+        return cached
+
     def select(self, index: Sequence[int]) -> "PromptEmbeds":
         idx = torch.as_tensor(list(index), dtype=torch.long)
         cond = {k: v[idx.to(v.device)] for k, v in self.cond.items()}

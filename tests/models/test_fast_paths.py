@@ -1,0 +1,97 @@
+"""The policy's speed levers on the tiny SD3 (CPU): what they remove, and that the maths stays.
+
+Casts are counted with torch.profiler under the CPU's bf16 autocast (the same autocast code path
+a CUDA run takes, minus CUDA's extra fp32 ops); adapter switching under compilation is counted
+with torch._dynamo's own frame counters.
+"""
+import pytest
+import torch
+from torch.profiler import profile
+
+from diffusion_opd.models import BASE, STUDENT, PromptEmbeds, build_policy
+from diffusion_opd.models.lora import AdapterSwitch
+
+
+
+def random_embeds(pol, n=3, tokens=12, seed=0):
+    """Conditioning of the transformer's real widths without running the text encoders."""
+    cfg, gen = pol.transformer.config, torch.Generator().manual_seed(seed)
+
+    def draw(rows):
+        return {"prompt_embeds": torch.randn(rows, tokens, cfg.joint_attention_dim, generator=gen).to(pol.dtype),
+                "pooled_prompt_embeds": torch.randn(rows, cfg.pooled_projection_dim, generator=gen).to(pol.dtype)}
+
+    return PromptEmbeds([f"p{i}" for i in range(n)], draw(n), draw(1))
+
+
+def _perturb_student(policy, seed=0, std=0.1):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in policy.trainable_parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+def _student_grads(pol, x, embeds):
+    for p in pol.trainable_parameters():
+        p.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        v = pol.velocity(x, 0.5, embeds, STUDENT, 4.5)
+    v.square().mean().backward()
+    return v.detach(), [p.grad.clone() for p in pol.trainable_parameters()]
+
+
+def test_autocast_drops_peft_activation_casts_bit_identically(tiny_sd3_dir, monkeypatch):
+    """bf16 backbone + fp32 student LoRA under autocast: peft upcasts every activation entering
+    a LoRA layer to fp32 and autocast casts it straight back (and the same twice in backward).
+    With the lever those (B, tokens, width) casts are gone and the student's output and
+    gradients are bit-identical (both roundings were exact)."""
+    pol = build_policy(tiny_sd3_dir, dtype="bf16")
+    _perturb_student(pol)
+    embeds = random_embeds(pol)
+    x = torch.randn(3, *pol.latent_shape(64), generator=torch.Generator().manual_seed(1))
+    width = pol.transformer.config.num_attention_heads * pol.transformer.config.attention_head_dim
+
+    def activation_casts():
+        with profile(record_shapes=True) as prof:
+            out = _student_grads(pol, x, embeds)
+        casts = [e for e in prof.events() if e.name == "aten::_to_copy" and len(e.input_shapes[0]) == 3
+                 and e.input_shapes[0][-1] == width]
+        return len(casts), out
+
+    lever_on, (v_on, g_on) = activation_casts()
+    with monkeypatch.context() as m:  # today's behaviour: peft's input cast left on
+        m.setattr(AdapterSwitch, "input_casting", lambda self, enabled: None)
+        pol._switch._input_casting = True
+        for layer in pol._switch.layers:
+            layer.cast_input_dtype_enabled = True
+        lever_off, (v_off, g_off) = activation_casts()
+    print(f"activation-sized casts per student fwd+bwd: {lever_off} -> {lever_on}")
+    assert lever_off >= 4 * 8 and lever_on == 0  # >= 8 LoRA layers in the 2-block model, 4 casts each
+    assert torch.equal(v_on, v_off)
+    assert all(torch.equal(a, b) for a, b in zip(g_on, g_off))
+    # without autocast the cast is needed again (bf16 activations meet fp32 LoRA weights)
+    with torch.no_grad():
+        pol.velocity(x, 0.5, embeds, STUDENT, 4.5)
+    assert all(layer.cast_input_dtype_enabled for layer in pol._switch.layers)
+
+
+def test_cfg_rows_are_built_once_per_embedding_batch(tiny_sd3_dir):
+    """A rollout calls the same embeddings ~20 times; the [uncond, cond] batch is concatenated once."""
+    pol = build_policy(tiny_sd3_dir)
+    embeds = random_embeds(pol)
+    x = torch.randn(3, *pol.latent_shape(64), generator=torch.Generator().manual_seed(1))
+
+    def cats(reuse: bool):
+        with torch.no_grad(), profile() as prof:
+            outs = [pol.velocity(x, 0.5, embeds if reuse else embeds.select(range(3)), STUDENT, 4.5)
+                    for _ in range(4)]
+        return sum(e.name == "aten::cat" for e in prof.events()), outs
+
+    reused, outs = cats(True)
+    fresh, outs_fresh = cats(False)
+    # fresh embeddings concatenate both tensors (prompt_embeds, pooled) at every call
+    assert fresh - reused == 2 * 3
+    assert all(torch.equal(a, b) for a, b in zip(outs + outs_fresh, outs[:1] * 8))
+    rows = embeds.cfg_rows()["prompt_embeds"]
+    assert torch.equal(rows[3:], embeds.cond["prompt_embeds"])
+    assert torch.equal(rows[:3], embeds.uncond["prompt_embeds"].expand(3, -1, -1))
