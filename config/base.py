@@ -89,6 +89,13 @@ def get_config():
     c.eval.rewards = False  # also decode images and score them with each task's reward
     c.eval.reward_device = "auto"
 
+    # Speed levers (docs/benchmarks.md): the same maths and gradients, run differently.
+    c.perf = ml_collections.ConfigDict()
+    c.perf.compile = "auto"  # auto (on for CUDA, off on the CPU; not yet measured on a GPU) | on | off: torch.compile per block
+    c.perf.compile_backend = "inductor"  # inductor fuses; eager / aot_eager only trace (CPU tests)
+    c.perf.lockstep_tasks = False  # all tasks of a round in one batch (one student forward, one mixed-teacher forward per step)
+    c.perf.merge_teachers = False  # each LoRA teacher merged into its own frozen backbone copy (+1 backbone of memory each)
+
     c.logging = ml_collections.ConfigDict()
     c.logging.wandb_mode = "disabled"  # online | offline | disabled
     c.logging.wandb_project = "diffusion_opd"

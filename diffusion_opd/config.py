@@ -33,6 +33,7 @@ CHOICES = {
     "train.step_selection": ("first", "random"),
     "train.lr_schedule": ("constant", "cosine"),
     "logging.wandb_mode": ("online", "offline", "disabled"),
+    "perf.compile": ("auto", "on", "off"),
 }
 TEACHER_KINDS = ("lora", "transformer")
 USER_NAMED = ("tasks", "teachers")  # sections whose entry names are the user's
@@ -189,6 +190,8 @@ def validate_config(config, *, world_size: int = 1, check_data: bool = True) -> 
         "train.learning_rate": t.learning_rate, "save_every": config.save_every, "keep_last": config.keep_last,
         "train.nan_patience": t.nan_patience,
     }
+    if not isinstance(config.perf.compile_backend, str) or not config.perf.compile_backend:
+        raise ConfigError("perf.compile_backend: a torch.compile backend name (inductor, aot_eager, eager)")
     if config.cpu_threads < 0:
         raise ConfigError(f"cpu_threads: must be >= 0, got {config.cpu_threads}")
     for key, value in positive.items():

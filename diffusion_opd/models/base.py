@@ -50,6 +50,13 @@ class PromptEmbeds:
             self._cfg_rows = cached
         return cached
 
+    @staticmethod
+    def concat(parts: Sequence["PromptEmbeds"]) -> "PromptEmbeds":
+        """Several batches as one (rows in order); they share the empty-prompt conditioning."""
+        first = parts[0]
+        cond = {k: torch.cat([p.cond[k] for p in parts]) for k in first.cond}
+        return PromptEmbeds([q for p in parts for q in p.prompts], cond, first.uncond)
+
     def select(self, index: Sequence[int]) -> "PromptEmbeds":
         idx = torch.as_tensor(list(index), dtype=torch.long)
         cond = {k: v[idx.to(v.device)] for k, v in self.cond.items()}
@@ -103,6 +110,28 @@ class Policy(ABC):
         from ..sampling import sd3_sigmas
 
         return sd3_sigmas(num_steps, self.scheduler_shift if shift is None else shift)
+
+    def velocity_mixed(self, latents: torch.Tensor, sigma, embeds: PromptEmbeds, adapters: Sequence[str],
+                       guidance_scales: Sequence[float]) -> torch.Tensor:
+        """Frozen velocities with a per-row adapter and CFG scale (no gradient): the teacher
+        queries of several tasks at once. Row i equals
+        ``velocity(latents[i:i+1], sigma_i, embeds.select([i]), adapters[i], guidance_scales[i])``.
+
+        This default runs one :meth:`velocity` per (adapter, scale) group; back ends that can
+        mix adapters inside one forward override it.
+        """
+        groups: dict[tuple[str, float], list[int]] = {}
+        for i, key in enumerate(zip(adapters, guidance_scales)):
+            groups.setdefault(key, []).append(i)
+        sig = torch.as_tensor(sigma)
+        out = None
+        with torch.no_grad():
+            for (adapter, scale), idx in groups.items():
+                v = self.velocity(latents[idx], sig if sig.ndim == 0 else sig[idx], embeds.select(idx), adapter, scale)
+                if out is None:
+                    out = v.new_empty((latents.shape[0], *v.shape[1:]))
+                out[idx] = v
+        return out
 
     @abstractmethod
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
@@ -259,6 +260,24 @@ class AdapterSwitch:
             if name is not None:
                 layer._active_adapter = [name]
             layer._disable_adapters = name is None
+
+    @contextmanager
+    def mixed(self, names: list[Optional[str]]):
+        """Inside: row i of every batch goes through adapter ``names[i]`` (``None``: the base
+        model), via peft's mixed-adapter batches (the ``adapter_names`` forward argument, passed to
+        each LoRA layer by a forward pre-hook; the hooks are removed on exit). Inference only:
+        peft gathers each adapter's rows, so this is for the frozen teachers."""
+        names = ["__base__" if n is None else n for n in names]
+
+        def pass_names(module, args, kwargs):
+            return args, {**kwargs, "adapter_names": names}
+
+        handles = [layer.register_forward_pre_hook(pass_names, with_kwargs=True) for layer in self.layers]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def back(self) -> None:
         """The default adapter active again (its parameters were never frozen)."""

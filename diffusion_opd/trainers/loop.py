@@ -103,7 +103,7 @@ def build_policy_from_config(config, accelerator: Accelerator):
 
     student_init = read_student_init(config)
     model_path, teachers = resolve_builtin_paths(config, accelerator)
-    return build_policy(
+    policy = build_policy(
         model_path,
         revision=config.model.revision or None,
         dtype=config.model.dtype,
@@ -118,7 +118,18 @@ def build_policy_from_config(config, accelerator: Accelerator):
         guidance=config.model.guidance,
         embedded_guidance=config.model.embedded_guidance,
         student_init=student_init,
+        merge_teachers=config.perf.merge_teachers,
     )
+    if compile_enabled(config, accelerator.device):
+        n = policy.compile_blocks(backend=config.perf.compile_backend)
+        accelerator.print(f"[perf] torch.compile on {n} repeated transformer blocks (backend "
+                          f"{config.perf.compile_backend}); the first round compiles")
+    return policy
+
+
+def compile_enabled(config, device: torch.device) -> bool:
+    """perf.compile: "auto" compiles on CUDA only (on the CPU compilation costs more than it saves)."""
+    return config.perf.compile == "on" or (config.perf.compile == "auto" and device.type == "cuda")
 
 
 def build_optimizer(params, train) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:

@@ -95,3 +95,51 @@ def test_cfg_rows_are_built_once_per_embedding_batch(tiny_sd3_dir):
     rows = embeds.cfg_rows()["prompt_embeds"]
     assert torch.equal(rows[3:], embeds.cond["prompt_embeds"])
     assert torch.equal(rows[:3], embeds.uncond["prompt_embeds"].expand(3, -1, -1))
+
+
+@pytest.fixture(scope="module")
+def teacher_policy(tiny_sd3_dir, tiny_teacher_dirs):
+    pol = build_policy(tiny_sd3_dir, teachers=[dict(name="gen", path=tiny_teacher_dirs["peft"]),
+                                               dict(name="ocr", path=tiny_teacher_dirs["diffusers"])])
+    _perturb_student(pol)
+    return pol
+
+
+def test_mixed_adapter_batch_equals_one_forward_per_teacher(teacher_policy):
+    """Teacher rows of several tasks (different adapters, CFG on and off) in ONE forward give
+    each row what its own teacher's forward gives (fp32: batch-shape re-association only)."""
+    pol = teacher_policy
+    embeds = random_embeds(pol, n=5, seed=3)
+    x = torch.randn(5, *pol.latent_shape(64), generator=torch.Generator().manual_seed(4))
+    adapters, scales = ["gen", "ocr", "gen", BASE, "ocr"], [1.0, 4.5, 1.0, 4.5, 4.5]
+    sigma = torch.tensor([0.9, 0.9, 0.5, 0.5, 0.2])
+    mixed = pol.velocity_mixed(x, sigma, embeds, adapters, scales)
+    with torch.no_grad():
+        for i in range(5):
+            ref = pol.velocity(x[i:i + 1], sigma[i:i + 1], embeds.select([i]), adapters[i], scales[i])
+            torch.testing.assert_close(mixed[i:i + 1], ref, rtol=1e-5, atol=1e-5)
+    # the switch state is untouched: the student is active again and trainable
+    assert all(layer.active_adapters == [STUDENT] and not layer.disable_adapters for layer in pol._switch.layers)
+    assert not any(layer._forward_pre_hooks for layer in pol._switch.layers)
+
+
+def test_merged_teachers_match_adapter_teachers_and_print_their_memory(tiny_sd3_dir, tiny_teacher_dirs,
+                                                                       teacher_policy, capsys):
+    """Teacher fast path: each LoRA teacher merged into its own backbone copy predicts what the
+    adapter predicts (W + sBA vs Wx + sB(Ax): fp32 rounding only), and its cost is printed."""
+    merged = build_policy(tiny_sd3_dir, merge_teachers=True,
+                          teachers=[dict(name="gen", path=tiny_teacher_dirs["peft"]),
+                                    dict(name="ocr", path=tiny_teacher_dirs["diffusers"])])
+    printed = capsys.readouterr().out
+    backbone = sum(p.numel() * p.element_size() for p in merged._full_teachers["gen"].parameters())
+    assert f"2 merged teacher copies (gen, ocr)" in printed and f"+{2 * backbone / 1e9:.2f} GB in all" in printed
+    assert not any(".gen." in n or ".ocr." in n for n, _ in merged.transformer.named_parameters())
+    embeds = random_embeds(merged, seed=5)
+    x = torch.randn(3, *merged.latent_shape(64), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        for name, scale in (("gen", 1.0), ("ocr", 4.5)):
+            torch.testing.assert_close(merged.velocity(x, 0.7, embeds, name, scale),
+                                       teacher_policy.velocity(x, 0.7, embeds, name, scale), rtol=1e-4, atol=1e-5)
+        mixed = merged.velocity_mixed(x, 0.7, embeds, ["gen", "ocr", "gen"], [1.0, 4.5, 1.0])
+        torch.testing.assert_close(mixed, teacher_policy.velocity_mixed(x, 0.7, embeds, ["gen", "ocr", "gen"],
+                                                                         [1.0, 4.5, 1.0]), rtol=1e-4, atol=1e-5)
