@@ -48,7 +48,7 @@ class DiffusersPolicy(Policy):
                  teachers: Sequence[TeacherSpec] = (), gradient_checkpointing: bool = False,
                  max_sequence_length: int = 128, max_cached_prompts: Optional[int] = None,
                  offload_text_encoders: bool = False, guidance: str = "auto", embedded_guidance: float = 1.0,
-                 student_init: Optional[LoraAdapter] = None):
+                 student_init: Optional[LoraAdapter] = None, merge_teachers: bool = False):
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 
         self.model_dir, self.dtype, self.device = model_dir, dtype, torch.device(device)
@@ -75,6 +75,13 @@ class DiffusersPolicy(Policy):
         self.embedded_guidance = embedded_guidance  # the embedding's value under true CFG
         self._full_teachers: dict[str, torch.nn.Module] = {}
         self._teacher_names = [t.name for t in teachers]
+        self._merge_teachers = merge_teachers
+        merged = [t.name for t in teachers if t.kind == "lora"] if merge_teachers else []
+        if merged:
+            gb = sum(p.numel() * p.element_size() for p in transformer.parameters()) / 1e9
+            print(f"[policy] teacher fast path: {len(merged)} merged teacher copies ({', '.join(merged)}) of the "
+                  f"{str(dtype).removeprefix('torch.')} backbone, +{gb:.2f} GB each, +{len(merged) * gb:.2f} GB "
+                  "in all", flush=True)
         for spec in teachers:
             self._load_teacher(spec)
         self._switch = AdapterSwitch(transformer, default=STUDENT)
@@ -113,8 +120,11 @@ class DiffusersPolicy(Policy):
         folder = resolve_folder(spec.path, subfolder=spec.subfolder, revision=spec.revision,
                                 what=f"teacher '{spec.name}'")
         if spec.kind == "lora":
-            add_lora_adapter(self.transformer, read_lora_adapter(folder, spec.weight_name), spec.name,
-                             label=f"teacher '{spec.name}'")
+            adapter = read_lora_adapter(folder, spec.weight_name)
+            if self._merge_teachers:
+                self._full_teachers[spec.name] = self._merged_copy(adapter, spec.name)
+            else:
+                add_lora_adapter(self.transformer, adapter, spec.name, label=f"teacher '{spec.name}'")
             return
         sub = "transformer" if os.path.isfile(os.path.join(folder, "transformer", "config.json")) else None
         model = _diffusers_class(self.transformer_class).from_pretrained(folder, subfolder=sub, torch_dtype=self.dtype)
@@ -124,6 +134,24 @@ class DiffusersPolicy(Policy):
                     f"teacher '{spec.name}' ({folder}) does not fit the backbone: transformer config "
                     f"{key}={model.config.get(key)} but the student has {self.transformer.config.get(key)}")
         self._full_teachers[spec.name] = model.requires_grad_(False).eval().to(self.device)
+
+    def _merged_copy(self, adapter, name: str) -> torch.nn.Module:
+        """A frozen copy of the backbone with ``adapter`` merged into its weights: W + s B A
+        (peft's merge, in the backbone dtype), then the LoRA layers removed."""
+        copy = _diffusers_class(self.transformer_class).from_pretrained(
+            self.model_dir, subfolder="transformer", torch_dtype=self.dtype)
+        copy.requires_grad_(False).to(self.device)
+        add_lora_adapter(copy, adapter, name, label=f"teacher '{name}'")
+        copy.fuse_lora(adapter_names=[name])
+        copy.unload_lora()
+        return copy.eval()
+
+    def compile_blocks(self, backend: str = "inductor", dynamic=None) -> int:
+        """Regional compilation of every denoiser's repeated blocks (models/compile.py)."""
+        from .compile import compile_repeated_blocks
+
+        return sum(compile_repeated_blocks(m, backend, dynamic)
+                   for m in (self.transformer, *self._full_teachers.values()))
 
     @property
     def teacher_names(self) -> list[str]:
@@ -221,19 +249,54 @@ class DiffusersPolicy(Policy):
         t = torch.as_tensor(sigma, dtype=torch.float32, device=self.device)
         t = t.expand(b) if t.ndim == 0 else t.reshape(b)
         x = latents.to(self.device, self.dtype)
-        cond = {k: v.to(self.dtype) for k, v in embeds.cond.items()}
         cfg = self._uses_cfg(guidance_scale)
+        cond = {k: v.to(self.dtype) for k, v in (embeds.cfg_rows() if cfg else embeds.cond).items()}
         if cfg:
             x, t = torch.cat([x, x]), torch.cat([t, t])
-            cond = {k: torch.cat([embeds.uncond[k].to(self.dtype).expand(b, *v.shape[1:]), v]) for k, v in cond.items()}
         grad = adapter == STUDENT and torch.is_grad_enabled()
         module = self._student_module if grad else self._full_teachers.get(adapter, self.transformer)
+        self._switch.input_casting(not torch.is_autocast_enabled(self.device.type))
         with self._active(adapter), torch.set_grad_enabled(grad):
             out = self._forward(module, x, t, cond, guidance_scale)
         if cfg:
             v_u, v_c = out.float().chunk(2)
             out = v_u + guidance_scale * (v_c - v_u)
         return out.to(latents.dtype)
+
+    def velocity_mixed(self, latents: torch.Tensor, sigma, embeds: PromptEmbeds, adapters: Sequence[str],
+                       guidance_scales: Sequence[float]) -> torch.Tensor:
+        """Per-row adapters and guidance in ONE forward of the shared transformer (see
+        :meth:`Policy.velocity_mixed`): the CFG rows' uncond copies first, then every cond row,
+        each row through its own LoRA adapter (peft mixed batch). Teachers held as separate
+        transformers (``kind="transformer"``, merged teachers), the student, and guidance that
+        feeds an embedding rather than CFG take the one-forward-per-group default."""
+        adapters, scales = list(adapters), [float(g) for g in guidance_scales]
+        b = latents.shape[0]
+        if not len(adapters) == len(scales) == len(embeds) == b:
+            raise ValueError(f"velocity_mixed: {b} latents, {len(embeds)} embeddings, {len(adapters)} adapters, "
+                             f"{len(scales)} guidance scales: give one of each per row")
+        valid = [BASE, *self._teacher_names]
+        unknown = sorted(set(adapters) - set(valid))
+        if unknown:
+            raise ValueError(f"velocity_mixed: unknown adapter(s) {unknown}; valid: {valid}")
+        if set(adapters) & set(self._full_teachers) or (self.guidance_mode != "true_cfg" and len(set(scales)) > 1):
+            return super().velocity_mixed(latents, sigma, embeds, adapters, scales)
+        t = torch.as_tensor(sigma, dtype=torch.float32, device=self.device)
+        t = t.expand(b) if t.ndim == 0 else t.reshape(b)
+        x = latents.to(self.device, self.dtype)
+        cfg = [i for i in range(b) if self._uses_cfg(scales[i])]
+        cond = {k: torch.cat([embeds.uncond[k].expand(len(cfg), *v.shape[1:]), v]).to(self.dtype)
+                for k, v in embeds.cond.items()}
+        names = [None if adapters[i] == BASE else adapters[i] for i in cfg + list(range(b))]
+        self._switch.input_casting(not torch.is_autocast_enabled(self.device.type))
+        with torch.no_grad(), self._switch.mixed(names):
+            out = self._forward(self.transformer, torch.cat([x[cfg], x]), torch.cat([t[cfg], t]), cond, scales[0])
+        v = out[len(cfg):].to(latents.dtype, copy=True)  # latent-sized; the CFG rows are overwritten below
+        if cfg:
+            g = torch.tensor([scales[i] for i in cfg], device=out.device).reshape(-1, *([1] * (out.ndim - 1)))
+            v_u, v_c = out[:len(cfg)].float(), out[len(cfg):][cfg].float()
+            v[cfg] = (v_u + g * (v_c - v_u)).to(latents.dtype)
+        return v
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, output_type: str = "pil"):

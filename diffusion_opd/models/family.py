@@ -61,6 +61,7 @@ def build_policy(
     guidance: str = "auto",
     embedded_guidance: float = 1.0,
     student_init: Optional[dict | LoraAdapter] = None,
+    merge_teachers: bool = False,
 ):
     """Build the policy of the pipeline at ``model_path`` (Hub id or local folder), SD3 or FLUX.
 
@@ -82,6 +83,10 @@ def build_policy(
     ``student_init`` ({path, subfolder, revision, weight_name}: a LoRA folder or Hub repo, PEFT
     or diffusers format; or a :class:`LoraAdapter` already read): the student starts as exactly
     that adapter (its rank, alpha, targets and weights; ``lora`` is then ignored).
+
+    ``merge_teachers``: the teacher fast path, each LoRA teacher merged into its own frozen copy
+    of the backbone (no LoRA work in teacher forwards; one backbone of memory per teacher, printed
+    when they are built).
     """
     torch_dtype = parse_dtype(dtype)
     parse_lora(lora)  # option errors first; the family's default targets are filled in below
@@ -101,7 +106,8 @@ def build_policy(
         model_dir, dtype=torch_dtype, device=torch.device(device), lora=parse_lora(lora, family), teachers=specs,
         gradient_checkpointing=gradient_checkpointing, max_sequence_length=int(max_sequence_length),
         max_cached_prompts=max_cached_prompts, offload_text_encoders=offload_text_encoders, guidance=guidance,
-        embedded_guidance=float(embedded_guidance), student_init=init)
+        embedded_guidance=float(embedded_guidance), student_init=init,
+        merge_teachers=bool(merge_teachers))
 
 
 def read_student_init(spec: dict) -> LoraAdapter:
