@@ -175,6 +175,13 @@ class Policy(ABC):
     def teacher_names(self) -> list[str]:
         """Names of the loaded teachers."""
 
+    def compile_blocks(self, backend: str = "inductor", dynamic: Optional[bool] = None) -> int:
+        """Regional compilation (models/compile.py) of the modules owning the student; returns
+        the number of blocks compiled (0: the model has no repeated blocks)."""
+        from .compile import compile_repeated_blocks
+
+        return sum(compile_repeated_blocks(m, backend, dynamic) for m in self.unwrap_modules().values())
+
     def unwrap_modules(self) -> dict[str, Any]:  # optional hook for DDP wrapping
         """Modules that own trainable parameters (for accelerate.prepare)."""
         return {}

@@ -38,7 +38,8 @@ def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def compile_repeated_blocks(model: torch.nn.Module, backend: str = "inductor", dynamic: Optional[bool] = None) -> int:
-    """``block.compile(backend=..., dynamic=...)`` for every repeated block; returns how many.
+    """``block.compile(backend=..., dynamic=...)`` for every repeated block; returns how many
+    (0 for a model without repeated blocks: nothing is compiled).
 
     Compilation itself happens lazily at the first forward of each (adapter, grad, shape)
     combination, i.e. during the first round. ``backend="eager"`` / ``"aot_eager"`` trace without
@@ -47,8 +48,6 @@ def compile_repeated_blocks(model: torch.nn.Module, backend: str = "inductor", d
     import torch._dynamo
 
     blocks = repeated_blocks(model)
-    if not blocks:
-        raise ValueError(f"{type(model).__name__} has no repeated blocks to compile")
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     for block in blocks:
         block.compile(backend=backend, dynamic=dynamic)
