@@ -18,8 +18,8 @@ SAMPLES_DIR = "samples"
 CURVES_FILE = "curves.png"
 TEACHER_LABEL = "teacher"
 # (panel title, metric key prefix): one line per task in each panel that has any data
-CURVE_PANELS = (("training loss", "loss/"), ("held-out distance to the teacher", "eval/distance/"),
-                ("held-out reward", "eval/reward/"))
+CURVE_PANELS = (("training loss", "loss/"), ("training reward", "reward/"),
+                ("held-out distance to the teacher", "eval/distance/"), ("held-out reward", "eval/reward/"))
 
 # (prompts, seeds, adapter, guidance_scale) -> PIL images: the recipe's own sampler
 SampleFn = Callable[[Sequence[str], Sequence[int], str, float], list]
@@ -65,7 +65,8 @@ class SampleGrids:
     """The per-task sample grids of one run (main process only; see the module docstring).
 
     ``prompts[task]``: the held-out prompt strings (the first ``num_images`` are used);
-    ``teachers[task]``: (adapter name, guidance scale) of the task's teacher.
+    ``teachers[task]``: (adapter name, guidance scale) of the task's teacher (absent or None: no
+    teacher grid, e.g. for the reward-driven recipes).
     """
 
     def __init__(self, output_dir: str, prompts: dict[str, Sequence[str]], teachers: dict[str, tuple[str, float]],
@@ -92,8 +93,8 @@ class SampleGrids:
         for task, prompts in self.prompts.items():
             if not prompts:
                 continue
-            teacher, guidance = self.teachers[task]
-            if not os.path.isfile(self.path(task, TEACHER_LABEL)):  # once per run, also across resumes
+            teacher, guidance = self.teachers.get(task) or (None, 0.0)  # reward-only tasks have no teacher
+            if teacher and not os.path.isfile(self.path(task, TEACHER_LABEL)):  # once per run, also across resumes
                 images = sample(prompts, self.seeds[task], teacher, guidance)
                 written[f"samples/{task}/teacher"] = self._save(task, TEACHER_LABEL, images)
             images = sample(prompts, self.seeds[task], student, student_guidance)
