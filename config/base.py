@@ -10,6 +10,7 @@ from diffusion_opd.models.specs import DEFAULT_LORA_TARGETS
 
 def get_config():
     c = ml_collections.ConfigDict()
+    c.recipe = "opd"  # which trainer runs this config: opd | nft | grpo (scripts/train.py dispatches)
     c.run_name = "run"
     c.output_dir = "outputs/run"
     c.seed = 42

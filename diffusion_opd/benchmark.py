@@ -318,52 +318,34 @@ def _random_embeds(policy, batch: int, text_tokens: int, seed: int):
 
 
 class RoundRunner:
-    """One process of the OPD trainer reduced to its per-round work on fixed embeddings.
+    """The trainer's own run object (``Run`` + the ``OPD`` recipe) on fixed embeddings.
 
-    Holds the attributes ``OPDRun.update`` reads, so the optimizer phase is the trainer's
-    method itself (``OPDRun.update(self, ...)``), not a copy.
+    ``round`` is ``OPD.round`` itself (draw is replaced by the injected embeddings and seeds):
+    rollout, teacher queries, backward, ``Run.optimizer_step`` (clip, AdamW, EMA).
     """
 
-    def __init__(self, config, policy, accelerator, embeds: dict, task_teachers: dict, timer: PhaseProfile):
-        from .trainers.ema import EMA
-        from .trainers.loop import NonFiniteGuard, build_optimizer
-        from .trainers.opd import make_step_loss
+    def __init__(self, config, policy, embeds: dict, task_teachers: dict, timer: PhaseProfile):
+        from .trainers.opd import OPD
+        from .trainers.run import Run
 
-        self.config, self.policy, self.accelerator, self.timer = config, policy, accelerator, timer
-        self.embeds, self.task_teachers = embeds, task_teachers
-        self.params = policy.trainable_parameters()
-        optimizer, self.scheduler = build_optimizer(self.params, config.train)
-        self.optimizer = accelerator.prepare_optimizer(optimizer)
-        self.ema = EMA(self.params, config.train.ema_decay, config.train.ema_warmup) if config.train.ema_decay > 0 else None
-        self.guard = NonFiniteGuard(config.train.nan_patience)
-        self.step_loss = make_step_loss(config.train, config.sample.noise_level)
+        self.run = Run(config, policy=policy, check_data=False)
+        self.run.timer = timer
+        self.recipe = OPD(self.run)
+        self.recipe.task_teachers = task_teachers
+        self.config, self.policy, self.accelerator, self.timer = config, policy, self.run.accelerator, timer
+        self.embeds = embeds
         self.nonfinite_rounds = 0
 
     def round(self, round_idx: int) -> float:
-        """``backward_round`` + ``update`` of the trainer for one process; returns the loss."""
-        from .trainers.opd import OPDRun, distill_batch, sample_seed, train_step_indices
-
-        c, acc = self.config, self.accelerator
-        steps = train_step_indices(c.train, c.sample.num_steps, round_idx, c.seed)
-        batch = c.train.batch_size
-        scale = 1.0 / (len(c.tasks) * batch * len(steps))
-        total = torch.zeros((), device=acc.device)
-        for t_idx, (task, (teacher, guidance)) in enumerate(self.task_teachers.items()):
-            seeds = [sample_seed(c.seed, round_idx, t_idx, i) for i in range(batch)]
-            with acc.autocast():
-                per_step = distill_batch(
-                    self.policy, self.embeds[task], seeds, teacher=teacher, teacher_guidance=guidance,
-                    sample=c.sample, steps=steps,
-                    step_loss=self.step_loss, scale=scale, mode=c.train.mode, backward=acc.backward,
-                    timer=self.timer, shift=c.sample.shift or None)
-            total = total + torch.stack(list(per_step.values())).float().sum()
-        loss = total.item() / (len(c.tasks) * batch * len(steps))  # the trainer's one sync per round
-        out = OPDRun.update(self, round_idx, loss)
-        self.nonfinite_rounds += out["skipped_nonfinite"]
-        return loss
+        """One trainer round on this process; returns the loss."""
+        batches = {task: (e, self.run.seeds(round_idx, t_idx, len(e))) for t_idx, (task, e) in
+                   enumerate(self.embeds.items())}
+        metrics = self.recipe.round(round_idx, batches)
+        self.nonfinite_rounds += metrics["skipped_nonfinite"]
+        return metrics["loss"]
 
 
-def _config(device: str, settings: Settings, spec: ModelSpec, cpu_threads: int = 0):
+def _config(device: str, settings: Settings, spec: ModelSpec, cpu_threads: int = 0, output_dir: str = ""):
     """mopd (the released geometry) with this variant's changes."""
     from .config import load_config
 
@@ -371,6 +353,8 @@ def _config(device: str, settings: Settings, spec: ModelSpec, cpu_threads: int =
         raise FileNotFoundError(f"{CONFIG_FILE} missing: run the benchmark from a checkout of the repository")
     c = load_config(CONFIG_FILE + ":mopd")
     c.device = device
+    c.output_dir = output_dir or os.path.join("outputs", "benchmark", "run")  # nothing is saved there
+    c.eval.every = 0
     c.cpu_threads = cpu_threads  # the trainer's own knob (make_accelerator applies it)
     c.mixed_precision = "no" if settings.dtype == "fp32" else settings.dtype
     c.model.dtype = settings.dtype
@@ -437,7 +421,7 @@ def run_variant(name: str, *, model: str, device: str, paths: dict, rounds: int,
     settings = VARIANTS[name]
     settings = Settings(**{**asdict(settings), "dtype": settings.dtype or DEFAULT_DTYPE[device]})
     row = {"variant": name, "settings": asdict(settings), "status": "ok"}
-    config = _config(device, settings, spec, cpu_threads)
+    config = _config(device, settings, spec, cpu_threads, os.path.join(os.path.dirname(paths["pipeline"]), "run"))
     row["geometry"] = _geometry(config, spec)
     accelerator = make_accelerator(config)
     row["torch_threads"] = torch.get_num_threads()
@@ -455,7 +439,7 @@ def run_variant(name: str, *, model: str, device: str, paths: dict, rounds: int,
     row["param_bytes"] = _policy_bytes(policy, used, kind)
     embeds = {task: _random_embeds(policy, config.train.batch_size, spec.text_tokens, seed=i)
               for i, task in enumerate(config.tasks)}
-    runner = RoundRunner(config, policy, accelerator, embeds, task_teachers, PhaseProfile(accelerator.device))
+    runner = RoundRunner(config, policy, embeds, task_teachers, PhaseProfile(accelerator.device))
     try:
         _measure(row, runner, settings, rounds, warmup)
     except Exception as err:  # noqa: BLE001 -- a compiler / kernel that cannot run here is a result

@@ -22,6 +22,7 @@ from .models.base import BASE, STUDENT
 _CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config")
 
 CHOICES = {
+    "recipe": ("opd", "nft", "grpo"),
     "device": ("auto", "cpu", "cuda"),
     "mixed_precision": ("no", "fp16", "bf16"),
     "model.dtype": ("fp32", "fp16", "bf16"),

@@ -1,27 +1,77 @@
 """On-policy rollouts: run a policy's adapter from noise with the flow-matching SDE / ODE step.
 
+Three pieces, used by every recipe (OPD, DiffusionNFT, Flow-GRPO):
+
+* :class:`Sampling`: how to sample (steps, eta, CFG, resolution, shift), frozen, built once
+  from the config's ``sample`` section.
+* :func:`rollout_steps`: a generator over the trajectory. At the indices in ``grad_steps`` it
+  YIELDS a :class:`Step` whose ``result.mean`` still carries the student's graph; the caller
+  computes its loss (teacher query, reward-weighted likelihood...) and calls backward in its
+  own loop body, then the rollout continues from the detached next state. Every other forward
+  runs under ``torch.no_grad``. Everything sampled lands in the ``Trajectory`` passed as ``out``.
+* :func:`replay_steps`: the same :class:`Step` objects from a stored trajectory (student
+  forward with grad on the saved states), for recipes that train after sampling.
+
 Seeding is per sample: sample ``i`` draws its initial noise and every step's noise from its own
 CPU generator seeded with ``seeds[i]`` (then moved to the device), so a prompt's trajectory does
 not depend on the device, on the other prompts in its batch, or on which steps train.
-
-Fused training hook: at the step indices in ``train_steps`` the student forward runs with grad
-and ``on_step(j, x_j, sigma_j, sigma_next, step)`` is called while ``step.mean`` still carries
-the graph (the caller computes the loss against the teacher and calls backward); the rollout
-then continues from the detached next state. Every other forward runs under ``torch.no_grad``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
 from .models.base import STUDENT, Policy, PromptEmbeds
-from .sampling import StepResult, randn, sde_step
+from .sampling import StepResult, gaussian_log_prob, randn, sde_step, transition_mean_std
 
-__all__ = ["Trajectory", "rollout"]
+__all__ = ["Sampling", "Step", "Trajectory", "rollout", "rollout_steps", "replay_steps", "sample", "timed"]
 
-OnStep = Callable[[int, torch.Tensor, float, float, StepResult], None]
+
+@dataclass(frozen=True)
+class Sampling:
+    """How trajectories are sampled. ``shift=None``: the policy's scheduler shift."""
+
+    num_steps: int
+    noise_level: float  # eta of the SDE step; 0 is the deterministic Euler ODE
+    guidance_scale: float  # CFG of the sampling adapter
+    resolution: int  # image side in pixels
+    shift: Optional[float] = None
+
+    @classmethod
+    def from_config(cls, sample, **changes) -> "Sampling":
+        """From a config's ``sample`` section (``shift`` 0 means the scheduler's own)."""
+        spec = cls(num_steps=sample.num_steps, noise_level=sample.noise_level, guidance_scale=sample.guidance_scale,
+                   resolution=sample.resolution, shift=sample.shift or None)
+        return spec.replace(**changes) if changes else spec
+
+    def replace(self, **changes) -> "Sampling":
+        return Sampling(**{**self.__dict__, **changes})
+
+    def sigmas(self, policy: Policy) -> torch.Tensor:
+        """The ``num_steps + 1`` float32 sigmas (CPU), last one 0: ``policy.sigmas`` (SD3: static
+        shift, ``None`` = the scheduler's; FLUX: ``None`` = the resolution-dependent shift)."""
+        return policy.sigmas(self.num_steps, self.resolution, self.shift).float()
+
+
+@dataclass
+class Step:
+    """Transition ``j``: from state ``x`` (detached) at ``sigma`` to ``sigma_next``.
+
+    ``result.mean`` carries the student's graph when the step was asked for with grad;
+    ``result.prev_sample`` is the next state the trajectory actually took.
+    """
+
+    index: int
+    x: torch.Tensor
+    sigma: float
+    sigma_next: float
+    result: StepResult
+
+    @property
+    def dt(self) -> float:
+        return self.sigma_next - self.sigma
 
 
 @dataclass
@@ -35,8 +85,8 @@ class Trajectory:
     sampled next state (None for the ODE).
     """
 
-    latents: torch.Tensor
-    sigmas: torch.Tensor
+    latents: Optional[torch.Tensor] = None
+    sigmas: Optional[torch.Tensor] = None
     states: list[torch.Tensor] = field(default_factory=list)
     means: list[torch.Tensor] = field(default_factory=list)
     stds: list[torch.Tensor] = field(default_factory=list)
@@ -46,6 +96,105 @@ class Trajectory:
     def num_steps(self) -> int:
         """Number of transitions N."""
         return len(self.sigmas) - 1
+
+    def next_state(self, j: int) -> torch.Tensor:
+        """x_{t_{j+1}}: the state step ``j`` led to (needs ``keep_states``)."""
+        return self.states[j + 1] if j + 1 < len(self.states) else self.latents
+
+    def select(self, index: Sequence[int]) -> "Trajectory":
+        """The rows ``index`` of every per-sample tensor (a minibatch of the trajectories)."""
+        idx = torch.as_tensor(list(index), dtype=torch.long, device=self.latents.device)
+
+        def rows(t):
+            return None if t is None else (t[idx] if t.ndim and t.shape[0] == self.latents.shape[0] else t)
+
+        return Trajectory(latents=self.latents[idx], sigmas=self.sigmas, states=[rows(s) for s in self.states],
+                          means=[rows(m) for m in self.means], stds=[rows(s) for s in self.stds],
+                          log_probs=[rows(lp) for lp in self.log_probs])
+
+
+def _check(spec: Sampling, embeds: PromptEmbeds, seeds: Sequence[int]) -> None:
+    if len(seeds) != len(embeds):
+        raise ValueError(f"{len(seeds)} seeds for {len(embeds)} prompts: pass one seed per sample")
+    if spec.noise_level < 0:
+        raise ValueError(f"noise_level must be >= 0, got {spec.noise_level}")
+
+
+def rollout_steps(policy: Policy, embeds: PromptEmbeds, seeds: Sequence[int], spec: Sampling, *,
+                  grad_steps: Sequence[int] = (), adapter: str = STUDENT, keep_states: bool = False,
+                  out: Optional[Trajectory] = None) -> Iterator[Step]:
+    """Sample ``len(seeds)`` trajectories; yield the steps in ``grad_steps`` with the student's graph.
+
+    The caller's loop body runs between the grad forward of step ``j`` and the forward of
+    step ``j + 1`` (fused training: nothing is stored or replayed). ``out`` (optional) receives
+    the sigmas, means, stds, log-probs, states (if ``keep_states``) and final latents.
+    """
+    _check(spec, embeds, seeds)
+    grad = sorted(set(int(j) for j in grad_steps))
+    if any(j < 0 or j >= spec.num_steps for j in grad):
+        raise ValueError(f"train_steps must lie in [0, {spec.num_steps}), got {list(grad_steps)}")
+    if grad and adapter != STUDENT:
+        raise ValueError(f"training steps need the student as the sampling adapter, got {adapter!r}")
+    traj = out if out is not None else Trajectory()
+    traj.sigmas = sigmas = spec.sigmas(policy)
+    generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+    x = randn((len(seeds), *policy.latent_shape(spec.resolution)), generators, policy.device)
+    for j in range(spec.num_steps):
+        sigma, sigma_next = sigmas[j].item(), sigmas[j + 1].item()
+        # Noise is drawn at every SDE step whether or not it trains, so trajectories are
+        # identical across grad_steps choices.
+        noise = randn(x.shape, generators, policy.device) if spec.noise_level > 0 else None
+        with torch.set_grad_enabled(j in grad):
+            v = policy.velocity(x, sigma, embeds, adapter=adapter, guidance_scale=spec.guidance_scale)
+            result = sde_step(v, x, sigma, sigma_next, spec.noise_level, noise=noise)
+        if j in grad:
+            yield Step(j, x, sigma, sigma_next, result)
+        if keep_states:
+            traj.states.append(x)
+        traj.means.append(result.mean.detach())
+        traj.stds.append(result.std.detach())
+        traj.log_probs.append(None if result.log_prob is None else result.log_prob.detach())
+        x = result.prev_sample.detach()
+    traj.latents = x
+
+
+def replay_steps(policy: Policy, traj: Trajectory, embeds: PromptEmbeds, spec: Sampling,
+                 steps: Sequence[int]) -> Iterator[Step]:
+    """Yield steps ``steps`` of a stored trajectory with a fresh student forward (grad mode as
+    the caller's): ``result.mean`` / ``std`` are the student's kernel at the saved state,
+    ``result.prev_sample`` the next state the trajectory took and ``result.log_prob`` its exact
+    log density under that kernel (None for the ODE)."""
+    if not traj.states:
+        raise ValueError("replay needs the states: sample with keep_states=True")
+    for j in steps:
+        x, sigma, sigma_next = traj.states[j], float(traj.sigmas[j]), float(traj.sigmas[j + 1])
+        v = policy.velocity(x, sigma, embeds, STUDENT, spec.guidance_scale)
+        mean, std = transition_mean_std(v, x, sigma, sigma_next, spec.noise_level)
+        taken = traj.next_state(j)
+        log_prob = gaussian_log_prob(taken, mean, std) if spec.noise_level > 0 else None
+        yield Step(j, x, sigma, sigma_next, StepResult(prev_sample=taken, mean=mean, std=std, log_prob=log_prob))
+
+
+def sample(policy: Policy, embeds: PromptEmbeds, seeds: Sequence[int], spec: Sampling, *, adapter: str = STUDENT,
+           keep_states: bool = False) -> Trajectory:
+    """The whole trajectory without grad (evaluation, RL sampling, the two-pass first pass)."""
+    traj = Trajectory()
+    with torch.no_grad():
+        for _ in rollout_steps(policy, embeds, seeds, spec, adapter=adapter, keep_states=keep_states, out=traj):
+            pass  # no grad steps: nothing is yielded
+    return traj
+
+
+def timed(steps: Iterator[Step], timer, phase: str) -> Iterator[Step]:
+    """Charge the work done inside ``steps`` (a rollout / replay generator) to ``phase`` of
+    ``timer``; the caller's loop body between two steps is not charged to it."""
+    it = iter(steps)
+    while True:
+        with timer(phase):
+            step = next(it, None)
+        if step is None:
+            return
+        yield step
 
 
 def rollout(
@@ -59,11 +208,9 @@ def rollout(
     shift: Optional[float] = None,
     resolution: int,
     adapter: str = STUDENT,
-    train_steps: Sequence[int] = (),
-    on_step: Optional[OnStep] = None,
     keep_states: bool = True,
 ) -> Trajectory:
-    """Sample ``len(seeds)`` trajectories of ``num_steps`` steps from pure noise.
+    """Sample ``len(seeds)`` trajectories of ``num_steps`` steps from pure noise, without grad.
 
     Args:
         policy: the model (its ``velocity`` is called once per step, CFG batched inside).
@@ -75,41 +222,8 @@ def rollout(
         guidance_scale: CFG scale of the sampling adapter.
         resolution: image side in pixels (latent shape from ``policy.latent_shape``).
         adapter: whose velocity drives the rollout ("student", a teacher or "base").
-        train_steps: step indices whose student forward keeps its graph for ``on_step``.
-        on_step: the fused training callback (None: the whole rollout runs without grad).
-        keep_states: store every x_{t_j} (needed for off-line training on the states).
+        keep_states: store every x_{t_j} (needed to train on the states afterwards).
     """
-    n = len(seeds)
-    if n != len(embeds):
-        raise ValueError(f"{n} seeds for {len(embeds)} prompts: pass one seed per sample")
-    if noise_level < 0:
-        raise ValueError(f"noise_level must be >= 0, got {noise_level}")
-    train = sorted(set(int(j) for j in train_steps)) if on_step is not None else []
-    if any(j < 0 or j >= num_steps for j in train):
-        raise ValueError(f"train_steps must lie in [0, {num_steps}), got {list(train_steps)}")
-    if train and adapter != STUDENT:
-        raise ValueError(f"training steps need the student as the sampling adapter, got {adapter!r}")
-
-    sigmas = policy.sigmas(num_steps, resolution, shift).float()
-    generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
-    x = randn((n, *policy.latent_shape(resolution)), generators, policy.device)
-    traj = Trajectory(latents=x, sigmas=sigmas)
-    for j in range(num_steps):
-        sigma, sigma_next = sigmas[j].item(), sigmas[j + 1].item()
-        # Noise is drawn at every SDE step whether or not it trains, so trajectories are
-        # identical across train_steps choices.
-        noise = randn(x.shape, generators, policy.device) if noise_level > 0 else None
-        grad = j in train
-        with torch.set_grad_enabled(grad):
-            v = policy.velocity(x, sigma, embeds, adapter=adapter, guidance_scale=guidance_scale)
-            step = sde_step(v, x, sigma, sigma_next, noise_level, noise=noise)
-            if grad:
-                on_step(j, x, sigma, sigma_next, step)
-        if keep_states:
-            traj.states.append(x)
-        traj.means.append(step.mean.detach())
-        traj.stds.append(step.std.detach())
-        traj.log_probs.append(None if step.log_prob is None else step.log_prob.detach())
-        x = step.prev_sample.detach()
-    traj.latents = x
-    return traj
+    spec = Sampling(num_steps=num_steps, noise_level=noise_level, guidance_scale=guidance_scale,
+                    resolution=resolution, shift=shift)
+    return sample(policy, embeds, seeds, spec, adapter=adapter, keep_states=keep_states)

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from diffusion_opd.models import STUDENT, build_policy
-from diffusion_opd.rollout import rollout
-from diffusion_opd.sampling import gaussian_log_prob, sd3_sigmas, sde_step, transition_mean_std
+from diffusion_opd.rollout import Sampling, Trajectory, replay_steps, rollout, rollout_steps, sample
+from diffusion_opd.sampling import gaussian_log_prob, sd3_sigmas, transition_mean_std
 
 PROMPTS = ["a photo of a cat", "a red car", "a sign that says \"hello\""]
 SEEDS = [11, 22, 33]
@@ -99,46 +99,47 @@ def test_ode_rollout_reproduces_the_diffusers_pipeline(policy, embeds, tiny_sd3_
 
 
 @pytest.mark.parametrize("eta", [0.0, 0.7])
-def test_fused_training_hook(policy, embeds, eta):
+def test_rollout_yields_its_grad_steps(policy, embeds, eta):
+    """The fused training loop: the caller's body (loss + backward) runs at each yielded step."""
     params = policy.trainable_parameters()
-    calls = []
+    spec = Sampling(num_steps=6, noise_level=eta, guidance_scale=4.5, resolution=64)
 
-    def loss_fn(j, x, sigma, sigma_next, step):
+    def loss_fn(step):
         """Paper eq. 11/12: per-step KL between the student's and the teacher's Gaussian kernels."""
-        v_t = policy.velocity(x, sigma, embeds, "gen", 1.0)
-        mean_t, std = transition_mean_std(v_t, x, sigma, sigma_next, eta)
-        diff = (step.mean - mean_t).square().flatten(1).sum(1)
+        v_t = policy.velocity(step.x, step.sigma, embeds, "gen", 1.0)
+        mean_t, std = transition_mean_std(v_t, step.x, step.sigma, step.sigma_next, eta)
+        diff = (step.result.mean - mean_t).square().flatten(1).sum(1)
         return (diff / (2 * std.flatten() ** 2) if eta else 0.5 * diff).mean()
-
-    def on_step(j, x, sigma, sigma_next, step):
-        calls.append(j)
-        assert step.mean.requires_grad and not x.requires_grad
-        loss_fn(j, x, sigma, sigma_next, step).backward()
 
     for p in params:
         p.grad = None
     steps = (1, 3, 4)
-    traj = _run(policy, embeds, SEEDS, eta, train_steps=steps, on_step=on_step)
+    traj, calls = Trajectory(), []
+    for step in rollout_steps(policy, embeds, SEEDS, spec, grad_steps=steps, out=traj):
+        calls.append(step.index)
+        assert step.result.mean.requires_grad and not step.x.requires_grad
+        loss_fn(step).backward()
     assert calls == list(steps)
     online = [p.grad.clone() for p in params]
     assert sum(g.abs().sum() for g in online) > 0
-    # The hook changes nothing in the trajectory (no optimizer step in between)...
-    assert _same(traj, _run(policy, embeds, SEEDS, eta))
-    # ...and its gradient equals recomputing the per-step losses afterwards on the stored states.
+    # The loop body changes nothing in the trajectory (no optimizer step in between)...
+    assert torch.equal(traj.latents, _run(policy, embeds, SEEDS, eta).latents)
+    # ...and its gradient equals replaying the steps afterwards on the stored states.
     for p in params:
         p.grad = None
-    sigmas = traj.sigmas.tolist()
-    for j in steps:
-        x = traj.states[j]
-        step = sde_step(policy.velocity(x, sigmas[j], embeds, STUDENT, 4.5), x, sigmas[j], sigmas[j + 1], eta,
-                        noise=torch.zeros_like(x))
-        loss_fn(j, x, sigmas[j], sigmas[j + 1], step).backward()
+    stored = sample(policy, embeds, SEEDS, spec, keep_states=True)
+    replayed = []
+    for step in replay_steps(policy, stored, embeds, spec, steps):
+        replayed.append(step.index)
+        torch.testing.assert_close(step.result.prev_sample, stored.next_state(step.index), rtol=0, atol=0)
+        loss_fn(step).backward()
+    assert replayed == list(steps)
     for g_online, p in zip(online, params):
         torch.testing.assert_close(p.grad, g_online, rtol=1e-6, atol=1e-9)
-    # Without a callback the rollout runs fully without grad, whatever train_steps says.
+    # Without grad steps the rollout runs fully without grad.
     for p in params:
         p.grad = None
-    _run(policy, embeds, SEEDS, eta, train_steps=steps)
+    sample(policy, embeds, SEEDS, spec)
     assert all(p.grad is None for p in params)
 
 
@@ -148,7 +149,8 @@ def test_rollout_options_and_errors(policy, embeds):
     assert torch.allclose(traj.sigmas, sd3_sigmas(6, 1.0).float())
     with pytest.raises(ValueError, match="2 seeds for 3 prompts"):
         _run(policy, embeds, SEEDS[:2], 0.0)
+    spec = Sampling(num_steps=6, noise_level=0.0, guidance_scale=4.5, resolution=64)
     with pytest.raises(ValueError, match=r"train_steps must lie in \[0, 6\)"):
-        _run(policy, embeds, SEEDS, 0.0, train_steps=[6], on_step=lambda *a: None)
+        next(rollout_steps(policy, embeds, SEEDS, spec, grad_steps=[6]))
     with pytest.raises(ValueError, match="need the student"):
-        _run(policy, embeds, SEEDS, 0.0, adapter="gen", train_steps=[0], on_step=lambda *a: None)
+        next(rollout_steps(policy, embeds, SEEDS, spec, adapter="gen", grad_steps=[0]))

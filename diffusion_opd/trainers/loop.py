@@ -1,12 +1,12 @@
-"""The machinery every round-based recipe shares: processes, policy, optimizer, gradient sync,
-non-finite guard, checkpoint save/load. The OPD recipe (trainers/opd.py) is written on top.
+"""Building blocks every round-based recipe shares: processes, policy, optimizer, gradient sync,
+non-finite guard, checkpoint save/load. ``trainers/run.py`` assembles them into one run.
 """
 from __future__ import annotations
 
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from accelerate import Accelerator
@@ -18,6 +18,7 @@ from . import checkpoint as ckpt
 from .ema import EMA
 
 BUILTIN = "builtin:"
+RECIPE_STATE = "recipe_state.pt"
 
 
 @dataclass
@@ -199,8 +200,9 @@ class NonFiniteGuard:
 
 
 def save_checkpoint(accelerator: Accelerator, config, policy, optimizer, scheduler, ema: Optional[EMA],
-                    state: RunState) -> Optional[str]:
-    """Everything resume needs, written atomically (see trainers/checkpoint.py)."""
+                    state: RunState, recipe_state: Optional[dict] = None) -> Optional[str]:
+    """Everything resume needs, written atomically (see trainers/checkpoint.py). ``recipe_state``:
+    what the recipe carries across rounds besides the student (e.g. DiffusionNFT's old policy)."""
     tmp = ckpt.temporary_dir(config.output_dir, state.round)
     if accelerator.is_main_process:
         os.makedirs(tmp, exist_ok=True)
@@ -218,6 +220,8 @@ def save_checkpoint(accelerator: Accelerator, config, policy, optimizer, schedul
             torch.save(ema.state_dict(), os.path.join(tmp, "ema_state.pt"))
         torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
         torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
+        if recipe_state:
+            torch.save(recipe_state, os.path.join(tmp, RECIPE_STATE))
         ckpt.write_json(os.path.join(tmp, "config.json"), to_dict(config))
         ckpt.write_json(os.path.join(tmp, "trainer_state.json"),
                         {**asdict(state), "world_size": accelerator.num_processes})
@@ -227,7 +231,8 @@ def save_checkpoint(accelerator: Accelerator, config, policy, optimizer, schedul
     return final
 
 
-def load_checkpoint(path: str, accelerator: Accelerator, policy, optimizer, scheduler, ema: Optional[EMA]) -> RunState:
+def load_checkpoint(path: str, accelerator: Accelerator, policy, optimizer, scheduler, ema: Optional[EMA],
+                    recipe_state: Optional[Callable[[dict], None]] = None) -> RunState:
     import json
 
     with open(os.path.join(path, "trainer_state.json")) as f:
@@ -240,6 +245,8 @@ def load_checkpoint(path: str, accelerator: Accelerator, policy, optimizer, sche
         if not os.path.isfile(ema_path):
             raise FileNotFoundError(f"{ema_path} missing: the checkpoint was saved without EMA (train.ema_decay=0)")
         ema.load_state_dict(torch.load(ema_path, map_location="cpu", weights_only=False))
+    if recipe_state is not None and os.path.isfile(os.path.join(path, RECIPE_STATE)):
+        recipe_state(torch.load(os.path.join(path, RECIPE_STATE), map_location="cpu", weights_only=False))
     if saved.get("world_size") != accelerator.num_processes:
         accelerator.print(f"[resume] checkpoint world size {saved.get('world_size')} != {accelerator.num_processes}: "
                           "prompt order and RNG streams will differ from the original run")

@@ -6,7 +6,8 @@ import torch
 
 from diffusion_opd.config import load_config
 from diffusion_opd.trainers.metrics import read_metrics
-from diffusion_opd.trainers.opd import OPDRun, train
+from diffusion_opd.trainers.opd import OPD, train
+from diffusion_opd.trainers.run import Run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(ROOT, "config", "opd.py") + ":tiny_mopd"
@@ -36,9 +37,10 @@ def test_tiny_mopd_distils_each_task_with_one_step_per_round(tmp_path):
 
 
 def _grads_after_one_round(tmp_path, name, *overrides):
-    run = OPDRun(tiny(tmp_path / name, "eval.every=0", *overrides))
-    run.run_round(1)  # one real step so that every LoRA matrix (B starts at 0) has a gradient
-    run.backward_round(2)
+    run = Run(tiny(tmp_path / name, "eval.every=0", *overrides))
+    recipe = OPD(run)
+    recipe.round(1)  # one real step so that every LoRA matrix (B starts at 0) has a gradient
+    recipe.backward(2, recipe.draw(2))
     return [p.grad.detach().clone() for p in run.params]
 
 
@@ -62,8 +64,8 @@ def test_batch_times_accumulation_invariance(tmp_path):
 
 
 def test_sde_kl_round_runs_and_released_denominator_scales(tmp_path):
-    run = OPDRun(tiny(tmp_path / "sde", "eval.every=0", "sample.noise_level=0.7", "train.loss=kl"))
-    m = run.backward_round(1)
+    recipe = OPD(Run(tiny(tmp_path / "sde", "eval.every=0", "sample.noise_level=0.7", "train.loss=kl")))
+    m = recipe.backward(1, recipe.draw(1))
     assert all(torch.isfinite(torch.tensor(v)) for k, v in m.items() if k.startswith("loss"))
     assert m["loss"] > 0
 

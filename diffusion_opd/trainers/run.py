@@ -1,0 +1,218 @@
+"""One training run, whatever the recipe: the machinery OPD, DiffusionNFT and Flow-GRPO share.
+
+A recipe (``trainers/opd.py``, ``trainers/nft.py``, ``trainers/grpo.py``) owns the maths of a
+round: what to sample, what to score, which loss to backpropagate. Everything else is here,
+once: processes (accelerate), the policy, the student's optimizer and EMA, prompt samplers,
+seeds, checkpoints and resume, metrics, and the rounds loop with periodic evaluation and saving.
+
+    run = Run(config)              # validated config -> processes, policy, optimizer, samplers
+    recipe = OPD(run)              # the recipe's own state (losses, old-policy adapter...)
+    run.train(recipe)              # resume, then: recipe.round -> eval -> log -> save
+
+A recipe implements ``round(round_idx) -> metrics`` (it calls :meth:`Run.optimizer_step`
+itself, once or several times), ``evaluate(round_idx) -> metrics``, ``images_per_round`` and
+optionally ``state_dict`` / ``load_state_dict`` for what it must carry across a resume.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from typing import Optional, Protocol
+
+import torch
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from ..config import derived_geometry, task_prompts, to_dict, validate_config
+from ..data.sampler import PromptSampler
+from ..models.base import Policy, PromptEmbeds
+from ..rollout import Sampling, sample
+from . import checkpoint as ckpt
+from .ema import EMA
+from .loop import (NonFiniteGuard, RunState, all_reduce_gradients, broadcast_parameters, build_optimizer,
+                   build_policy_from_config, load_checkpoint, make_accelerator, save_checkpoint)
+from .metrics import MetricsLog, PhaseTimer, peak_memory_gb, synchronize
+
+__all__ = ["Recipe", "Run", "sample_seed"]
+
+
+def sample_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (run seed, round, task, global sample index): a sample's noise
+    depends on what it is, never on which batch or process it landed in."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
+class Recipe(Protocol):
+    name: str
+    images_per_round: int  # over all processes (for images/s)
+
+    def round(self, round_idx: int) -> dict: ...
+
+    def evaluate(self, round_idx: int) -> dict: ...
+
+
+class Run:
+    """State of one training run (built from a config; ``train(recipe)`` drives it).
+
+    ``policy``: pass an already built policy (the benchmark does, with random weights and no
+    prompt files: ``check_data=False``); by default it is built from ``config.model`` /
+    ``config.teachers``. ``prompts_per_round``: prompts each process draws per task and round.
+    """
+
+    def __init__(self, config, *, prompts_per_round: Optional[int] = None, policy: Optional[Policy] = None,
+                 check_data: bool = True):
+        self.config = config
+        self.accelerator = acc = make_accelerator(config)
+        self.rank, self.world = acc.process_index, acc.num_processes
+        tag = f"[{config.recipe}]"
+        self.prompts = validate_config(config, world_size=self.world, check_data=check_data)  # before any model loads
+        self.eval_prompts = ({t: task_prompts(config, t, "eval") for t in config.tasks}
+                             if config.eval.every and check_data else {})
+        self.geometry = derived_geometry(config, self.world)
+        acc.print(f"{tag} " + f"\n{tag} ".join(f"{k}: {v}" for k, v in self.geometry.items()))
+        os.makedirs(config.output_dir, exist_ok=True)
+
+        set_seed(config.seed)  # the student LoRA's initialisation
+        self.policy = policy if policy is not None else build_policy_from_config(config, acc)
+        self.params = self.policy.trainable_parameters()
+        broadcast_parameters(self.params, acc)
+        optimizer, self.scheduler = build_optimizer(self.params, config.train)
+        self.optimizer = acc.prepare_optimizer(optimizer)  # fp16: loss scaling + skipped inf steps
+        self.ema = EMA(self.params, config.train.ema_decay, config.train.ema_warmup) if config.train.ema_decay > 0 else None
+        self.prompts_per_round = prompts_per_round or config.train.batch_size * config.train.grad_accum
+        self.samplers = {
+            task: PromptSampler(len(rows), self.prompts_per_round, self.rank, self.world, seed=config.seed + 1000 * i)
+            for i, (task, rows) in enumerate(self.prompts.items())
+        }
+        self.timer = PhaseTimer(acc.device, enabled=config.logging.phase_times)
+        self.seen_prompts: list[tuple[int, str, list[int]]] = []  # (round, task, indices) on this process
+        self.state = RunState()
+        self.guard = NonFiniteGuard(config.train.nan_patience)
+        self.log: Optional[MetricsLog] = None
+
+    # -- what recipes call ----------------------------------------------------------------------
+    def draw_prompts(self, task: str, round_idx: int) -> list[dict]:
+        """This process's prompt rows of ``task`` for the round (deterministic, resumable)."""
+        indices = self.samplers[task].next_indices()
+        self.seen_prompts.append((round_idx, task, indices))
+        return [self.prompts[task][i] for i in indices]
+
+    def seeds(self, round_idx: int, task_idx: int, count: int) -> list[int]:
+        """One seed per sample this process draws: a function of (run seed, round, task, the
+        sample's index over all processes), never of the batch it is in."""
+        return [sample_seed(self.config.seed, round_idx, task_idx, self.rank * count + i) for i in range(count)]
+
+    def optimizer_step(self, round_idx: int, loss: float) -> dict:
+        """Average gradients over processes, clip, and take ONE optimizer step (skipped when the
+        loss is non-finite); EMA after the step. Gradients are cleared."""
+        c, acc = self.config, self.accelerator
+        with self.timer("optimizer"):
+            all_reduce_gradients(self.params, acc)
+            max_norm = c.train.max_grad_norm if c.train.max_grad_norm > 0 else float("inf")
+            grad_norm = acc.clip_grad_norm_(self.params, max_norm)
+            skipped = self.guard.should_skip(loss, round_idx)
+            if not skipped:
+                self.optimizer.step()
+                self.scheduler.step()
+                if self.ema is not None:
+                    self.ema.update()
+            self.optimizer.zero_grad(set_to_none=True)
+        return {"grad_norm": float(grad_norm), "skipped_nonfinite": int(skipped)}
+
+    def mean_over_processes(self, sums: dict[str, torch.Tensor], count: float) -> dict[str, float]:
+        """ONE reduction for every logged number: ``sum over processes / (count * world)``."""
+        keys = sorted(sums)
+        if not keys:
+            return {}
+        values = self.accelerator.reduce(torch.stack([torch.as_tensor(sums[k]).float().to(self.accelerator.device)
+                                                      for k in keys]), reduction="sum")
+        return {k: v.item() / (count * self.world) for k, v in zip(keys, values)}
+
+    def eval_batch(self, task: str, task_idx: int) -> tuple[list[dict], PromptEmbeds, list[int]]:
+        """This process's share of ``task``'s held-out prompts (encoded) with fixed seeds: the
+        same images at every evaluation."""
+        c = self.config
+        rows = self.eval_prompts[task][self.rank::self.world][: c.eval.num_prompts]
+        embeds = self.policy.encode_prompts([r["prompt"] for r in rows])
+        seeds = [sample_seed(c.seed, -1, task_idx, self.rank + i * self.world) for i in range(len(rows))]
+        return rows, embeds, seeds
+
+    def eval_reward(self, reward_name: str, embeds: PromptEmbeds, seeds: list[int], rows: list[dict]) -> float:
+        """Mean reward over all processes of ODE samples (``eval.num_steps`` steps) of the student."""
+        from ..rewards import load_reward
+
+        c, acc = self.config, self.accelerator
+        spec = Sampling.from_config(c.sample, num_steps=c.eval.num_steps, noise_level=0.0)
+        with torch.no_grad():
+            images = self.policy.decode(sample(self.policy, embeds, seeds, spec).latents)
+        device = c.eval.reward_device if c.eval.reward_device != "auto" else str(acc.device)
+        scores = load_reward(reward_name, device=device)(images, [r["prompt"] for r in rows],
+                                                        [r["metadata"] for r in rows])[reward_name]
+        local = torch.tensor([float(torch.tensor(scores).nanmean()) * len(rows), len(rows)], device=acc.device)
+        total = acc.reduce(local, reduction="sum")
+        return (total[0] / total[1]).item()
+
+    # -- the rounds loop ---------------------------------------------------------------------------
+    def timed_round(self, recipe: Recipe, round_idx: int) -> dict:
+        """``recipe.round`` plus what every round logs (lr, seconds, images/s, memory, phases)."""
+        start = time.perf_counter()
+        lr = self.scheduler.get_last_lr()[0]
+        metrics = recipe.round(round_idx)
+        synchronize(self.accelerator.device)  # the round's one sync (phase syncs only with logging.phase_times)
+        seconds = time.perf_counter() - start
+        metrics.update({
+            "round": round_idx, "lr": lr, "seconds_per_round": seconds,
+            "images_per_second": recipe.images_per_round / seconds,
+            "peak_memory_gb": peak_memory_gb(self.accelerator.device),
+            **{f"seconds/{k}": v for k, v in self.timer.reset().items()},
+        })
+        return metrics
+
+    def resume(self, recipe: Optional[Recipe] = None) -> None:
+        """Restore the newest checkpoint (``resume_from``) into the run and the recipe, then open
+        the metrics log (rows after the resumed round are dropped)."""
+        c, acc = self.config, self.accelerator
+        path = ckpt.resolve_resume(c.resume_from, c.output_dir)
+        if path:
+            self.state = load_checkpoint(path, acc, self.policy, self.optimizer, self.scheduler, self.ema,
+                                         recipe_state=getattr(recipe, "load_state_dict", None))
+            for task, s in self.samplers.items():
+                s.load_state_dict(self.state.samplers[task])
+            self.guard.streak = self.state.nan_streak
+            acc.print(f"[{c.recipe}] resumed from {path} at round {self.state.round}")
+        self.log = MetricsLog(c.output_dir, acc.is_main_process, c.logging.wandb_mode, c.logging.wandb_project,
+                              c.run_name, to_dict(c), self.state.wandb_id)
+        self.state.wandb_id = self.log.wandb_id
+        self.log.truncate_after(self.state.round)
+
+    def save(self, recipe: Optional[Recipe] = None) -> None:
+        self.state.samplers = {t: s.state_dict() for t, s in self.samplers.items()}
+        self.state.nan_streak = self.guard.streak
+        extra = recipe.state_dict() if hasattr(recipe, "state_dict") else None
+        path = save_checkpoint(self.accelerator, self.config, self.policy, self.optimizer, self.scheduler, self.ema,
+                               self.state, recipe_state=extra)
+        if path:
+            self.accelerator.print(f"[{self.config.recipe}] saved {path}")
+
+    def train(self, recipe: Recipe) -> "Run":
+        """Resume if asked, then round after round: train, evaluate every ``eval.every`` rounds,
+        log, checkpoint every ``save_every`` rounds and at the end."""
+        c, acc = self.config, self.accelerator
+        self.resume(recipe)
+        if self.state.round == 0 and c.eval.every:
+            self.log.log({"round": 0, **recipe.evaluate(0)})
+        last = min(c.train.stop_after_round or c.train.num_rounds, c.train.num_rounds)
+        bar = tqdm(range(self.state.round + 1, last + 1), desc=f"{c.recipe} rounds", initial=self.state.round,
+                   total=c.train.num_rounds, disable=not (acc.is_main_process and c.logging.progress))
+        for round_idx in bar:
+            metrics = self.timed_round(recipe, round_idx)
+            self.state.round = round_idx
+            if c.eval.every and round_idx % c.eval.every == 0:
+                metrics.update(recipe.evaluate(round_idx))
+            self.log.log(metrics)
+            bar.set_postfix(loss=f"{metrics['loss']:.4g}", s_round=f"{metrics['seconds_per_round']:.2f}")
+            if round_idx % c.save_every == 0 or round_idx == last:
+                self.save(recipe)
+        self.log.close()
+        return self
