@@ -1,10 +1,10 @@
 """Performance benchmark of one OPD round: the trainer's own code path, timed and FLOP-counted.
 
-A round here is exactly what ``OPDRun.run_round`` does on one process, minus prompt encoding
-(random text embeddings of the real shapes stand in for T5 / CLIP, which the trainer caches
-per prompt anyway): for each of the three tasks :func:`~diffusion_opd.trainers.opd.distill_batch`
-(student rollout + teacher queries + backward) under the trainer's accelerator autocast, then
-``OPDRun.update`` itself (clip, AdamW step, EMA). The geometry comes from ``config/opd.py:mopd``.
+A round here is the trainer's own ``OPD.round`` on a real ``Run`` object, on one process, minus
+prompt encoding (random text embeddings of the real shapes stand in for T5 / CLIP, which the
+trainer caches per prompt anyway): for each of the three tasks the student rollout, teacher
+queries and backward under the trainer's accelerate autocast, then ``Run.optimizer_step``
+(clip, AdamW step, EMA). The geometry comes from ``config/opd.py:mopd``.
 
 ``scripts/benchmark.py`` is the command line; it runs every variant (:data:`VARIANTS`) in a
 fresh process through :func:`run_variant` so memory peaks and accelerate's global state do

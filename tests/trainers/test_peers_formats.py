@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 
 from diffusion_opd.config import ConfigError, load_config
 from diffusion_opd.models.base import STUDENT
-from diffusion_opd.trainers.opd import OPDRun, train
+from diffusion_opd.trainers.opd import train
+from diffusion_opd.trainers.run import Run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(ROOT, "config", "opd.py") + ":tiny_mopd"
@@ -66,7 +67,7 @@ def test_student_init_starts_from_that_adapter_exactly(finished_run, tmp_path, l
     _, ckpt = finished_run
     saved = load_file(os.path.join(ckpt, "student_raw.safetensors"))
     source = os.path.join(ckpt, "lora") if layout == "peft" else ckpt  # round-N/ holds the diffusers file
-    run = OPDRun(tiny(tmp_path / "cont", f"model.student_init={source}"))
+    run = Run(tiny(tmp_path / "cont", f"model.student_init={source}"))
     state = run.policy.student_state_dict()
     assert state.keys() == saved.keys()
     assert all(torch.equal(state[k], saved[k]) for k in saved)
@@ -76,7 +77,7 @@ def test_student_init_takes_rank_alpha_targets_from_the_adapter(finished_run, tm
     run, _ = finished_run
     teacher = os.path.join(os.path.dirname(run.config.output_dir), "run", "builtin", "teacher-1")
     # teacher-1: PEFT, rank 8, alpha 16, q/k/v/out only (tiny_mopd's student: rank 8, alpha 8, 8 targets)
-    started = OPDRun(tiny(tmp_path / "t", f"model.student_init={teacher}", "lora.alpha=16",
+    started = Run(tiny(tmp_path / "t", f"model.student_init={teacher}", "lora.alpha=16",
                           "lora.target_modules=attn.to_q,attn.to_k,attn.to_v,attn.to_out.0"))
     cfg = started.policy.student_lora_config()
     assert (cfg.r, cfg.lora_alpha) == (8, 16)
@@ -87,11 +88,11 @@ def test_student_init_takes_rank_alpha_targets_from_the_adapter(finished_run, tm
                                    started.policy.velocity(latents, sigma, embeds, "teacher_a"), rtol=0, atol=0)
     # tiny_mopd sets lora.alpha=8: a setting that contradicts the adapter is a config error ...
     with pytest.raises(ConfigError, match=r"lora.alpha: conflicts with model.student_init .*alpha 16"):
-        OPDRun(tiny(tmp_path / "c1", f"model.student_init={teacher}"))
+        Run(tiny(tmp_path / "c1", f"model.student_init={teacher}"))
     with pytest.raises(ConfigError, match="lora.init: .*no effect with model.student_init"):
-        OPDRun(tiny(tmp_path / "c2", f"model.student_init={teacher}", "lora.init=false"))
+        Run(tiny(tmp_path / "c2", f"model.student_init={teacher}", "lora.init=false"))
     with pytest.raises(ConfigError, match="model.student_init: .*no LoRA weights"):
-        OPDRun(tiny(tmp_path / "c3", f"model.student_init={tmp_path}"))
+        Run(tiny(tmp_path / "c3", f"model.student_init={tmp_path}"))
 
 
 # ----------------------------------------------------------------------------- scripts/export.py
