@@ -24,6 +24,8 @@ Generators = Union[torch.Generator, Sequence[torch.Generator], None]
 
 __all__ = [
     "sd3_sigmas",
+    "flux_mu",
+    "flux_sigmas",
     "shift_sigmas",
     "StepResult",
     "std_dev_t",
@@ -57,6 +59,43 @@ def sd3_sigmas(num_steps: int, shift: float = 3.0, num_train_timesteps: int = 10
     sigma_max, sigma_min = train[0].item(), train[-1].item()
     sigmas = torch.linspace(sigma_max, sigma_min, num_steps, dtype=torch.float64)
     sigmas = shift_sigmas(sigmas, shift)
+    return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+def flux_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5,
+            max_shift: float = 1.15) -> float:
+    """FLUX's resolution-dependent log-shift: linear in the number of image tokens,
+    ``mu = base_shift + (max_shift - base_shift) (n - base_seq_len) / (max_seq_len - base_seq_len)``
+    (0.5 at 256 tokens = 256 px, 1.15 at 4096 tokens = 1024 px; 512 px: 1024 tokens, mu 0.63)."""
+    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return base_shift + slope * (image_seq_len - base_seq_len)
+
+
+def flux_sigmas(num_steps: int, image_seq_len: Optional[int] = None, *, shift: Optional[float] = None,
+                base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5,
+                max_shift: float = 1.15) -> torch.Tensor:
+    """The ``num_steps + 1`` sigmas (float64, last one 0) FluxPipeline samples with.
+
+    FluxPipeline hands the scheduler ``linspace(1, 1 / N, N)`` and, with dynamic shifting, the
+    scheduler maps each sigma through the exponential time shift
+    ``e^mu / (e^mu + (1 / s - 1))`` with ``mu = flux_mu(image_seq_len)`` — which is exactly the
+    SD3 shift :func:`shift_sigmas` with ``shift = e^mu``. ``image_seq_len`` is the number of
+    packed latent tokens, ``(H / 16) * (W / 16)``. Passing ``shift`` instead applies that static
+    shift (a FLUX scheduler without dynamic shifting, or a user's choice).
+    Equal to ``FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, ...)`` after
+    ``set_timesteps(sigmas=linspace(1, 1 / N, N), mu=mu)`` up to its float32 rounding.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if (image_seq_len is None) == (shift is None):
+        raise ValueError("pass exactly one of image_seq_len (dynamic shift) and shift (static shift)")
+    if shift is None:
+        if image_seq_len < 1:
+            raise ValueError(f"image_seq_len must be >= 1, got {image_seq_len}")
+        shift = math.exp(flux_mu(image_seq_len, base_seq_len, max_seq_len, base_shift, max_shift))
+    if shift <= 0:
+        raise ValueError(f"shift must be > 0, got {shift}")
+    sigmas = shift_sigmas(torch.linspace(1.0, 1.0 / num_steps, num_steps, dtype=torch.float64), shift)
     return torch.cat([sigmas, sigmas.new_zeros(1)])
 
 

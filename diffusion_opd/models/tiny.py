@@ -1,8 +1,9 @@
-"""Random SD3 models of the real architecture, built offline in code (tests, CPU smoke runs, GPU
-benchmarks). Nothing here downloads anything.
+"""Random SD3 and FLUX models of the real architectures, built offline in code (tests, CPU smoke
+runs, GPU benchmarks). Nothing here downloads anything.
 
-* :func:`build_tiny_sd3` writes a complete ``StableDiffusion3Pipeline`` folder (every component
-  of the real pipeline, a few hundred kB of random weights) in about a second.
+* :func:`build_tiny_sd3` / :func:`build_tiny_flux` write a complete ``StableDiffusion3Pipeline`` /
+  ``FluxPipeline`` folder (every component of the real pipeline, a few hundred kB of random
+  weights) in about a second.
 * :func:`write_random_teacher_lora` writes a random LoRA adapter for such a folder, in PEFT or
   diffusers format, strong enough that its velocities clearly differ from the base model's.
 * :func:`sd35_medium_transformer_config` / :func:`build_random_transformer`: the SD3.5-Medium
@@ -19,7 +20,10 @@ import torch
 
 __all__ = [
     "TINY_TRANSFORMER_CONFIG",
+    "TINY_FLUX_TRANSFORMER_CONFIG",
+    "FLUX_SCHEDULER_CONFIG",
     "build_tiny_sd3",
+    "build_tiny_flux",
     "write_random_teacher_lora",
     "TINY_BUILDERS",
     "sd35_medium_transformer_config",
@@ -45,6 +49,26 @@ TINY_TRANSFORMER_CONFIG = dict(
     qk_norm="rms_norm",
 )
 _CLIP_WIDTH = 32  # hidden and projection width of each tiny CLIP; 2 x 32 = pooled_projection_dim
+
+# FLUX.1-dev's structure at tiny widths: 64 input channels (2x2 patches of the 16-channel latent),
+# a double-stream then two single-stream blocks, the guidance embedding of the distilled model;
+# the rotary axes (index, row, column) must add up to the head dim. pooled_projection_dim is the
+# CLIP width, joint_attention_dim the T5 width.
+TINY_FLUX_TRANSFORMER_CONFIG = dict(
+    patch_size=1,
+    in_channels=64,
+    num_layers=1,
+    num_single_layers=2,
+    attention_head_dim=8,
+    num_attention_heads=4,
+    joint_attention_dim=64,
+    pooled_projection_dim=_CLIP_WIDTH,
+    guidance_embeds=True,
+    axes_dims_rope=(2, 2, 4),
+)
+# black-forest-labs/FLUX.1-dev's scheduler/scheduler_config.json (the dynamic, resolution-dependent shift).
+FLUX_SCHEDULER_CONFIG = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                             base_image_seq_len=256, max_image_seq_len=4096)
 
 # Word pieces of the tiny T5 vocabulary: letters and digits make every ASCII prompt encodable,
 # a few whole words make common prompts short. Scores are Unigram log-probabilities.
@@ -133,20 +157,12 @@ def _t5_tokenizer():
     return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=512)
 
 
-def build_tiny_sd3(directory: str, seed: int = 0) -> str:
-    """Write a random tiny ``StableDiffusion3Pipeline`` to ``directory`` and return the path.
+def _tiny_vae(scaling_factor: float, shift_factor: float):
+    """A 4-level (x8) AutoencoderKL with 16 latent channels and the family's latent constants,
+    so decode() applies the real transform."""
+    from diffusers import AutoencoderKL
 
-    The folder has the layout of the Hub repo (model_index.json, transformer/, vae/, three text
-    encoders and tokenizers, scheduler/), so every loading path of the real model runs on it.
-    64 px images give 8x8 latents; ``pos_embed_max_size`` allows up to 512 px.
-    """
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-    from diffusers import StableDiffusion3Pipeline
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
-
-    torch.manual_seed(seed)
-    transformer = SD3Transformer2DModel(**TINY_TRANSFORMER_CONFIG)
-    vae = AutoencoderKL(
+    return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
@@ -156,37 +172,68 @@ def build_tiny_sd3(directory: str, seed: int = 0) -> str:
         norm_num_groups=4,
         latent_channels=16,
         sample_size=64,
-        scaling_factor=1.5305,  # SD3's VAE constants, so decode() applies the real transform
-        shift_factor=0.0609,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
         use_quant_conv=False,
         use_post_quant_conv=False,
     )
-    clip_tok = _clip_tokenizer()
-    clip_cfg = CLIPTextConfig(
-        vocab_size=len(clip_tok),
+
+
+def _clip_config(tokenizer):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
         hidden_size=_CLIP_WIDTH,
         intermediate_size=2 * _CLIP_WIDTH,
         num_hidden_layers=2,
         num_attention_heads=4,
         projection_dim=_CLIP_WIDTH,
         max_position_embeddings=77,
-        bos_token_id=clip_tok.bos_token_id,
-        eos_token_id=clip_tok.eos_token_id,
-        pad_token_id=clip_tok.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
-    t5_tok = _t5_tokenizer()
-    t5_cfg = T5Config(
-        vocab_size=len(t5_tok),
-        d_model=TINY_TRANSFORMER_CONFIG["joint_attention_dim"],
+
+
+def _t5_config(tokenizer, width: int):
+    from transformers import T5Config
+
+    return T5Config(
+        vocab_size=len(tokenizer),
+        d_model=width,
         d_kv=8,
         d_ff=64,
         num_layers=2,
         num_heads=4,
         relative_attention_num_buckets=8,
-        pad_token_id=t5_tok.pad_token_id,
-        eos_token_id=t5_tok.eos_token_id,
-        decoder_start_token_id=t5_tok.pad_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
     )
+
+
+def _save(pipe, directory: str) -> str:
+    os.makedirs(directory, exist_ok=True)
+    pipe.save_pretrained(directory)
+    return str(directory)
+
+
+def build_tiny_sd3(directory: str, seed: int = 0) -> str:
+    """Write a random tiny ``StableDiffusion3Pipeline`` to ``directory`` and return the path.
+
+    The folder has the layout of the Hub repo (model_index.json, transformer/, vae/, three text
+    encoders and tokenizers, scheduler/), so every loading path of the real model runs on it.
+    64 px images give 8x8 latents; ``pos_embed_max_size`` allows up to 512 px.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(**TINY_TRANSFORMER_CONFIG)
+    vae = _tiny_vae(scaling_factor=1.5305, shift_factor=0.0609)  # SD3's VAE constants
+    clip_tok, t5_tok = _clip_tokenizer(), _t5_tokenizer()
+    clip_cfg = _clip_config(clip_tok)
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
@@ -195,12 +242,37 @@ def build_tiny_sd3(directory: str, seed: int = 0) -> str:
         tokenizer=clip_tok,
         text_encoder_2=CLIPTextModelWithProjection(clip_cfg),
         tokenizer_2=_clip_tokenizer(),
-        text_encoder_3=T5EncoderModel(t5_cfg),
+        text_encoder_3=T5EncoderModel(_t5_config(t5_tok, TINY_TRANSFORMER_CONFIG["joint_attention_dim"])),
         tokenizer_3=t5_tok,
     )
-    os.makedirs(directory, exist_ok=True)
-    pipe.save_pretrained(directory)
-    return str(directory)
+    return _save(pipe, directory)
+
+
+def build_tiny_flux(directory: str, seed: int = 0) -> str:
+    """Write a random tiny ``FluxPipeline`` to ``directory`` and return the path.
+
+    The layout of black-forest-labs/FLUX.1-dev (transformer/, vae/, CLIP text_encoder + T5
+    text_encoder_2 and their tokenizers, scheduler/ with FLUX.1-dev's dynamic-shift settings),
+    FLUX.1-dev's block structure (double- then single-stream blocks, guidance embedding, rotary
+    positions) and its VAE constants, at tiny widths. 64 px images: 16x8x8 latents, 16 tokens.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(**TINY_FLUX_TRANSFORMER_CONFIG)
+    vae = _tiny_vae(scaling_factor=0.3611, shift_factor=0.1159)  # FLUX.1's VAE constants
+    clip_tok, t5_tok = _clip_tokenizer(), _t5_tokenizer()
+    pipe = FluxPipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG),
+        vae=vae,
+        text_encoder=CLIPTextModel(_clip_config(clip_tok)),
+        tokenizer=clip_tok,
+        text_encoder_2=T5EncoderModel(_t5_config(t5_tok, TINY_FLUX_TRANSFORMER_CONFIG["joint_attention_dim"])),
+        tokenizer_2=t5_tok,
+    )
+    return _save(pipe, directory)
 
 
 def _transformer_class(pipeline_dir: str) -> str:
@@ -281,4 +353,4 @@ def _build_random_toy(directory: str, seed: int = 0) -> str:
     return build_random_toy(directory, seed=seed)
 
 
-TINY_BUILDERS = {"tiny-sd3": build_tiny_sd3, "toy": _build_random_toy}
+TINY_BUILDERS = {"tiny-sd3": build_tiny_sd3, "tiny-flux": build_tiny_flux, "toy": _build_random_toy}
