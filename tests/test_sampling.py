@@ -5,7 +5,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from diffusion_opd.sampling import gaussian_log_prob, sd3_sigmas, sde_step, transition_mean_std
+from diffusion_opd.sampling import flux_mu, flux_sigmas, gaussian_log_prob, sd3_sigmas, sde_step, transition_mean_std
 
 
 @pytest.mark.parametrize("num_steps", [1, 10, 40])
@@ -17,6 +17,37 @@ def test_sigmas_equal_diffusers(num_steps):
     assert ours[-1] == 0 and ours[0] == 1
     # diffusers computes in float32; agreement to float32 rounding
     torch.testing.assert_close(ours.float(), scheduler.sigmas.float(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("num_steps", [1, 4, 10, 28])
+@pytest.mark.parametrize("resolution", [64, 256, 512, 1024, 1360])
+def test_flux_sigmas_equal_diffusers_dynamic_shift(num_steps, resolution):
+    """FluxPipeline's schedule: its sigmas linspace(1, 1/N, N) through the scheduler's dynamic
+    (exponential) shift with mu from the image's token count (FLUX.1-dev's scheduler config)."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    from diffusion_opd.models.tiny import FLUX_SCHEDULER_CONFIG
+
+    tokens = (resolution // 16) ** 2
+    scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG)
+    mu = calculate_shift(tokens, 256, 4096, 0.5, 1.15)
+    assert flux_mu(tokens) == pytest.approx(mu, rel=1e-12)
+    scheduler.set_timesteps(num_steps, sigmas=list(torch.linspace(1.0, 1.0 / num_steps, num_steps).numpy()), mu=mu)
+    ours = flux_sigmas(num_steps, tokens)
+    assert ours.shape == (num_steps + 1,) and ours[0] == 1 and ours[-1] == 0
+    # diffusers computes in float32: agreement to float32 rounding
+    torch.testing.assert_close(ours.float(), scheduler.sigmas, rtol=0, atol=1e-6)
+    # a static shift is the same curve with shift = e^mu
+    torch.testing.assert_close(flux_sigmas(num_steps, shift=math.exp(mu)), ours, rtol=0, atol=1e-12)
+
+
+def test_flux_sigmas_arguments():
+    with pytest.raises(ValueError, match="exactly one of image_seq_len"):
+        flux_sigmas(4)
+    with pytest.raises(ValueError, match="num_steps must be >= 1"):
+        flux_sigmas(0, 16)
+    # larger images are shifted further toward noise (the point of the dynamic shift)
+    assert (flux_sigmas(10, 4096)[1:-1] > flux_sigmas(10, 1024)[1:-1]).all()
 
 
 def test_sigmas_match_reference_values():

@@ -1,4 +1,6 @@
-"""SD3 policy back end on the tiny random pipeline (CPU, fp32)."""
+"""The policy contract on every model family's tiny random pipeline (CPU, fp32): tests that take
+``tiny_family`` run once for SD3 and once for FLUX (tests/conftest.py); the rest check
+family-independent argument handling on SD3."""
 import os
 import random
 
@@ -31,9 +33,9 @@ def _rel(a, b):
 
 
 @pytest.fixture(scope="module")
-def policy(tiny_sd3_dir, tiny_teacher_dirs):
+def policy(tiny_family):
     """Read-only policy: perturbed student + PEFT teacher 'gen' + diffusers teacher 'ocr'."""
-    pol = build_policy(tiny_sd3_dir, teachers=_teachers(tiny_teacher_dirs))
+    pol = build_policy(tiny_family.dir, teachers=_teachers(tiny_family.teachers))
     _perturb_student(pol)
     return pol
 
@@ -93,10 +95,10 @@ def _broken_copy(src, dst, edit):
     return str(dst)
 
 
-def test_mismatched_teacher_adapter_names_teacher_and_module(tiny_sd3_dir, tiny_teacher_dirs, tmp_path):
+def test_mismatched_teacher_adapter_names_teacher_and_module(tiny_family, tmp_path):
     key = "base_model.model.transformer_blocks.1.attn.to_k.lora_A.weight"
 
-    def rename(sd):  # a module the tiny transformer does not have (it has 2 blocks)
+    def rename(sd):  # a module the tiny transformer does not have (it has 2 blocks of a kind)
         sd = dict(sd)
         sd[key.replace("blocks.1", "blocks.7")] = sd.pop(key)
         sd[key.replace("blocks.1", "blocks.7").replace("lora_A", "lora_B")] = sd.pop(key.replace("lora_A", "lora_B"))
@@ -107,11 +109,14 @@ def test_mismatched_teacher_adapter_names_teacher_and_module(tiny_sd3_dir, tiny_
         sd[key] = torch.zeros(sd[key].shape[0], 48)
         return sd
 
-    for name, edit, detail in [("missing", rename, "transformer_blocks.7.attn.to_k' does not exist"),
-                               ("wide", widen, "transformer_blocks.1.attn.to_k' is Linear(32 -> 32)")]:
-        folder = _broken_copy(tiny_teacher_dirs["peft"], tmp_path / name, edit)
+    if tiny_family.name == "flux":  # one double-stream block: adapt a single-stream block's to_k instead
+        key = "base_model.model.single_transformer_blocks.1.attn.to_k.lora_A.weight"
+    block = key.split(".")[2]
+    for name, edit, detail in [("missing", rename, f"{block}.7.attn.to_k' does not exist"),
+                               ("wide", widen, f"{block}.1.attn.to_k' is Linear(32 -> 32)")]:
+        folder = _broken_copy(tiny_family.teachers["peft"], tmp_path / name, edit)
         with pytest.raises(AdapterMismatchError) as err:
-            build_policy(tiny_sd3_dir, teachers=[dict(name=f"t_{name}", path=folder)])
+            build_policy(tiny_family.dir, teachers=[dict(name=f"t_{name}", path=folder)])
         assert f"teacher 't_{name}'" in str(err.value) and detail in str(err.value)
 
 
@@ -121,12 +126,10 @@ def test_folder_without_adapter_weights_lists_what_it_expected(tiny_sd3_dir, tmp
 
 
 # ------------------------------------------------------------------ prompts
-def test_prompt_embeddings_are_cached_and_match_the_pipeline(tiny_sd3_dir):
-    from diffusers import StableDiffusion3Pipeline
-
-    pol = build_policy(tiny_sd3_dir, max_sequence_length=32, max_cached_prompts=2)
+def test_prompt_embeddings_are_cached_and_match_the_pipeline(tiny_family):
+    pol = build_policy(tiny_family.dir, max_sequence_length=32, max_cached_prompts=2)
     t5_calls = []
-    pol._text_pipeline().text_encoder_3.register_forward_hook(lambda m, i, o: t5_calls.append(i[0].shape[0]))
+    getattr(pol._text_pipeline(), tiny_family.t5).register_forward_hook(lambda m, i, o: t5_calls.append(i[0].shape[0]))
     first = pol.encode_prompts(PROMPTS[:2])
     assert t5_calls == [3]  # the two prompts and the empty prompt, in one forward
     again = pol.encode_prompts([PROMPTS[1], PROMPTS[2], PROMPTS[1]])
@@ -137,10 +140,12 @@ def test_prompt_embeddings_are_cached_and_match_the_pipeline(tiny_sd3_dir):
     assert t5_calls == [3, 1]  # still cached
     pol.encode_prompts([PROMPTS[0]])
     assert t5_calls == [3, 1, 1]  # the least recently used prompt was evicted (cache of 2)
-    assert first.cond["prompt_embeds"].shape == (2, 77 + 32, 64) and first.uncond["prompt_embeds"].shape == (1, 109, 64)
+    tokens = 77 + 32 if tiny_family.name == "sd3" else 32  # SD3 puts CLIP's 77 tokens before T5's; FLUX only T5
+    assert first.cond["prompt_embeds"].shape == (2, tokens, 64) and first.uncond["prompt_embeds"].shape == (1, tokens, 64)
 
-    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_dir, transformer=None, vae=None)
-    emb, neg, pooled, neg_pooled = pipe.encode_prompt(PROMPTS[:2], None, None, max_sequence_length=32)
+    pipe = tiny_family.pipeline_class.from_pretrained(tiny_family.dir, transformer=None, vae=None)
+    emb, pooled = tiny_family.reference_encode(pipe, PROMPTS[:2], 32)
+    neg, neg_pooled = tiny_family.reference_encode(pipe, [""], 32)
     # The pipeline encodes 2 rows where we encoded 3 (with the empty prompt): the encoders' fp32
     # GEMMs may sum in another order, ~1e-7 relative on values of order 1.
     tol = dict(rtol=0, atol=1e-5)
@@ -152,14 +157,15 @@ def test_prompt_embeddings_are_cached_and_match_the_pipeline(tiny_sd3_dir):
 
 
 # ------------------------------------------------------------------ velocities
-def test_velocity_is_the_transformer_at_timestep_1000_sigma(policy, batch):
+def test_velocity_is_the_transformer_called_as_the_pipeline_calls_it(policy, batch, tiny_family):
     x, embeds = batch
-    v = policy.velocity(x, 0.6, embeds, STUDENT, guidance_scale=1.0)
+    g = tiny_family.guidance  # SD3: 1 (no CFG); FLUX: 3.5 into the guidance embedding, one forward
+    v = policy.velocity(x, 0.6, embeds, STUDENT, guidance_scale=g)
     with torch.no_grad():
-        ref = policy.transformer(hidden_states=x, timestep=torch.full((3,), 600.0),
-                                 encoder_hidden_states=embeds.cond["prompt_embeds"],
-                                 pooled_projections=embeds.cond["pooled_prompt_embeds"], return_dict=False)[0]
+        ref = tiny_family.reference_forward(policy.transformer, x, 0.6, embeds.cond, g)
     assert torch.equal(v, ref)
+    if tiny_family.name == "flux":  # the embedding really gets the scale
+        assert _rel(policy.velocity(x, 0.6, embeds, STUDENT, 1.0), v) > 0.01
     # a per-sample sigma tensor: row i equals the call with that row's float sigma
     sig = torch.tensor([0.9, 0.5, 0.1])
     v_rows = policy.velocity(x, sig, embeds, STUDENT, 4.5)
@@ -169,8 +175,18 @@ def test_velocity_is_the_transformer_at_timestep_1000_sigma(policy, batch):
         torch.testing.assert_close(v_rows[i:i + 1], vi, rtol=0, atol=1e-5)
 
 
-def test_batched_cfg_equals_two_separate_forwards(policy, batch):
-    x, embeds = batch
+@pytest.fixture(scope="module")
+def cfg_policy(policy, tiny_family):
+    """The policy with classifier-free guidance (FLUX: true CFG, embedding fixed at 1)."""
+    if tiny_family.name == "sd3":
+        return policy
+    pol = build_policy(tiny_family.dir, teachers=_teachers(tiny_family.teachers), guidance="true_cfg")
+    pol.load_student_state_dict(policy.student_state_dict())
+    return pol
+
+
+def test_batched_cfg_equals_two_separate_forwards(cfg_policy, batch):
+    policy, (x, embeds) = cfg_policy, batch
     g = 4.5
     uncond = PromptEmbeds(PROMPTS, {k: v.expand(3, *v.shape[1:]) for k, v in embeds.uncond.items()}, embeds.uncond)
     for adapter in (STUDENT, "gen", "ocr", BASE):
@@ -183,9 +199,9 @@ def test_batched_cfg_equals_two_separate_forwards(policy, batch):
         assert _rel(v, v_c) > 0.01  # guidance really changes the velocity
 
 
-def test_student_and_teachers_predict_different_velocities(tiny_sd3_dir, tiny_teacher_dirs, batch):
+def test_student_and_teachers_predict_different_velocities(tiny_family, batch):
     x, _ = batch
-    pol = build_policy(tiny_sd3_dir, teachers=_teachers(tiny_teacher_dirs))
+    pol = build_policy(tiny_family.dir, teachers=_teachers(tiny_family.teachers))
     embeds = batch[1]  # same pipeline folder, same text embeddings
     v = {a: pol.velocity(x, 0.5, embeds, a, 1.0) for a in (STUDENT, BASE, "gen", "ocr")}
     assert torch.equal(v[STUDENT], v[BASE])  # fresh student LoRA: B = 0, exactly the base model
@@ -194,51 +210,48 @@ def test_student_and_teachers_predict_different_velocities(tiny_sd3_dir, tiny_te
     assert _rel(v["gen"], v["ocr"]) > 0.1
 
 
-def test_teacher_formats_match_reference_loaders(policy, batch, tiny_sd3_dir, tiny_teacher_dirs):
+def test_teacher_formats_match_reference_loaders(policy, batch, tiny_family):
     """Our PEFT / diffusers readers give the velocities of peft's and diffusers' own loaders."""
-    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
     from peft import PeftModel
 
     x, embeds = batch
-    kw = dict(hidden_states=x, timestep=torch.full((3,), 300.0), encoder_hidden_states=embeds.cond["prompt_embeds"],
-              pooled_projections=embeds.cond["pooled_prompt_embeds"], return_dict=False)
-    peft_ref = PeftModel.from_pretrained(
-        SD3Transformer2DModel.from_pretrained(tiny_sd3_dir, subfolder="transformer"), tiny_teacher_dirs["peft"])
-    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_dir, text_encoder=None, text_encoder_2=None,
-                                                    text_encoder_3=None, vae=None)
-    pipe.load_lora_weights(tiny_teacher_dirs["diffusers"])
+    g = tiny_family.guidance
+    pipe = tiny_family.pipeline_class.from_pretrained(tiny_family.dir, **tiny_family.no_text_kwargs())
+    peft_ref = PeftModel.from_pretrained(type(pipe.transformer).from_pretrained(tiny_family.dir, subfolder="transformer"),
+                                         tiny_family.teachers["peft"])
+    pipe.load_lora_weights(tiny_family.teachers["diffusers"])
     with torch.no_grad():
-        refs = {"gen": peft_ref(**kw)[0], "ocr": pipe.transformer(**kw)[0]}
+        refs = {name: tiny_family.reference_forward(model, x, 0.3, embeds.cond, g)
+                for name, model in (("gen", peft_ref), ("ocr", pipe.transformer))}
     for name, ref in refs.items():
         # same modules and weights; only the order of a few fp32 additions may differ
-        torch.testing.assert_close(policy.velocity(x, 0.3, embeds, name, 1.0), ref, rtol=0, atol=1e-5)
+        torch.testing.assert_close(policy.velocity(x, 0.3, embeds, name, g), ref, rtol=0, atol=1e-5)
 
 
-def test_full_transformer_teacher(tiny_sd3_dir, tmp_path, batch):
-    from diffusers import SD3Transformer2DModel
+def test_full_transformer_teacher(tiny_family, tmp_path, batch):
+    import diffusers
 
     x, _ = batch
-    full = SD3Transformer2DModel.from_pretrained(tiny_sd3_dir, subfolder="transformer")
+    cls = getattr(diffusers, "SD3Transformer2DModel" if tiny_family.name == "sd3" else "FluxTransformer2DModel")
+    full = cls.from_pretrained(tiny_family.dir, subfolder="transformer")
     with torch.no_grad():
         for p in full.parameters():
             p.mul_(1.05)
     full.save_pretrained(tmp_path / "full")
-    pol = build_policy(tiny_sd3_dir, teachers=[dict(name="aes", path=str(tmp_path / "full"), kind="transformer")])
-    embeds = batch[1]  # same pipeline folder, same text embeddings
-    v = pol.velocity(x, 0.4, embeds, "aes", 1.0)
+    pol = build_policy(tiny_family.dir, teachers=[dict(name="aes", path=str(tmp_path / "full"), kind="transformer")])
+    embeds, g = batch[1], tiny_family.guidance  # same pipeline folder, same text embeddings
+    v = pol.velocity(x, 0.4, embeds, "aes", g)
     with torch.no_grad():
-        ref = full(hidden_states=x, timestep=torch.full((3,), 400.0),
-                   encoder_hidden_states=embeds.cond["prompt_embeds"],
-                   pooled_projections=embeds.cond["pooled_prompt_embeds"], return_dict=False)[0]
-    assert torch.equal(v, ref) and _rel(v, pol.velocity(x, 0.4, embeds, BASE, 1.0)) > 0.01
+        ref = tiny_family.reference_forward(full, x, 0.4, embeds.cond, g)
+    assert torch.equal(v, ref) and _rel(v, pol.velocity(x, 0.4, embeds, BASE, g)) > 0.01
     trainable = {id(p) for p in pol.trainable_parameters()}
     assert trainable == {id(p) for m in (pol.transformer,) for p in m.parameters() if p.requires_grad}
     assert not any(p.requires_grad for p in pol._full_teachers["aes"].parameters())
 
-    narrow = SD3Transformer2DModel(**{**full.config, "joint_attention_dim": 48})
+    narrow = cls.from_config({**full.config, "joint_attention_dim": 48})
     narrow.save_pretrained(tmp_path / "narrow")
     with pytest.raises(AdapterMismatchError, match="teacher 'bad'.*joint_attention_dim=48"):
-        build_policy(tiny_sd3_dir, teachers=[dict(name="bad", path=str(tmp_path / "narrow"), kind="transformer")])
+        build_policy(tiny_family.dir, teachers=[dict(name="bad", path=str(tmp_path / "narrow"), kind="transformer")])
 
 
 def test_velocity_rejects_unknown_adapter(policy, batch):
@@ -278,9 +291,9 @@ def test_random_adapter_switches_leave_only_the_student_trainable(policy, batch)
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_teacher_forward_leaves_student_grad_bit_identical(tiny_sd3_dir, tiny_teacher_dirs, batch, checkpointing):
+def test_teacher_forward_leaves_student_grad_bit_identical(tiny_family, batch, checkpointing):
     x = batch[0][:, :, :4, :4]  # 32 px: the gradient bookkeeping does not depend on the size
-    pol = build_policy(tiny_sd3_dir, teachers=_teachers(tiny_teacher_dirs), gradient_checkpointing=checkpointing)
+    pol = build_policy(tiny_family.dir, teachers=_teachers(tiny_family.teachers), gradient_checkpointing=checkpointing)
     _perturb_student(pol)
     embeds = batch[1]  # same pipeline folder, same text embeddings
     params = pol.trainable_parameters()
@@ -290,9 +303,9 @@ def test_teacher_forward_leaves_student_grad_bit_identical(tiny_sd3_dir, tiny_te
 
     student_loss().backward()
     grads = [p.grad.clone() for p in params]
-    # every LoRA matrix gets a gradient except the last block's add_q_proj A and B: that block
-    # is context_pre_only, so its text-token queries feed no output
-    assert sum(bool(g.abs().sum() > 0) for g in grads) == len(grads) - 2
+    # every LoRA matrix gets a gradient except, in SD3, the last block's add_q_proj A and B: that
+    # block is context_pre_only, so its text-token queries feed no output (FLUX: none unused)
+    assert sum(bool(g.abs().sum() > 0) for g in grads) == len(grads) - tiny_family.dead_lora_matrices
     with torch.no_grad():
         for adapter in ("gen", "ocr", BASE):
             pol.velocity(x, 0.5, embeds, adapter, 4.5)
@@ -309,7 +322,7 @@ def test_teacher_forward_leaves_student_grad_bit_identical(tiny_sd3_dir, tiny_te
     assert all(torch.equal(p.grad, g) for p, g in zip(params, grads))
 
 
-def test_grad_forwards_go_through_the_wrapped_student_module(tiny_sd3_dir, batch):
+def test_grad_forwards_go_through_the_wrapped_student_module(tiny_family, batch):
     class Wrapper(torch.nn.Module):  # stands in for DDP: a module that forwards to the transformer
         def __init__(self, inner):
             super().__init__()
@@ -320,7 +333,7 @@ def test_grad_forwards_go_through_the_wrapped_student_module(tiny_sd3_dir, batch
             return self.inner(**kwargs)
 
     x = batch[0][:, :, :4, :4]
-    pol = build_policy(tiny_sd3_dir)
+    pol = build_policy(tiny_family.dir)
     embeds = batch[1]  # same pipeline folder, same text embeddings
     wrapper = Wrapper(pol.transformer)
     pol.set_student_module(wrapper)
@@ -340,15 +353,15 @@ def _images(pipe, seeds=(1, 2, 3)):
                 generator=gens, output_type="np").images
 
 
-def test_saved_student_loads_in_a_fresh_pipeline_with_identical_images(policy, tiny_sd3_dir, tmp_path):
-    from diffusers import StableDiffusion3Pipeline
+def test_saved_student_loads_in_a_fresh_pipeline_with_identical_images(policy, tiny_family, tmp_path):
     from peft.utils import get_peft_model_state_dict
 
+    pipeline, folder = tiny_family.pipeline_class, tiny_family.dir
     policy.save_student(str(tmp_path / "lora"))
     assert os.listdir(tmp_path / "lora") == ["pytorch_lora_weights.safetensors"]
-    fresh = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_dir)
-    fresh.load_lora_weights(str(tmp_path / "lora"))
-    ours = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_dir, transformer=policy.transformer)
+    fresh = pipeline.from_pretrained(folder)
+    fresh.load_lora_weights(str(tmp_path / "lora"))  # StableDiffusion3Pipeline / FluxPipeline's own loader
+    ours = pipeline.from_pretrained(folder, transformer=policy.transformer)
     expected = _images(ours)
     assert np.array_equal(_images(fresh), expected)
     fresh.disable_lora()  # the LoRA really matters: without it the images differ
@@ -357,8 +370,7 @@ def test_saved_student_loads_in_a_fresh_pipeline_with_identical_images(policy, t
     # An explicit state (e.g. the EMA) is what gets written.
     state = {k: v * 0.5 for k, v in policy.student_state_dict().items()}
     policy.save_student(str(tmp_path / "ema"), state=state)
-    other = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_dir, text_encoder=None, text_encoder_2=None,
-                                                     text_encoder_3=None, vae=None)
+    other = pipeline.from_pretrained(folder, **tiny_family.no_text_kwargs())
     other.load_lora_weights(str(tmp_path / "ema"), adapter_name="ema")
     loaded = get_peft_model_state_dict(other.transformer, adapter_name="ema")
     assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
@@ -366,13 +378,13 @@ def test_saved_student_loads_in_a_fresh_pipeline_with_identical_images(policy, t
 
     # Merged into a full pipeline folder: the same images up to the round-off of W + s B A.
     policy.save_merged_pipeline(str(tmp_path / "merged"))
-    merged = StableDiffusion3Pipeline.from_pretrained(str(tmp_path / "merged"))
+    merged = pipeline.from_pretrained(str(tmp_path / "merged"))
     np.testing.assert_allclose(_images(merged), expected, rtol=0, atol=1e-4)
 
 
-def test_student_state_dict_round_trip(tiny_sd3_dir, batch):
+def test_student_state_dict_round_trip(tiny_family, batch):
     x, _ = batch
-    pol = build_policy(tiny_sd3_dir, lora=dict(rank=4, alpha=8))
+    pol = build_policy(tiny_family.dir, lora=dict(rank=4, alpha=8))
     embeds = batch[1]  # same pipeline folder, same text embeddings
     state = pol.student_state_dict()
     assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in state)
@@ -390,12 +402,15 @@ def test_student_state_dict_round_trip(tiny_sd3_dir, batch):
         pol.load_student_state_dict({k: v for k, v in list(state.items())[1:]})
 
 
-def test_latent_shape_and_decode(policy):
+def test_latent_shape_and_decode(policy, tiny_family):
     assert policy.latent_shape(64) == (16, 8, 8) and policy.latent_shape(512) == (16, 64, 64)
     with pytest.raises(ValueError, match="multiple of 16"):
         policy.latent_shape(72)
-    with pytest.raises(ValueError, match="exceeds"):
-        policy.latent_shape(1024)  # pos_embed_max_size 32 patches x 2 x 8 = 512 px
+    if tiny_family.name == "sd3":
+        with pytest.raises(ValueError, match="exceeds"):
+            policy.latent_shape(1024)  # pos_embed_max_size 32 patches x 2 x 8 = 512 px
+    else:  # rotary positions: any size
+        assert policy.latent_shape(1024) == (16, 128, 128)
     latents = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
     images = policy.decode(latents)
     assert len(images) == 2 and images[0].size == (64, 64)
@@ -404,31 +419,31 @@ def test_latent_shape_and_decode(policy):
     np.testing.assert_allclose(np.asarray(images[0]) / 255.0, pt[0].permute(1, 2, 0).numpy(), atol=1 / 255 + 1e-6)
 
 
-def test_teacher_from_a_repo_layout_subfolder_and_weight_name(tiny_sd3_dir, tiny_teacher_dirs, tmp_path, batch):
+def test_teacher_from_a_repo_layout_subfolder_and_weight_name(tiny_family, tmp_path, batch):
     import shutil
 
     x, _ = batch
     # The layout of quanhaol/DiffusionOPD: <repo>/GenEvalTeacher/lora/<PEFT files>
-    shutil.copytree(tiny_teacher_dirs["peft"], tmp_path / "repo" / "GenEvalTeacher" / "lora")
-    shutil.copy(os.path.join(tiny_teacher_dirs["diffusers"], "pytorch_lora_weights.safetensors"),
+    shutil.copytree(tiny_family.teachers["peft"], tmp_path / "repo" / "GenEvalTeacher" / "lora")
+    shutil.copy(os.path.join(tiny_family.teachers["diffusers"], "pytorch_lora_weights.safetensors"),
                 tmp_path / "repo" / "ocr_step_900.safetensors")
-    pol = build_policy(tiny_sd3_dir, teachers=[
+    pol = build_policy(tiny_family.dir, teachers=[
         dict(name="gen", path=str(tmp_path / "repo"), subfolder="GenEvalTeacher/lora"),
         dict(name="ocr", path=str(tmp_path / "repo"), weight_name="ocr_step_900.safetensors")])
-    ref = build_policy(tiny_sd3_dir, teachers=_teachers(tiny_teacher_dirs))
+    ref = build_policy(tiny_family.dir, teachers=_teachers(tiny_family.teachers))
     embeds = batch[1]
     for name in ("gen", "ocr"):
         assert torch.equal(pol.velocity(x, 0.5, embeds, name), ref.velocity(x, 0.5, embeds, name))
     with pytest.raises(FileNotFoundError, match="has no subfolder 'AesTeacher/lora'"):
-        build_policy(tiny_sd3_dir,
+        build_policy(tiny_family.dir,
                      teachers=[dict(name="aes", path=str(tmp_path / "repo"), subfolder="AesTeacher/lora")])
 
 
-def test_half_precision_backbone_keeps_an_fp32_student(tiny_sd3_dir, tiny_teacher_dirs, batch):
+def test_half_precision_backbone_keeps_an_fp32_student(tiny_family, batch):
     x, _ = batch
     velocities = {}
     for dtype in ("fp32", "bf16"):
-        pol = build_policy(tiny_sd3_dir, dtype=dtype, teachers=_teachers(tiny_teacher_dirs))
+        pol = build_policy(tiny_family.dir, dtype=dtype, teachers=_teachers(tiny_family.teachers))
         _perturb_student(pol)
         embeds = pol.encode_prompts(PROMPTS)
         assert embeds.cond["prompt_embeds"].dtype == pol.dtype
