@@ -1,4 +1,5 @@
-"""The OPD trainer on the tiny SD3 (CPU): it learns, one step per round, invariances, NaN guard."""
+"""The OPD trainer on the tiny SD3 and the tiny FLUX (CPU): it learns, one step per round, invariances,
+NaN guard. Tests taking ``family_config`` run once per model family (tiny_mopd, tiny_flux_mopd)."""
 import os
 
 import pytest
@@ -11,14 +12,17 @@ from diffusion_opd.trainers.run import Run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(ROOT, "config", "opd.py") + ":tiny_mopd"
+FAMILY_CONFIGS = ["tiny_mopd", "tiny_flux_mopd"]  # the same recipe on the tiny SD3 and the tiny FLUX
 
 
-def tiny(tmp_path, *overrides):
-    return load_config(TINY, [f"output_dir={tmp_path}/run", "logging.progress=false", *overrides])
+def tiny(tmp_path, *overrides, name="tiny_mopd"):
+    spec = os.path.join(ROOT, "config", "opd.py") + f":{name}"
+    return load_config(spec, [f"output_dir={tmp_path}/run", "logging.progress=false", *overrides])
 
 
-def test_tiny_mopd_distils_each_task_with_one_step_per_round(tmp_path):
-    config = tiny(tmp_path)
+@pytest.mark.parametrize("family_config", FAMILY_CONFIGS)
+def test_tiny_mopd_distils_each_task_with_one_step_per_round(tmp_path, family_config):
+    config = tiny(tmp_path, name=family_config)
     run = train(config)
     rows = read_metrics(config.output_dir)
     evals = [r for r in rows if "eval/distance/objects" in r]
@@ -36,8 +40,8 @@ def test_tiny_mopd_distils_each_task_with_one_step_per_round(tmp_path):
     assert os.path.isfile(os.path.join(ckpt, "pytorch_lora_weights.safetensors"))
 
 
-def _grads_after_one_round(tmp_path, name, *overrides):
-    run = Run(tiny(tmp_path / name, "eval.every=0", *overrides))
+def _grads_after_one_round(tmp_path, name, *overrides, config_name="tiny_mopd"):
+    run = Run(tiny(tmp_path / name, "eval.every=0", *overrides, name=config_name))
     recipe = OPD(run)
     recipe.round(1)  # one real step so that every LoRA matrix (B starts at 0) has a gradient
     recipe.backward(2, recipe.draw(2))
@@ -50,9 +54,10 @@ def _assert_same(a, b, rtol):
     assert worst < rtol, worst
 
 
-def test_fused_and_two_pass_give_the_same_gradient(tmp_path):
-    fused = _grads_after_one_round(tmp_path, "fused", "train.mode=fused")
-    two_pass = _grads_after_one_round(tmp_path, "two_pass", "train.mode=two_pass")
+@pytest.mark.parametrize("family_config", FAMILY_CONFIGS)
+def test_fused_and_two_pass_give_the_same_gradient(tmp_path, family_config):
+    fused = _grads_after_one_round(tmp_path, "fused", "train.mode=fused", config_name=family_config)
+    two_pass = _grads_after_one_round(tmp_path, "two_pass", "train.mode=two_pass", config_name=family_config)
     # same arithmetic on the same states; fp32 re-association only (observed ~1e-7)
     _assert_same(fused, two_pass, rtol=1e-4)
 
