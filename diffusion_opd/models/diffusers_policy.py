@@ -25,7 +25,12 @@ from .specs import TeacherSpec
 
 __all__ = ["DiffusersPolicy"]
 
-_ENCODE_CHUNK = 32  # prompts per text-encoder forward
+# Prompts are encoded ONE per text-encoder forward: a batched GEMM may sum in another order for
+# another batch size, so an embedding would depend on which prompts shared its batch, and a
+# resumed run (cold cache, other groupings) would drift from the uninterrupted one at fp32
+# round-off (measured on the tiny SD3: LoRA weights no longer bit-identical after resume). Each
+# prompt is encoded once per run (then cached), so the extra forwards cost little.
+_ENCODE_CHUNK = 1
 _TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
 
