@@ -82,7 +82,9 @@ def opd_ppo():
 
 
 CONFIGS = {f.__name__: f for f in (opd, opd_sde, opd_ppo)}
-QUICK = {"opd": 12, "opd_sde": 12, "opd_ppo": 12}  # rounds of the shortened run (tests)
+# The shortened run (scripts/demo.py --quick, the test suite): rounds per config, checkpoint spacing.
+QUICK = {"opd": 12, "opd_sde": 12, "opd_ppo": 12}
+QUICK_SAVE_EVERY = 4
 
 
 def get_config(name="opd"):

@@ -46,3 +46,64 @@ def sample_grid(policy: Policy, adapters: Sequence[str], prompts: Sequence[str],
     return [policy.decode(rollout(policy, embeds, seeds, num_steps=num_steps, noise_level=0.0,
                                   guidance_scale=guidance_scale, resolution=resolution, adapter=a,
                                   keep_states=False).latents) for a in adapters]
+
+
+def gradient_variance(policy: Policy, teachers: dict[str, str], *, trajectories_per_task: int, num_steps: int,
+                      train_steps: int, noise_level: float, guidance_scale: float, reduction: str, seed: int,
+                      resolution: int = 16) -> dict:
+    """Per-trajectory gradients of the OPD objective with the two estimators, on the same trajectories.
+
+    For each task's prompts, ``trajectories_per_task`` student SDE rollouts; on each one the
+    gradient over the student's LoRA parameters of ``sum_j loss_j`` for the first ``train_steps``
+    steps, once with ``opd_kl`` (closed form) and once with ``opd_ppo_surrogate`` (pathwise +
+    score-function term). Returns the squared norms of the two means, the traces of the two
+    covariances, their ratio, and the paired test of equal means: the per-trajectory difference
+    is exactly the score-function term, whose mean ``d`` has ``E||d||^2 = tr Cov / N`` when the
+    expectations agree, so ``z = ||d|| / sqrt(tr Cov / N)`` is about 1 (and >> 1 if they differ).
+    """
+    from ..losses import opd_kl, opd_ppo_surrogate
+    from ..sampling import transition_mean_std
+
+    params = policy.trainable_parameters()
+    grads = {"kl": [], "ppo": []}
+    for t_idx, (task, (_, prompts)) in enumerate(world.TASKS.items()):
+        rows = [prompts[i % len(prompts)] for i in range(trajectories_per_task)]
+        embeds = policy.encode_prompts(rows)
+        per_sample = {k: torch.zeros(len(rows), sum(p.numel() for p in params)) for k in grads}
+
+        def on_step(j, x, sigma, sigma_next, step):
+            with torch.no_grad():
+                v_t = policy.velocity(x, sigma, embeds, teachers[task], guidance_scale)
+            mean_t = transition_mean_std(v_t, x, sigma, sigma_next, noise_level)[0]
+            losses = {"kl": opd_kl(step.mean, mean_t, step.std, reduction),
+                      "ppo": opd_ppo_surrogate(step.mean, mean_t, step.std, step.prev_sample, reduction)}
+            for key, loss in losses.items():
+                for i in range(len(rows)):
+                    g = torch.autograd.grad(loss[i], params, retain_graph=True)
+                    per_sample[key][i] += torch.cat([x.reshape(-1) for x in g])
+
+        rollout(policy, embeds, eval_seeds(t_idx, len(rows), seed + 1), num_steps=num_steps, noise_level=noise_level,
+                guidance_scale=guidance_scale, resolution=resolution, train_steps=range(train_steps),
+                on_step=on_step, keep_states=False)
+        for key in grads:
+            grads[key].append(per_sample[key])
+    g_kl, g_ppo = torch.cat(grads["kl"]).double(), torch.cat(grads["ppo"]).double()
+    n = g_kl.shape[0]
+    diff = g_ppo - g_kl
+    trace_kl, trace_ppo = g_kl.var(0).sum().item(), g_ppo.var(0).sum().item()
+    mean_diff = diff.mean(0).norm().item()
+    return dict(trajectories=n, noise_level=noise_level, steps=train_steps,
+                mean_norm2_kl=g_kl.mean(0).square().sum().item(), mean_norm2_ppo=g_ppo.mean(0).square().sum().item(),
+                trace_kl=trace_kl, trace_ppo=trace_ppo, ratio=trace_ppo / trace_kl,
+                mean_diff_norm=mean_diff, z=mean_diff / (diff.var(0).sum().item() / n) ** 0.5)
+
+
+@torch.no_grad()
+def checkpoint_rewards(policy: Policy, checkpoint: str, **eval_kwargs) -> dict[str, float]:
+    """Task rewards of the student weights saved in a trainer checkpoint folder."""
+    from safetensors.torch import load_file
+
+    import os
+
+    policy.load_student_state_dict(load_file(os.path.join(checkpoint, "student_raw.safetensors")))
+    return task_rewards(policy, STUDENT, **eval_kwargs)
