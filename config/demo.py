@@ -26,8 +26,8 @@ def toy_base(name):
     c.device = "cpu"
     c.cpu_threads = 1  # tiny matrices: threads cost more than they give
     c.model.path = f"{ROOT}/base"
-    c.lora.rank = 8
-    c.lora.alpha = 16
+    c.lora.rank = 16
+    c.lora.alpha = 32
     c.lora.target_modules = ("cond_proj", "in_proj", "mod", "fc1", "fc2", "out_proj")
     c.sample.num_steps = 10
     c.sample.noise_level = 0.0
@@ -59,8 +59,8 @@ def opd():
     c.tasks = _tasks()
     c.train.batch_size = 8
     c.train.num_train_steps = 9
-    c.train.num_rounds = 60
-    c.train.learning_rate = 3e-3
+    c.train.num_rounds = 100
+    c.train.learning_rate = 5e-3
     return c
 
 
