@@ -68,9 +68,9 @@ def test_base_pretraining_is_deterministic_and_learns(tmp_path):
 
     from diffusion_opd.demo.pretrain import pretrain_base
 
-    kw = dict(steps=40, batch_size=64, dataset_size=512, progress=False)
+    kw = dict(steps=20, batch_size=32, dataset_size=256, progress=False)
     losses = pretrain_base(str(tmp_path / "a"), **kw)
     assert losses == pretrain_base(str(tmp_path / "b"), **kw)
     a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert sum(losses[-10:]) < 0.85 * sum(losses[:10])  # flow-matching loss falls (1.52 -> 1.22 measured)
+    assert sum(losses[-5:]) < 0.9 * sum(losses[:5])  # the flow-matching loss falls
