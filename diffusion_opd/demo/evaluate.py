@@ -62,29 +62,28 @@ def gradient_variance(policy: Policy, teachers: dict[str, str], *, trajectories_
     expectations agree, so ``z = ||d|| / sqrt(tr Cov / N)`` is about 1 (and >> 1 if they differ).
     """
     from ..losses import opd_kl, opd_ppo_surrogate
+    from ..rollout import Sampling, rollout_steps
     from ..sampling import transition_mean_std
 
     params = policy.trainable_parameters()
+    spec = Sampling(num_steps=num_steps, noise_level=noise_level, guidance_scale=guidance_scale, resolution=resolution)
     grads = {"kl": [], "ppo": []}
     for t_idx, (task, (_, prompts)) in enumerate(world.TASKS.items()):
         rows = [prompts[i % len(prompts)] for i in range(trajectories_per_task)]
         embeds = policy.encode_prompts(rows)
         per_sample = {k: torch.zeros(len(rows), sum(p.numel() for p in params)) for k in grads}
-
-        def on_step(j, x, sigma, sigma_next, step):
+        seeds = eval_seeds(t_idx, len(rows), seed + 1)
+        for step in rollout_steps(policy, embeds, seeds, spec, grad_steps=range(train_steps)):
             with torch.no_grad():
-                v_t = policy.velocity(x, sigma, embeds, teachers[task], guidance_scale)
-            mean_t = transition_mean_std(v_t, x, sigma, sigma_next, noise_level)[0]
-            losses = {"kl": opd_kl(step.mean, mean_t, step.std, reduction),
-                      "ppo": opd_ppo_surrogate(step.mean, mean_t, step.std, step.prev_sample, reduction)}
+                v_t = policy.velocity(step.x, step.sigma, embeds, teachers[task], guidance_scale)
+            mean_t = transition_mean_std(v_t, step.x, step.sigma, step.sigma_next, noise_level)[0]
+            r = step.result
+            losses = {"kl": opd_kl(r.mean, mean_t, r.std, reduction),
+                      "ppo": opd_ppo_surrogate(r.mean, mean_t, r.std, r.prev_sample, reduction)}
             for key, loss in losses.items():
-                for i in range(len(rows)):
+                for i in range(len(rows)):  # per-trajectory gradients
                     g = torch.autograd.grad(loss[i], params, retain_graph=True)
                     per_sample[key][i] += torch.cat([x.reshape(-1) for x in g])
-
-        rollout(policy, embeds, eval_seeds(t_idx, len(rows), seed + 1), num_steps=num_steps, noise_level=noise_level,
-                guidance_scale=guidance_scale, resolution=resolution, train_steps=range(train_steps),
-                on_step=on_step, keep_states=False)
         for key in grads:
             grads[key].append(per_sample[key])
     g_kl, g_ppo = torch.cat(grads["kl"]).double(), torch.cat(grads["ppo"]).double()
