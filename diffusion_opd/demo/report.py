@@ -195,21 +195,28 @@ def plot_convergence(results: dict, path: str) -> None:
 def plot_samples(rows: Sequence[Sequence], labels: Sequence[str], prompts: Sequence[str], path: str,
                  scale: int = 4) -> None:
     """A grid of images: one row per model, one column per prompt (the same noise in a column)."""
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFont
 
+    font = ImageFont.load_default(size=11)
     cell = rows[0][0].size[0] * scale
-    left, top = 150, 14
+    left, top = 210, 30
     grid = Image.new("RGB", (left + cell * len(prompts), top + cell * len(rows)), "white")
     draw = ImageDraw.Draw(grid)
     for j, p in enumerate(prompts):
-        draw.text((left + j * cell + 2, 2), _short(p), fill="black")
+        for k, line in enumerate(_short(p)):
+            draw.text((left + j * cell + 2, 2 + 13 * k), line, fill="black", font=font)
     for i, (label, row) in enumerate(zip(labels, rows)):
-        draw.text((4, top + i * cell + cell // 2 - 5), label, fill="black")
+        draw.text((4, top + i * cell + cell // 2 - 6), label, fill="black", font=font)
         for j, image in enumerate(row):
             grid.paste(image.resize((cell, cell), Image.NEAREST), (left + j * cell, top + i * cell))
     grid.save(path)
 
 
-def _short(prompt: str) -> str:
-    return prompt.replace("a sign that says ", "sign ").replace(", masterpiece", ", m.")[:12]
-
+def _short(prompt: str) -> list[str]:
+    """A prompt on two short lines for a column header."""
+    prompt = prompt.removeprefix("a ")
+    if " that says " in prompt:
+        kind, text = prompt.split(" that says ")
+        return [kind, f"says {text}"]
+    words = prompt.split(", ")
+    return words if len(words) > 1 else prompt.split(" ", 1) if " " in prompt else [prompt]

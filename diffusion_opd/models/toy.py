@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import BASE, STUDENT, Policy, PromptEmbeds
-from .lora import AdapterSwitch, add_lora_adapter, read_lora_adapter
+from .lora import AdapterSwitch, LoraAdapter, add_lora_adapter, read_lora_adapter
 from .specs import DEFAULT_LORA_TARGETS, TeacherSpec
 
 __all__ = ["TOY_LORA_TARGETS", "ToyDenoiser", "ToyPolicy", "save_toy_model", "build_random_toy", "load_toy_model"]
@@ -129,13 +129,15 @@ def load_toy_model(directory: str) -> tuple[ToyDenoiser, dict]:
 class ToyPolicy(Policy):
     """Student LoRA + frozen LoRA teachers on a :class:`ToyDenoiser`.
 
-    Built by :func:`~diffusion_opd.models.build_policy` (arguments checked there); the SD3-only
-    options (text-encoder offloading, sequence length, guidance embedding...) do not apply and
-    are ignored.
+    Built by :func:`~diffusion_opd.models.build_policy` (arguments checked there). ``student_init``
+    (``model.student_init``): the student starts as exactly that adapter (cascade stages). The
+    SD3-only options (text-encoder offloading, sequence length, guidance embedding, the teacher
+    merge fast path) do not apply and are ignored.
     """
 
     def __init__(self, model_dir: str, *, dtype: torch.dtype, device: torch.device, lora: dict,
-                 teachers: Sequence[TeacherSpec] = (), **_not_applicable):
+                 teachers: Sequence[TeacherSpec] = (), student_init: Optional[LoraAdapter] = None,
+                 **_not_applicable):
         from peft import LoraConfig, inject_adapter_in_model
 
         from .hub import resolve_folder
@@ -149,9 +151,13 @@ class ToyPolicy(Policy):
         self.pixel_scale = int(config["pixel_scale"])
         self._token = {w: i for i, w in enumerate(model.vocab)}
         model.requires_grad_(False)
-        self.lora_config = LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"], init_lora_weights=lora["init"],
-                                      target_modules=list(lora["target_modules"]))
-        self.transformer = inject_adapter_in_model(self.lora_config, model, adapter_name=STUDENT)
+        if student_init is not None:
+            add_lora_adapter(model, student_init, STUDENT, label="model.student_init")
+            self.lora_config, self.transformer = student_init.config, model
+        else:
+            self.lora_config = LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"], init_lora_weights=lora["init"],
+                                          target_modules=list(lora["target_modules"]))
+            self.transformer = inject_adapter_in_model(self.lora_config, model, adapter_name=STUDENT)
         self._teacher_names = [t.name for t in teachers]
         for spec in teachers:
             if spec.kind != "lora":

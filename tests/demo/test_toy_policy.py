@@ -96,3 +96,18 @@ def test_rollout_is_per_sample_seeded_and_decodes(toy_dir):
     assert len(images) == 3 and images[0].size == (16, 16) and images[0].mode == "RGB"
     pt = policy.decode(batch.latents, output_type="pt")
     assert pt.shape == (3, 3, 16, 16) and 0 <= pt.min() and pt.max() <= 1
+
+
+def test_student_init_starts_from_a_saved_adapter(toy_dir, teacher_dir):
+    """model.student_init (cascade stages): the student is exactly the saved adapter, and trains."""
+    folder, state = teacher_dir
+    policy = build_policy(toy_dir, student_init=dict(path=folder))
+    assert {k: v.shape for k, v in policy.student_state_dict().items()} == {k: v.shape for k, v in state.items()}
+    assert all(torch.equal(policy.student_state_dict()[k], v) for k, v in state.items())
+    assert all(p.requires_grad for p in policy.trainable_parameters())
+    out = os.path.join(folder, "again")
+    policy.save_student(out)  # round trip keeps rank and alpha
+    again = build_policy(toy_dir, student_init=dict(path=out))
+    x, embeds = _x(), policy.encode_prompts(PROMPTS)
+    with torch.no_grad():
+        torch.testing.assert_close(again.velocity(x, 0.5, embeds), policy.velocity(x, 0.5, embeds))
