@@ -89,6 +89,7 @@ def get_config():
     c.eval.num_steps = 10
     c.eval.rewards = False  # also decode images and score them with each task's reward
     c.eval.reward_device = "auto"
+    c.eval.sample_images = 4  # per task: PNG grids under <output_dir>/samples/ at every eval (0: none)
 
     # Speed levers (docs/benchmarks.md): the same maths and gradients, run differently.
     c.perf = ml_collections.ConfigDict()

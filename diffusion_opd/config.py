@@ -195,6 +195,8 @@ def validate_config(config, *, world_size: int = 1, check_data: bool = True) -> 
         raise ConfigError("perf.compile_backend: a torch.compile backend name (inductor, aot_eager, eager)")
     if config.cpu_threads < 0:
         raise ConfigError(f"cpu_threads: must be >= 0, got {config.cpu_threads}")
+    if config.eval.sample_images < 0:
+        raise ConfigError(f"eval.sample_images: must be >= 0 (0: no sample grids), got {config.eval.sample_images}")
     for key, value in positive.items():
         if not value > 0:
             raise ConfigError(f"{key}: must be > 0, got {value}")

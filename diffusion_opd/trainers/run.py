@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from contextlib import nullcontext
 from typing import Optional, Protocol
 
 import torch
@@ -26,13 +27,14 @@ from tqdm.auto import tqdm
 
 from ..config import derived_geometry, task_prompts, to_dict, validate_config
 from ..data.sampler import PromptSampler
-from ..models.base import Policy, PromptEmbeds
+from ..models.base import STUDENT, Policy, PromptEmbeds
 from ..rollout import Sampling, sample
 from . import checkpoint as ckpt
 from .ema import EMA
 from .loop import (NonFiniteGuard, RunState, all_reduce_gradients, broadcast_parameters, build_optimizer,
                    build_policy_from_config, load_checkpoint, make_accelerator, save_checkpoint)
-from .metrics import MetricsLog, PhaseTimer, peak_memory_gb, synchronize
+from .metrics import MetricsLog, PhaseTimer, peak_memory_gb, read_metrics, synchronize
+from .visuals import CURVES_FILE, SampleGrids, log_images, plot_curves, quiet_progress_bars
 
 __all__ = ["Recipe", "Run", "sample_seed"]
 
@@ -65,6 +67,8 @@ class Run:
         self.config = config
         self.accelerator = acc = make_accelerator(config)
         self.rank, self.world = acc.process_index, acc.num_processes
+        if not config.logging.progress:  # also the loading bars of diffusers / transformers / the Hub
+            quiet_progress_bars()
         tag = f"[{config.recipe}]"
         self.prompts = validate_config(config, world_size=self.world, check_data=check_data)  # before any model loads
         self.eval_prompts = ({t: task_prompts(config, t, "eval") for t in config.tasks}
@@ -90,6 +94,13 @@ class Run:
         self.state = RunState()
         self.guard = NonFiniteGuard(config.train.nan_patience)
         self.log: Optional[MetricsLog] = None
+        self.grids = None  # sample grids: main process only, when there are held-out prompts
+        if acc.is_main_process and self.eval_prompts and config.eval.sample_images:
+            teachers = {t: (spec.teacher, config.teachers[spec.teacher].guidance_scale)
+                        for t, spec in config.tasks.items() if spec.teacher}
+            self.grids = SampleGrids(config.output_dir, {t: [r["prompt"] for r in rows] for t, rows in
+                                                         self.eval_prompts.items()},
+                                     teachers, config.eval.sample_images, config.seed)
 
     # -- what recipes call ----------------------------------------------------------------------
     def draw_prompts(self, task: str, round_idx: int) -> list[dict]:
@@ -153,6 +164,31 @@ class Run:
         total = acc.reduce(local, reduction="sum")
         return (total[0] / total[1]).item()
 
+    def draw_samples(self, round_idx: int) -> None:
+        """The sample grids of this evaluation (student with the weights evaluation uses: the EMA
+        when it is on; the teachers once), written under ``samples/`` and logged to wandb."""
+        if self.grids is None:
+            return
+        c = self.config
+        spec = Sampling.from_config(c.sample, num_steps=c.eval.num_steps, noise_level=0.0)
+
+        def images(prompts, seeds, adapter, guidance):
+            embeds = self.policy.encode_prompts(prompts)
+            return self.policy.decode(sample(self.policy, embeds, seeds, spec.replace(guidance_scale=guidance),
+                                             adapter=adapter).latents)
+
+        with self.ema.swapped_in() if self.ema is not None else nullcontext(), self.accelerator.autocast():
+            written = self.grids.draw(round_idx, images, STUDENT, c.sample.guidance_scale)
+        log_images(self.log.wandb, written, round_idx)
+
+    def draw_curves(self) -> None:
+        """``curves.png`` from metrics.jsonl (main process), also logged to wandb."""
+        out = self.config.output_dir
+        if self.accelerator.is_main_process and os.path.isfile(os.path.join(out, "metrics.jsonl")):
+            path = plot_curves(read_metrics(out), list(self.config.tasks), os.path.join(out, CURVES_FILE))
+            if path:
+                log_images(self.log.wandb, {"curves": path}, self.state.round)
+
     # -- the rounds loop ---------------------------------------------------------------------------
     def timed_round(self, recipe: Recipe, round_idx: int) -> dict:
         """``recipe.round`` plus what every round logs (lr, seconds, images/s, memory, phases)."""
@@ -201,6 +237,7 @@ class Run:
         c, acc = self.config, self.accelerator
         self.resume(recipe)
         if self.state.round == 0 and c.eval.every:
+            self.draw_samples(0)
             self.log.log({"round": 0, **recipe.evaluate(0)})
         last = min(c.train.stop_after_round or c.train.num_rounds, c.train.num_rounds)
         bar = tqdm(range(self.state.round + 1, last + 1), desc=f"{c.recipe} rounds", initial=self.state.round,
@@ -210,9 +247,11 @@ class Run:
             self.state.round = round_idx
             if c.eval.every and round_idx % c.eval.every == 0:
                 metrics.update(recipe.evaluate(round_idx))
+                self.draw_samples(round_idx)
             self.log.log(metrics)
             bar.set_postfix(loss=f"{metrics['loss']:.4g}", s_round=f"{metrics['seconds_per_round']:.2f}")
             if round_idx % c.save_every == 0 or round_idx == last:
                 self.save(recipe)
+        self.draw_curves()
         self.log.close()
         return self

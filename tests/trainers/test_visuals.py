@@ -50,3 +50,39 @@ def test_curves_plot_loss_distance_and_reward_per_task(tmp_path):
     assert image.size == (1500, 360)  # three panels: loss, distance, reward
     assert plot_curves([{"round": 1, "lr": 0.1}], ["a"], str(tmp_path / "none.png")) is None
     assert Image.open(plot_curves(rows[:11], ["a", "b"], str(tmp_path / "two.png"))).size == (1000, 360)
+
+
+def test_tiny_run_writes_sample_grids_and_curves_and_logs_them_to_offline_wandb(tmp_path, capfd):
+    import glob
+    import os
+
+    import diffusers.utils.logging as diffusers_logging
+
+    from diffusion_opd.config import load_config
+    from diffusion_opd.trainers.opd import train
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = tmp_path / "run"
+    config = load_config(os.path.join(root, "config", "opd.py") + ":tiny_mopd", [
+        f"output_dir={out}", "logging.progress=false", "logging.wandb_mode=offline", "train.num_rounds=2",
+        "eval.every=2", "eval.num_prompts=2", "eval.sample_images=2", "save_every=2"])
+    train(config)
+    for task in config.tasks:
+        for label in ("teacher", "round-0", "round-2"):
+            image = Image.open(out / "samples" / task / f"{label}.png")
+            assert image.size[1] == 64 + 40  # one row of 64 px samples + the caption strip
+    student0, student2 = (np.asarray(Image.open(out / "samples" / "objects" / f"round-{r}.png")) for r in (0, 2))
+    assert (student0 != student2).any()  # the grids follow the training
+    assert Image.open(out / "curves.png").size[0] >= 1000  # loss + held-out distance panels
+    media = glob.glob(str(out / "wandb" / "offline-run-*" / "files" / "media" / "images" / "**" / "*.png"),
+                      recursive=True)
+    names = sorted(os.path.relpath(m, glob.glob(str(out / "wandb" / "offline-run-*"))[0]) for m in media)
+    def logged(key):  # wandb names media files <key>_<its own counter>_<hash>.png
+        return [n for n in names if n.startswith(f"files/media/images/{key}_")]
+
+    assert len(logged("samples/objects")) == len(logged("samples/signs")) == 2  # rounds 0 and 2
+    assert len(logged("samples/objects/teacher")) == len(logged("samples/signs/teacher")) == 1
+    assert len(logged("curves")) == 1
+    # logging.progress=false: no progress bar from us, diffusers, transformers or the Hub
+    assert not diffusers_logging.is_progress_bar_enabled()
+    assert "%|" not in capfd.readouterr().err
