@@ -219,6 +219,14 @@ def save_peft_adapter(directory: str, state: dict[str, torch.Tensor], config, ba
               os.path.join(directory, PEFT_FILES[0]), metadata={"format": "pt"})
 
 
+def _pass_adapter_names(layer, args, kwargs):
+    """Forward pre-hook of every LoRA layer: peft's ``adapter_names`` while :meth:`AdapterSwitch.mixed` is on."""
+    names = layer._opd_adapter_names
+    if names is None:
+        return None
+    return args, {**kwargs, "adapter_names": names}
+
+
 class AdapterSwitch:
     """Cheap switching between adapters already injected in one model.
 
@@ -237,6 +245,9 @@ class AdapterSwitch:
 
         self.default = default
         self.layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+        for layer in self.layers:  # see mixed()
+            layer._opd_adapter_names = None
+            layer.register_forward_pre_hook(_pass_adapter_names, with_kwargs=True)
         self._input_casting = True  # peft's default
 
     def input_casting(self, enabled: bool) -> None:
@@ -264,20 +275,21 @@ class AdapterSwitch:
     @contextmanager
     def mixed(self, names: list[Optional[str]]):
         """Inside: row i of every batch goes through adapter ``names[i]`` (``None``: the base
-        model), via peft's mixed-adapter batches (the ``adapter_names`` forward argument, passed to
-        each LoRA layer by a forward pre-hook; the hooks are removed on exit). Inference only:
-        peft gathers each adapter's rows, so this is for the frozen teachers."""
+        model), via peft's mixed-adapter batches (the ``adapter_names`` forward argument). Inference
+        only: peft gathers each adapter's rows, so this is for the frozen teachers.
+
+        The names travel as a layer attribute read by a pre-hook installed once at construction
+        (not hooks added per call): torch.compile guards on attributes a forward reads, but a
+        compiled block does not notice hooks added later, and would replay a graph without them.
+        """
         names = ["__base__" if n is None else n for n in names]
-
-        def pass_names(module, args, kwargs):
-            return args, {**kwargs, "adapter_names": names}
-
-        handles = [layer.register_forward_pre_hook(pass_names, with_kwargs=True) for layer in self.layers]
+        for layer in self.layers:
+            layer._opd_adapter_names = names
         try:
             yield
         finally:
-            for handle in handles:
-                handle.remove()
+            for layer in self.layers:
+                layer._opd_adapter_names = None
 
     def back(self) -> None:
         """The default adapter active again (its parameters were never frozen)."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 from contextlib import nullcontext
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 
@@ -51,11 +51,19 @@ def train_step_indices(train, num_steps: int, round_idx: int, seed: int) -> list
     return sorted(rng.sample(range(num_steps), train.num_train_steps))
 
 
-def teacher_mean(policy: Policy, step: Step, embeds: PromptEmbeds, teacher: str, guidance: float,
-                 noise_level: float) -> torch.Tensor:
-    """The teacher's one-step transition mean at the student's state (frozen: no graph)."""
+def teacher_mean(policy: Policy, step: Step, embeds: PromptEmbeds, teacher: Union[str, Sequence[str]],
+                 guidance: Union[float, Sequence[float]], noise_level: float) -> torch.Tensor:
+    """The teacher's one-step transition mean at the student's state (frozen: no graph).
+
+    ``teacher`` / ``guidance`` may be given per row (lockstep tasks): rows of different teachers
+    then run in one mixed-adapter forward (``Policy.velocity_mixed``)."""
     with torch.no_grad():
-        v = policy.velocity(step.x, step.sigma, embeds, teacher, guidance)
+        if isinstance(teacher, str):
+            v = policy.velocity(step.x, step.sigma, embeds, teacher, guidance)
+        elif len(set(zip(teacher, guidance))) == 1:
+            v = policy.velocity(step.x, step.sigma, embeds, teacher[0], guidance[0])
+        else:
+            v = policy.velocity_mixed(step.x, step.sigma, embeds, teacher, guidance)
     return transition_mean_std(v, step.x, step.sigma, step.sigma_next, noise_level)[0]
 
 
@@ -102,6 +110,19 @@ class OPD:
             traj = sample(self.policy, embeds, seeds, self.sampling, keep_states=True)
         return timed(replay_steps(self.policy, traj, embeds, self.sampling, steps), timer, "student_forward")
 
+    def micro_batches(self, batches: dict[str, tuple[PromptEmbeds, list[int]]]) -> Iterator[list[tuple]]:
+        """The rows that run together, as ``[(task, embeds, seeds), ...]``: one task's micro-batch
+        at a time, or with ``perf.lockstep_tasks`` micro-batch m of EVERY task at once (one student
+        forward, one backward and one mixed-teacher forward per step for all tasks). Prompts,
+        seeds and loss weights are the same either way, so the gradient is too."""
+        c, bs = self.config, self.config.train.batch_size
+        micro = {task: [(task, embeds.select(range(m * bs, (m + 1) * bs)), seeds[m * bs:(m + 1) * bs])
+                        for m in range(c.train.grad_accum)] for task, (embeds, seeds) in batches.items()}
+        if c.perf.lockstep_tasks:
+            yield from (list(parts) for parts in zip(*micro.values()))
+        else:
+            yield from ([part] for parts in micro.values() for part in parts)
+
     def backward(self, round_idx: int, batches: dict[str, tuple[PromptEmbeds, list[int]]]) -> dict:
         """Backpropagate every task's distillation loss into the student's .grad (no step).
         Returns the per-task / per-step losses averaged over all processes."""
@@ -109,22 +130,25 @@ class OPD:
         steps = train_step_indices(c.train, c.sample.num_steps, round_idx, c.seed)
         per_task = self.run.prompts_per_round
         scale = 1.0 / (len(batches) * per_task * len(steps))
-        bs = c.train.batch_size
         sums: dict[str, torch.Tensor] = {}
-        for task, (embeds, seeds) in batches.items():
-            teacher, guidance = self.task_teachers[task]
-            for m in range(c.train.grad_accum):
-                idx = list(range(m * bs, (m + 1) * bs))
-                micro = embeds.select(idx)
-                with acc.autocast():
-                    for step in self.student_steps(micro, [seeds[i] for i in idx], steps):
-                        with timer("teacher"):
-                            mean_t = teacher_mean(self.policy, step, micro, teacher, guidance, c.sample.noise_level)
-                        losses = self.step_loss(step.result, mean_t, step.dt)
+        for parts in self.micro_batches(batches):
+            embeds = PromptEmbeds.concat([e for _, e, _ in parts]) if len(parts) > 1 else parts[0][1]
+            seeds = [s for _, _, task_seeds in parts for s in task_seeds]
+            spans, start = {}, 0  # each task's rows of the batch
+            for task, e, _ in parts:
+                spans[task], start = slice(start, start + len(e)), start + len(e)
+            teachers = [self.task_teachers[task][0] for task, e, _ in parts for _ in range(len(e))]
+            guidance = [self.task_teachers[task][1] for task, e, _ in parts for _ in range(len(e))]
+            with acc.autocast():
+                for step in self.student_steps(embeds, seeds, steps):
+                    with timer("teacher"):
+                        mean_t = teacher_mean(self.policy, step, embeds, teachers, guidance, c.sample.noise_level)
+                    losses = self.step_loss(step.result, mean_t, step.dt)
+                    for task, span in spans.items():
                         key = f"{task}/step_{step.index}"
-                        sums[key] = sums.get(key, 0) + losses.detach().sum()
-                        with timer("backward"):
-                            acc.backward(losses.sum() * scale)
+                        sums[key] = sums.get(key, 0) + losses.detach()[span].sum()
+                    with timer("backward"):
+                        acc.backward(losses.sum() * scale)
         metrics = {f"loss/{k}": v for k, v in self.run.mean_over_processes(sums, per_task).items()}
         for task in batches:
             metrics[f"loss/{task}"] = sum(metrics[f"loss/{task}/step_{j}"] for j in steps) / len(steps)

@@ -120,7 +120,7 @@ def test_mixed_adapter_batch_equals_one_forward_per_teacher(teacher_policy):
             torch.testing.assert_close(mixed[i:i + 1], ref, rtol=1e-5, atol=1e-5)
     # the switch state is untouched: the student is active again and trainable
     assert all(layer.active_adapters == [STUDENT] and not layer.disable_adapters for layer in pol._switch.layers)
-    assert not any(layer._forward_pre_hooks for layer in pol._switch.layers)
+    assert all(layer._opd_adapter_names is None for layer in pol._switch.layers)
 
 
 def test_merged_teachers_match_adapter_teachers_and_print_their_memory(tiny_sd3_dir, tiny_teacher_dirs,
@@ -161,6 +161,8 @@ def test_compiled_blocks_do_not_recompile_on_adapter_switches(tiny_sd3_dir, tiny
     x = torch.randn(3, *pol.latent_shape(64), generator=torch.Generator().manual_seed(8))
 
     def query(p, adapter):
+        if adapter == "mixed":  # rows of two teachers and the base in one forward
+            return [p.velocity_mixed(x, 0.6, embeds, ["gen", "ocr", BASE], [4.5, 1.0, 4.5])]
         if adapter == "student_grad":
             for q in p.trainable_parameters():
                 q.grad = None
@@ -170,12 +172,12 @@ def test_compiled_blocks_do_not_recompile_on_adapter_switches(tiny_sd3_dir, tiny
         with torch.no_grad():
             return [p.velocity(x, 0.6, embeds, adapter, 4.5)]
 
-    order = ["student_grad", "gen", "ocr", BASE]
+    order = ["student_grad", "gen", "ocr", BASE, "mixed"]
     for adapter in order:  # warm-up: one graph per (adapter / grad mode, block variant)
         query(pol, adapter)
     compiled = (counters["frames"]["ok"], counters["stats"]["unique_graphs"])
     assert compiled[1] >= len(order)
-    for adapter in ["ocr", "student_grad", BASE, "gen", "student_grad", "ocr", "gen"]:
+    for adapter in ["ocr", "mixed", "student_grad", BASE, "gen", "mixed", "student_grad", "ocr", "gen"]:
         got, want = query(pol, adapter), query(teacher_policy, adapter)
         assert all(torch.equal(a, b) for a, b in zip(got, want)), adapter
     assert (counters["frames"]["ok"], counters["stats"]["unique_graphs"]) == compiled  # no recompilation
