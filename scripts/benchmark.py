@@ -21,8 +21,9 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scripts/benchmarking.py: tooling, not library
 
-from diffusion_opd.benchmark import (DEFAULT_DTYPE, MODELS, VARIANTS, default_variants, prepare_models,  # noqa: E402
+from benchmarking import (DEFAULT_DTYPE, MODELS, VARIANTS, default_variants, prepare_models,  # noqa: E402
                                      expected_round_flops, resolve_variants, run_variant,
                                      text_encoder_offload)
 
@@ -40,6 +41,8 @@ def parse_args(argv=None):
                    help="where the random models are written once and reused")
     p.add_argument("--cpu-threads", type=int, default=0,
                    help="torch threads on the CPU (0: torch's default); 1 on a shared or tiny machine")
+    p.add_argument("--prepare-only", action="store_true",
+                   help="only build the random model folders under --workdir (what scripts/gpu_bench.sh does first)")
     p.add_argument("--expected-flops", action="store_true",
                    help="only print the round's FLOPs predicted from the architecture (meta device, no GPU)")
     p.add_argument("--in-process", action="store_true",
@@ -47,7 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one variant, write --worker-output
     p.add_argument("--worker-output", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.expected_flops:
+    if args.expected_flops or args.prepare_only:
         return args
     if not args.output:
         p.error("--output FILE.json is required")
@@ -145,6 +148,9 @@ def main(argv=None) -> int:
         print(json.dumps(expected_round_flops(args.model), indent=1))
         return 0
     paths = prepare_models(args.model, args.workdir, args.device)
+    if args.prepare_only:
+        print(f"models ready under {args.workdir}: {paths['pipeline']}")
+        return 0
     kwargs = dict(model=args.model, device=args.device, paths=paths, rounds=args.rounds, warmup=args.warmup,
                   cpu_threads=args.cpu_threads)
     if args.worker:

@@ -79,7 +79,8 @@ def test_flop_counts_follow_the_round_structure(result):
 def test_expected_flops_from_the_architecture_match_the_counted_round(result):
     """The meta-device prediction (what docs/benchmarks.md quotes for SD3.5-M) reproduces the
     tiny round's counted FLOPs exactly, phase by phase: the composition it uses is the trainer's."""
-    from diffusion_opd.benchmark import expected_round_flops
+    sys.path.insert(0, os.path.dirname(SCRIPT))
+    from benchmarking import expected_round_flops
 
     rows = {r["variant"]: r for r in result["variants"]}
     expected = expected_round_flops("tiny")

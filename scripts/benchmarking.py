@@ -52,9 +52,14 @@ class Settings:
     """One row of the benchmark: how the same round is run."""
 
     mode: str = "fused"  # fused | two_pass (trainer's train.mode)
-    teachers: str = "adapters"  # adapters (3 LoRA on the backbone) | one (1 adapter for all tasks) | separate
+    # adapters (3 LoRA on the backbone) | one (1 adapter for all tasks) | separate (3 full transformers)
+    # | merged (perf.merge_teachers: each LoRA merged into its own backbone copy)
+    teachers: str = "adapters"
     checkpointing: bool = False
-    compile: bool = False
+    compile: bool = False  # perf.compile: torch.compile (inductor) per transformer block
+    lockstep: bool = False  # perf.lockstep_tasks: all tasks in one batch
+    phase_sync: bool = True  # CUDA sync at every phase boundary (per-phase seconds); False: one per round
+    legacy_casts: bool = False  # peft's activation upcasts under autocast, as before issue 10
     dtype: Optional[str] = None  # None: the device default (DEFAULT_DTYPE)
 
 
@@ -65,6 +70,13 @@ VARIANTS = {
     "separate_teachers": Settings(teachers="separate"),
     "checkpointing": Settings(checkpointing=True),
     "compile": Settings(compile=True),
+    "lockstep": Settings(lockstep=True),
+    "merge_teachers": Settings(teachers="merged"),
+    "no_phase_sync": Settings(phase_sync=False),
+    "legacy_casts": Settings(legacy_casts=True),
+    # every lever without a memory cost, as a production run would use them (no phase syncs)
+    "levers": Settings(compile=True, lockstep=True, phase_sync=False),
+    "levers_merged": Settings(compile=True, lockstep=True, phase_sync=False, teachers="merged"),
     "fp32": Settings(dtype="fp32"),
     "bf16": Settings(dtype="bf16"),
     "fp16": Settings(dtype="fp16"),
@@ -96,9 +108,9 @@ def prepare_models(model: str, workdir: str, device: str) -> dict:
     replaced by the SD3.5-Medium architecture with random weights (about 5 GB in bf16),
     built on ``device``. Returns ``{"pipeline": dir, "teachers": [dir, dir, dir]}``.
     """
-    from .models.specs import DEFAULT_LORA
-    from .models.tiny import build_random_transformer, build_tiny_sd3, sd35_medium_transformer_config
-    from .models.tiny import write_random_teacher_lora
+    from diffusion_opd.models.specs import DEFAULT_LORA
+    from diffusion_opd.models.tiny import build_random_transformer, build_tiny_sd3, sd35_medium_transformer_config
+    from diffusion_opd.models.tiny import write_random_teacher_lora
 
     spec = MODELS[model]
     root = os.path.join(workdir, model)
@@ -144,8 +156,8 @@ def expected_round_flops(model: str = "sd3.5-medium") -> dict:
     from peft import LoraConfig
     from torch.utils.flop_counter import FlopCounterMode
 
-    from .models.specs import DEFAULT_LORA
-    from .models.tiny import TINY_TRANSFORMER_CONFIG, build_random_transformer, sd35_medium_transformer_config
+    from diffusion_opd.models.specs import DEFAULT_LORA
+    from diffusion_opd.models.tiny import TINY_TRANSFORMER_CONFIG, build_random_transformer, sd35_medium_transformer_config
 
     spec = MODELS[model]
     config = sd35_medium_transformer_config() if model == "sd3.5-medium" else dict(TINY_TRANSFORMER_CONFIG)
@@ -190,8 +202,8 @@ class PhaseProfile:
     every boundary, as ``PhaseTimer`` does, so GPU work lands in the phase that launched it.
     """
 
-    def __init__(self, device: torch.device):
-        self.sync = device.type == "cuda"
+    def __init__(self, device: torch.device, sync: bool = True):
+        self.sync = sync and device.type == "cuda"
         self.seconds: dict[str, float] = {}
         self.flops: dict[str, int] = {}
         self.counter = None  # a FlopCounterMode while counting
@@ -302,7 +314,7 @@ def _param_bytes(params) -> int:
 
 def _random_embeds(policy, batch: int, text_tokens: int, seed: int):
     """Random conditioning of the model's real widths (T5 width x tokens, pooled CLIP width)."""
-    from .models.base import PromptEmbeds
+    from diffusion_opd.models.base import PromptEmbeds
 
     cfg = policy.transformer.config
     gen = torch.Generator().manual_seed(seed)
@@ -325,8 +337,8 @@ class RoundRunner:
     """
 
     def __init__(self, config, policy, embeds: dict, task_teachers: dict, timer: PhaseProfile):
-        from .trainers.opd import OPD
-        from .trainers.run import Run
+        from diffusion_opd.trainers.opd import OPD
+        from diffusion_opd.trainers.run import Run
 
         self.run = Run(config, policy=policy, check_data=False)
         self.run.timer = timer
@@ -347,7 +359,7 @@ class RoundRunner:
 
 def _config(device: str, settings: Settings, spec: ModelSpec, cpu_threads: int = 0, output_dir: str = ""):
     """mopd (the released geometry) with this variant's changes."""
-    from .config import load_config
+    from diffusion_opd.config import load_config
 
     if not os.path.isfile(CONFIG_FILE):
         raise FileNotFoundError(f"{CONFIG_FILE} missing: run the benchmark from a checkout of the repository")
@@ -361,6 +373,7 @@ def _config(device: str, settings: Settings, spec: ModelSpec, cpu_threads: int =
     c.model.gradient_checkpointing = settings.checkpointing
     c.sample.resolution = spec.resolution
     c.train.mode = settings.mode
+    c.perf.lockstep_tasks = settings.lockstep
     c.train.nan_patience = 10**9  # random weights may overflow in fp16: count such rounds, never stop
     return c
 
@@ -414,8 +427,8 @@ def run_variant(name: str, *, model: str, device: str, paths: dict, rounds: int,
     torch.compile fails, "failed" for any other error in a round (e.g. a dtype the device's
     kernels do not support).
     """
-    from .models import build_policy
-    from .trainers.loop import make_accelerator
+    from diffusion_opd.models import build_policy
+    from diffusion_opd.trainers.loop import make_accelerator
 
     spec = MODELS[model]
     settings = VARIANTS[name]
@@ -428,18 +441,21 @@ def run_variant(name: str, *, model: str, device: str, paths: dict, rounds: int,
     task_teachers = _task_teachers(config, settings)
     used = list(dict.fromkeys(t for t, _ in task_teachers.values()))
     kind = "transformer" if settings.teachers == "separate" else "lora"
+    merged = settings.teachers == "merged"
     # separate teachers: full copies of the backbone (the pipeline's own transformer folder)
     lora_dirs = dict(zip(config.teachers, paths["teachers"]))
     teachers = [dict(name=t, kind=kind, path=paths["pipeline"] if kind == "transformer" else lora_dirs[t])
                 for t in used]
     policy = build_policy(paths["pipeline"], dtype=settings.dtype, device=accelerator.device,
                           lora=dict(rank=spec.student_rank, alpha=2 * spec.student_rank),
-                          teachers=teachers, gradient_checkpointing=settings.checkpointing)
+                          teachers=teachers, gradient_checkpointing=settings.checkpointing, merge_teachers=merged)
+    if settings.legacy_casts:  # keep peft's input casts (the behaviour the 2026-11-30 baseline measured)
+        policy._switch.input_casting = lambda enabled: None
     row["teachers_loaded"] = used
-    row["param_bytes"] = _policy_bytes(policy, used, kind)
+    row["param_bytes"] = _policy_bytes(policy, used, "transformer" if merged else kind)
     embeds = {task: _random_embeds(policy, config.train.batch_size, spec.text_tokens, seed=i)
               for i, task in enumerate(config.tasks)}
-    runner = RoundRunner(config, policy, embeds, task_teachers, PhaseProfile(accelerator.device))
+    runner = RoundRunner(config, policy, embeds, task_teachers, PhaseProfile(accelerator.device, settings.phase_sync))
     try:
         _measure(row, runner, settings, rounds, warmup)
     except Exception as err:  # noqa: BLE001 -- a compiler / kernel that cannot run here is a result
@@ -450,8 +466,8 @@ def run_variant(name: str, *, model: str, device: str, paths: dict, rounds: int,
 
 def _measure(row: dict, runner: RoundRunner, settings: Settings, rounds: int, warmup: int) -> None:
     """FLOP-count, warm up, time; fills ``row``."""
-    from .models.specs import parse_dtype
-    from .trainers.metrics import peak_memory_gb
+    from diffusion_opd.models.specs import parse_dtype
+    from diffusion_opd.trainers.metrics import peak_memory_gb
 
     device, timer = runner.accelerator.device, runner.timer
     with _counting(runner, device) as counter:
@@ -460,8 +476,8 @@ def _measure(row: dict, runner: RoundRunner, settings: Settings, rounds: int, wa
     row["flops_by_phase"] = _phases(timer.flops)
     timer.reset()
 
-    if settings.compile:
-        runner.policy.transformer.compile()
+    if settings.compile:  # after the FLOP count: FlopCounterMode does not trace compiled code
+        runner.policy.compile_blocks()
     start = time.perf_counter()
     for r in range(1, warmup + 1):
         runner.round(r)
