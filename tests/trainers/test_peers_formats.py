@@ -156,3 +156,11 @@ def test_export_refuses_push_without_a_token_and_existing_folders(finished_run, 
     assert script.main([ckpt, "--format", "peft", "--out", str(tmp_path / "taken")]) == 2
     assert "already exists and is not empty" in capsys.readouterr().err
     assert (tmp_path / "taken" / "mine.txt").read_text() == "user data"
+
+
+def test_student_init_from_an_unreachable_hub_repo_is_one_config_error(tmp_path):
+    # HF_HUB_OFFLINE=1 in the test session: the Hub id cannot be fetched; the message names the key,
+    # the repo and what to do, before the backbone loads (output_dir/builtin is never built).
+    with pytest.raises(ConfigError, match=r"model.student_init: could not fetch .*'quanhaol/DiffusionOPD'.*hf download"):
+        Run(tiny(tmp_path / "hub", "model.student_init=quanhaol/DiffusionOPD", "model.student_init_subfolder=Student/lora"))
+    assert not (tmp_path / "hub" / "builtin").exists()
