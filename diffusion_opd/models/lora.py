@@ -166,22 +166,25 @@ def add_lora_adapter(model: torch.nn.Module, adapter: LoraAdapter, name: str, la
 def lora_conflicts(adapter: LoraAdapter, lora: dict, defaults: dict) -> list[str]:
     """``lora.*`` settings that were changed from ``defaults`` and disagree with ``adapter`` (a
     student started from ``adapter`` takes its rank, alpha and targets; a default is just superseded)."""
-    cfg, out = adapter.config, []
-    changed = {k: lora[k] for k in ("rank", "alpha", "target_modules")
-               if k in lora and (tuple(lora[k]) if k == "target_modules" else lora[k]) !=
-               (tuple(defaults[k]) if k == "target_modules" else defaults[k])}
-    if "rank" in changed and changed["rank"] != cfg.r:
-        out.append(f"lora.rank={changed['rank']} but the adapter has rank {cfg.r}")
-    if "alpha" in changed and changed["alpha"] != cfg.lora_alpha:
-        out.append(f"lora.alpha={changed['alpha']} but the adapter has alpha {cfg.lora_alpha}")
+    def norm(key, value):
+        return tuple(value) if key == "target_modules" else value
+
+    changed = {k: norm(k, lora[k]) for k in ("rank", "alpha", "target_modules")
+               if k in lora and norm(k, lora[k]) != norm(k, defaults[k])}
+    out = []
+    if "rank" in changed and changed["rank"] != adapter.config.r:
+        out.append(f"lora.rank={changed['rank']} but the adapter has rank {adapter.config.r}")
+    if "alpha" in changed and changed["alpha"] != adapter.config.lora_alpha:
+        out.append(f"lora.alpha={changed['alpha']} but the adapter has alpha {adapter.config.lora_alpha}")
     if "target_modules" in changed:
-        targets, modules = tuple(changed["target_modules"]), adapter.modules
-        unmatched = [t for t in targets if not any(m == t or m.endswith("." + t) for m in modules)]
-        extra = [m for m in modules if not any(m == t or m.endswith("." + t) for t in targets)]
-        if unmatched or extra:
-            out.append(f"lora.target_modules={list(targets)} but the adapter adapts "
-                       f"{'none of ' + str(unmatched) if unmatched else ''}{' and ' if unmatched and extra else ''}"
-                       f"{'also ' + extra[0] + ' ...' if extra else ''}")
+        def matches(module, target):
+            return module == target or module.endswith("." + target)
+
+        targets, modules = changed["target_modules"], adapter.modules
+        if not all(any(matches(m, t) for m in modules) for t in targets) or \
+                not all(any(matches(m, t) for t in targets) for m in modules):
+            adapted = sorted({m.split(".", 2)[-1] for m in modules})
+            out.append(f"lora.target_modules={list(targets)} but the adapter adapts {adapted}")
     return out
 
 

@@ -89,6 +89,8 @@ def test_student_init_takes_rank_alpha_targets_from_the_adapter(finished_run, tm
     # tiny_mopd sets lora.alpha=8: a setting that contradicts the adapter is a config error ...
     with pytest.raises(ConfigError, match=r"lora.alpha: conflicts with model.student_init .*alpha 16"):
         Run(tiny(tmp_path / "c1", f"model.student_init={teacher}"))
+    with pytest.raises(ConfigError, match=r"lora.target_modules: .*adapter adapts \['attn.to_k', 'attn.to_out.0'"):
+        Run(tiny(tmp_path / "c0", f"model.student_init={teacher}", "lora.alpha=16", "lora.target_modules=attn.to_q"))
     with pytest.raises(ConfigError, match="lora.init: .*no effect with model.student_init"):
         Run(tiny(tmp_path / "c2", f"model.student_init={teacher}", "lora.init=false"))
     with pytest.raises(ConfigError, match="model.student_init: .*no LoRA weights"):
