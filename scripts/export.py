@@ -106,6 +106,9 @@ def export(args) -> dict:
 
     # The student starts as exactly the checkpoint's adapter (model.student_init's loader).
     policy = build_policy(model, device=args.device, student_init=dict(path=folder))
+    if args.format == "merged" and not hasattr(policy, "save_merged_pipeline"):
+        raise ValueError(f"--format merged: not available for {type(policy).__name__} (not a diffusers pipeline); "
+                         "use --format diffusers or peft")
     if args.format == "diffusers":
         policy.save_student(args.out)
     elif args.format == "peft":
