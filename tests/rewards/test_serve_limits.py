@@ -73,6 +73,14 @@ def png_header_only(width, height) -> str:
     return base64.b64encode(png + chunk(b"IEND", b"")).decode()
 
 
+def read_until_closed(sock) -> bytes:
+    """Everything the server sends until it closes the connection (headers and body may come apart)."""
+    chunks = []
+    while chunk := sock.recv(4096):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def test_good_request_scores(serve):
     address = serve()
     status, reply = post(address, payload([Image.new("RGB", (8, 8), (255, 255, 255)), Image.new("RGB", (8, 8))]))
@@ -128,22 +136,22 @@ def test_wrong_types_are_not_retried_by_the_client(serve):
     start = time.perf_counter()
     with pytest.raises(RemoteError, match="400"):
         client._score([Image.new("RGB", (8, 8))], [7], None)  # a prompt that is not a string
-    assert time.perf_counter() - start < 2.0  # no backoff sleep: 400 is final
+    assert time.perf_counter() - start < 4.5  # a retry would first sleep backoff = 5 s: 400 is final
 
 
 def test_stalled_client_gets_408_and_is_closed(serve):
     address = serve(read_timeout=0.5)
-    with socket.create_connection(address, timeout=5) as s:
+    with socket.create_connection(address, timeout=15) as s:
         s.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"images\"")  # then nothing
         start = time.perf_counter()
-        answer = s.recv(1000)
+        answer = read_until_closed(s)
         waited = time.perf_counter() - start
     assert answer.startswith(b"HTTP/1.0 408") and b"--read-timeout" in answer
-    assert 0.4 < waited < 3.0
-    with socket.create_connection(address, timeout=5) as s:  # not even a request line: just closed
+    assert 0.4 < waited < 10.0  # the timeout, plus scheduling slack on a loaded machine
+    with socket.create_connection(address, timeout=15) as s:  # not even a request line: just closed
         start = time.perf_counter()
         assert s.recv(100) == b""
-        assert time.perf_counter() - start < 3.0
+        assert 0.4 < time.perf_counter() - start < 10.0
 
 
 def test_worker_pool_is_bounded(serve):
@@ -155,7 +163,7 @@ def test_worker_pool_is_bounded(serve):
     start = time.perf_counter()
     status, reply = post(address, payload([Image.new("RGB", (8, 8))]))
     assert status == 503 and "busy" in reply["error"]
-    assert time.perf_counter() - start < 1.0  # refused at once, not queued behind the stalls
+    assert time.perf_counter() - start < 1.5  # refused at once; queued, it would wait out the 1.5 s stalls
     workers = [t for t in threading.enumerate() if t.name.startswith("reward-server")]
     assert len(workers) == 2
     for s in stalled:
