@@ -12,8 +12,9 @@ Endpoints: ``GET /health`` -> {"status": "ok", "reward", "options"}; ``POST /sco
 
 * 400: malformed JSON, a field of the wrong type or length (not retried by clients);
 * 411 / 413: no Content-Length; a body over ``--max-request-mb``, more than ``--max-images``
-  images or an image over ``--max-pixels`` pixels (checked from the PNG header before any
-  pixel is decoded, so a 2 MB decompression bomb cannot allocate gigabytes);
+  images, an image over ``--max-pixels`` pixels or images over ``--max-total-pixels`` in all
+  (checked from the PNG headers before any pixel is decoded, so a 2 MB request of
+  decompression bombs cannot allocate gigabytes);
 * 408: a client that stops sending for ``--read-timeout`` seconds (its connection is closed);
 * 503: every one of the ``--workers`` connection threads is busy (retry later);
 * 500: the scorer itself failed.
@@ -50,6 +51,7 @@ class Limits:
     max_request_bytes: int = 256 * 2**20
     max_images: int = 256
     max_pixels: int = 4096 * 4096
+    max_total_pixels: int = 64 * 1024 * 1024  # all images of one request: ~200 MB of decoded RGB
     read_timeout: float = 30.0  # seconds without a byte from the client
     workers: int = 8  # connection threads; more clients at once get 503
 
@@ -63,7 +65,7 @@ class RequestError(Exception):
 
 
 def _decode_limited(text: Any, index: int, limits: Limits):
-    """One base64 PNG -> PIL image, refusing wrong types and oversized images before decoding."""
+    """One base64 PNG -> PIL image with only its header read, refusing wrong types and oversized images."""
     from PIL import Image
 
     if not isinstance(text, str):
@@ -82,6 +84,10 @@ def _decode_limited(text: Any, index: int, limits: Limits):
     if width * height > limits.max_pixels:
         raise RequestError(413, f"images[{index}]: {width}x{height} = {width * height} pixels is over the "
                                 f"server's limit of {limits.max_pixels} (--max-pixels)")
+    return image
+
+
+def _load(image, index: int):
     try:
         image.load()
     except (OSError, ValueError) as err:
@@ -108,7 +114,12 @@ def parse_score_request(body: bytes, limits: Limits) -> tuple[list, list[str], O
     if len(images) > limits.max_images:
         raise RequestError(413, f"{len(images)} images in one request; the server takes at most "
                                 f"{limits.max_images} (--max-images): send smaller batches")
-    return [_decode_limited(t, i, limits) for i, t in enumerate(images)], prompts, metadata
+    opened = [_decode_limited(t, i, limits) for i, t in enumerate(images)]  # headers only
+    total = sum(im.size[0] * im.size[1] for im in opened)
+    if total > limits.max_total_pixels:
+        raise RequestError(413, f"{total} pixels in one request is over the server's limit of "
+                                f"{limits.max_total_pixels} (--max-total-pixels): send smaller batches")
+    return [_load(im, i) for i, im in enumerate(opened)], prompts, metadata
 
 
 class BoundedHTTPServer(HTTPServer):
@@ -250,6 +261,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="largest request body (413 above)")
     parser.add_argument("--max-images", type=int, default=defaults.max_images, help="images per request (413 above)")
     parser.add_argument("--max-pixels", type=int, default=defaults.max_pixels, help="pixels per image (413 above)")
+    parser.add_argument("--max-total-pixels", type=int, default=defaults.max_total_pixels,
+                        help="pixels of all images of one request (413 above)")
     parser.add_argument("--read-timeout", type=float, default=defaults.read_timeout,
                         help="seconds a client may stall mid-request before its connection is closed (408)")
     parser.add_argument("--workers", type=int, default=defaults.workers,
@@ -267,11 +280,13 @@ def main(argv: list[str] | None = None) -> None:
     options["device"] = args.device
     if args.batch_size:
         options["batch_size"] = args.batch_size
-    for flag in ("max_request_mb", "max_images", "max_pixels", "read_timeout", "workers"):
+    for flag in ("max_request_mb", "max_images", "max_pixels", "max_total_pixels", "read_timeout", "workers"):
         if not getattr(args, flag) > 0:
             parser.error(f"--{flag.replace('_', '-')} must be > 0")
     scorer = load_reward(args.reward, **options).load()
-    limits = Limits(int(args.max_request_mb * 2**20), args.max_images, args.max_pixels, args.read_timeout, args.workers)
+    limits = Limits(max_request_bytes=int(args.max_request_mb * 2**20), max_images=args.max_images,
+                    max_pixels=args.max_pixels, max_total_pixels=args.max_total_pixels,
+                    read_timeout=args.read_timeout, workers=args.workers)
     server = make_server(scorer, args.host, args.port, options, limits)
     host, port = server.server_address[:2]
     print(f"serving {args.reward} on http://{host}:{port}", flush=True)

@@ -115,6 +115,12 @@ def test_pixels_per_image_limit_is_413_before_decoding(serve):
         assert "images[0]" in reply["error"]
     status, reply = post(serve(max_pixels=100), payload([Image.new("RGB", (11, 10))]))
     assert status == 413 and "11x10 = 110 pixels" in reply["error"]
+    # Many images each under the per-image limit: the request's total is bounded too.
+    bombs = [png_header_only(4096, 4096)] * 5  # 84 M pixels in all, 250 MB of RGB if decoded; ~20 kB sent
+    status, reply = post(address, payload(bombs))
+    assert status == 413 and "--max-total-pixels" in reply["error"]
+    assert post(serve(max_total_pixels=300), payload([Image.new("RGB", (10, 10))] * 3))[0] == 200
+    assert post(serve(max_total_pixels=299), payload([Image.new("RGB", (10, 10))] * 3))[0] == 413
 
 
 @pytest.mark.parametrize("body,message", [
