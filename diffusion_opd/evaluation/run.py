@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test")
     p.add_argument("--data_root", default="dataset", help="folder of scripts/download_data.py")
     p.add_argument("--model", default=None,
-                   help=f"Hub id or local pipeline folder (default: the checkpoint's model.path, else {DEFAULT_MODEL})")
+                   help=f"Hub id or local pipeline folder, SD3 / SD3.5 or FLUX.1 (the family is read from its "
+                        f"model_index.json; default: the checkpoint's model.path, else {DEFAULT_MODEL})")
     p.add_argument("--revision", default=None)
     p.add_argument("--checkpoint_path", default=None,
                    help="a training checkpoint <output_dir>/checkpoints/round-N (or the output_dir: newest round), "
@@ -81,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora_path", default=None, help="a LoRA folder or Hub repo (PEFT or diffusers format)")
     p.add_argument("--lora_subfolder", default=None)
     p.add_argument("--num_steps", type=int, default=40)
-    p.add_argument("--guidance_scale", type=float, default=4.5)
+    p.add_argument("--guidance_scale", type=float, default=4.5,
+                   help="CFG scale (SD3); for a guidance-distilled FLUX.1-dev the value of its guidance embedding "
+                        "(FluxPipeline's default is 3.5)")
     p.add_argument("--resolution", type=int, default=512, help="image side in pixels (the paper's table: 1024)")
     p.add_argument("--solver", choices=("ode", "sde"), default="ode", help="ode: Euler flow matching")
     p.add_argument("--noise_level", type=float, default=None, help="SDE eta (sde only; default 0.7)")
@@ -225,10 +228,10 @@ def _model_from_checkpoint(config: dict, checkpoint: str) -> Optional[str]:
     path = (config.get("model") or {}).get("path")
     if not path:
         return None
-    if path == "builtin:tiny-sd3":  # the trainer built it under <output_dir>/builtin/
-        built = Path(checkpoint).parents[1] / "builtin" / "tiny-sd3"
-        return str(built) if built.is_dir() else None
-    return None if path.startswith("builtin:") else path
+    if path.startswith("builtin:"):  # a tiny model the trainer built under <output_dir>/builtin/<name>
+        built = Path(checkpoint).parents[1] / "builtin" / path[len("builtin:"):]
+        return str(built) if (built / "model_index.json").is_file() else None
+    return path
 
 
 def _check_lora_source(path: str, subfolder: Optional[str]) -> None:

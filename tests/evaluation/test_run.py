@@ -1,4 +1,4 @@
-"""The evaluation CLI on the tiny random SD3 pipeline, on the CPU, offline.
+"""The evaluation CLI on the tiny random SD3 pipeline (and the tiny FLUX one), on the CPU, offline.
 
 End to end with real rewards (rapidocr OCR; GenEval with a tiny Mask2Former + tiny open_clip),
 one process vs two real processes (torchrun, gloo), and LoRA / checkpoint loading checked
@@ -268,3 +268,22 @@ def test_checkpoint_and_lora_folders_load_and_change_images(tiny_sd3_dir, tiny_t
     assert np.abs(images["raw"][0] - images["ema"][0]).mean() > 0.5
     run = json.loads((tmp_path / "ema" / "summary.json").read_text())["run"]
     assert run["model"] == tiny_sd3_dir and run["adapter"]["path"].endswith(os.path.join("round-3", "ema"))
+
+
+def test_flux_pipeline_and_checkpoint_end_to_end(tiny_flux_dir, tmp_path):
+    """A FLUX pipeline folder through the whole CLI: the family comes from its model_index.json
+    (via the checkpoint's config), the trained LoRA is applied, OCR scores every image, and the
+    images are exactly what the FLUX student with those weights samples."""
+    run_root = tmp_path / "flux_run"
+    ckpt = _write_checkpoint(tiny_flux_dir, run_root / "checkpoints" / "round-3")
+    out = tmp_path / "flux_eval"
+    run_cli(["--dataset", "ocr", "--data_root", shared_datasets(), "--max_samples", "2", "--save_images",
+             "--checkpoint_path", run_root, "--output_dir", out, *SAMPLING])
+    rows = read_results(out)
+    assert [r["index"] for r in rows] == [0, 1] and all(0.0 <= r["scores"]["ocr"] <= 1.0 for r in rows)
+    assert type(ckpt["policy"]).__name__ == "FluxPolicy"
+    expected = _student_images(ckpt["policy"], ckpt["raw"], [r["prompt"] for r in rows], [r["seed"] for r in rows])
+    for e, r in zip(expected, rows):  # same float32 math: pixels agree up to one 8-bit rounding step
+        assert e.shape == (64, 64, 3) and np.abs(e - pixels(out / r["image"])).max() <= 1
+    run = json.loads((out / "summary.json").read_text())["run"]
+    assert run["model"] == tiny_flux_dir and run["adapter"]["path"].endswith("round-3")
