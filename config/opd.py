@@ -145,6 +145,7 @@ def tiny_flux_mopd():
     c.run_name = "tiny_flux_mopd"
     c.output_dir = "outputs/tiny_flux_mopd"
     c.model.path = "builtin:tiny-flux"
+    c.model.guidance = "embedded"
     # Measured: with 16 T5 tokens the tiny FLUX student barely moves toward its teachers
     # (held-out distance -20% in 40 rounds); with 128 (mostly padding) it falls by ~70%.
     c.model.max_sequence_length = 128
@@ -158,6 +159,7 @@ def tiny_flux_mopd():
 def _flux_dev(c):
     """FLUX.1-dev as the backbone (guidance-distilled: the guidance scales feed its embedding)."""
     c.model.path = FLUX_DEV
+    c.model.guidance = "embedded"  # FLUX.1-dev is guidance-distilled: no uncond branch
     c.model.dtype = "bf16"
     c.mixed_precision = "bf16"
     c.model.max_sequence_length = 512  # FluxPipeline's default T5 length

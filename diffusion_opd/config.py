@@ -314,8 +314,11 @@ def derived_geometry(config, world_size: int) -> dict[str, Any]:
     s, t = config.sample, config.train
     per_task = t.batch_size * t.grad_accum
     n_tasks = len(config.tasks)
-    cfg_mult = 2 if s.guidance_scale > 1 else 1
-    teacher_cfg = {n: (2 if config.teachers[config.tasks[n].teacher].guidance_scale > 1 else 1) for n in config.tasks}
+    def rows(g):  # a CFG scale > 1 doubles the rows; a guidance embedding (model.guidance=embedded) never does
+        return 2 if g > 1 and config.model.guidance != "embedded" else 1
+
+    cfg_mult = rows(s.guidance_scale)
+    teacher_cfg = {n: rows(config.teachers[config.tasks[n].teacher].guidance_scale) for n in config.tasks}
     loss = t.loss if t.loss != "auto" else ("l2" if s.noise_level == 0 else "kl")
     return {
         "world_size": world_size,

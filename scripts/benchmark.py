@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scripts/benchmarking.py: tooling, not library
 
-from benchmarking import (DEFAULT_DTYPE, MODELS, VARIANTS, default_variants, prepare_models,  # noqa: E402
+from benchmarking import (DEFAULT_DTYPE, EXPECTED_ONLY, MODELS, VARIANTS, default_variants, prepare_models,  # noqa: E402
                                      expected_round_flops, resolve_variants, run_variant,
                                      text_encoder_offload)
 
@@ -45,12 +45,22 @@ def parse_args(argv=None):
                    help="only build the random model folders under --workdir (what scripts/gpu_bench.sh does first)")
     p.add_argument("--expected-flops", action="store_true",
                    help="only print the round's FLOPs predicted from the architecture (meta device, no GPU)")
+    p.add_argument("--expected-memory", action="store_true",
+                   help="only print the per-GPU memory of a round with gradient checkpointing, counted from the "
+                        "architecture (scripts/round_budget.py; sd3.5-medium or flux.1-dev)")
     p.add_argument("--in-process", action="store_true",
                    help="run the variants in this process (faster start; peak RSS then accumulates)")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one variant, write --worker-output
     p.add_argument("--worker-output", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.expected_flops or args.prepare_only:
+    if args.expected_memory and args.model == "tiny":
+        p.error("--expected-memory: use --model sd3.5-medium or flux.1-dev (the tiny model needs no budget)")
+    if args.expected_flops or args.expected_memory:
+        return args
+    if args.model in EXPECTED_ONLY:
+        p.error(f"--model {args.model}: only --expected-flops / --expected-memory (its round is predicted on the "
+                "meta device, not timed)")
+    if args.prepare_only:
         return args
     if not args.output:
         p.error("--output FILE.json is required")
@@ -146,6 +156,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.expected_flops:
         print(json.dumps(expected_round_flops(args.model), indent=1))
+    if args.expected_memory:
+        from round_budget import round_memory
+
+        print(json.dumps(round_memory(args.model), indent=1))
+    if args.expected_flops or args.expected_memory:
         return 0
     paths = prepare_models(args.model, args.workdir, args.device)
     if args.prepare_only:

@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["MODELS", "VARIANTS", "Settings", "default_variants", "resolve_variants", "prepare_models",
+__all__ = ["MODELS", "EXPECTED_ONLY", "VARIANTS", "Settings", "default_variants", "resolve_variants", "prepare_models",
            "run_variant", "expected_round_flops", "matmul_peak", "text_encoder_offload", "sd35_text_encoder_configs", "PhaseProfile"]
 
 CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config", "opd.py")
@@ -44,7 +44,10 @@ MODELS = {
     "tiny": ModelSpec(resolution=64, text_tokens=77 + 16, student_rank=8, teacher_rank=8),
     # The SD3.5-Medium transformer (random weights), 512 px, 77 + 256 text tokens, LoRA r 32.
     "sd3.5-medium": ModelSpec(resolution=512, text_tokens=77 + 256, student_rank=32, teacher_rank=32),
+    # FLUX.1-dev (flux_mopd): 512 px, 512 T5 tokens, LoRA r 32; --expected-flops only (no timed round).
+    "flux.1-dev": ModelSpec(resolution=512, text_tokens=512, student_rank=32, teacher_rank=32),
 }
+EXPECTED_ONLY = ("flux.1-dev",)  # models whose round is only predicted (models/architectures.py)
 
 
 @dataclass(frozen=True)
@@ -156,6 +159,10 @@ def expected_round_flops(model: str = "sd3.5-medium") -> dict:
     from peft import LoraConfig
     from torch.utils.flop_counter import FlopCounterMode
 
+    if model in EXPECTED_ONLY:
+        from round_budget import expected_flops_embedded_guidance
+
+        return expected_flops_embedded_guidance(model, MODELS[model])
     from diffusion_opd.models.specs import DEFAULT_LORA
     from diffusion_opd.models.tiny import TINY_TRANSFORMER_CONFIG, build_random_transformer, sd35_medium_transformer_config
 

@@ -26,7 +26,7 @@ def data_root(tmp_path_factory):
 @pytest.mark.parametrize("name", _names())
 def test_every_shipped_config_validates(name, data_root):
     config = load_config(f"{OPD}:{name}", [f"data_root={data_root}"])
-    prompts = validate_config(config, world_size=8 if name != "tiny_mopd" else 1)
+    prompts = validate_config(config, world_size=1 if name.startswith("tiny_") else 8)
     assert set(prompts) == set(config.tasks)
     assert all(len(rows) >= config.train.batch_size for rows in prompts.values())
     geo = derived_geometry(config, 8)
@@ -119,3 +119,29 @@ def test_unknown_config_name_lists_valid_ones():
 def test_override_needs_equals():
     with pytest.raises(ConfigError, match="key=value"):
         apply_override(_tiny(), "train.mode")
+
+
+def test_flux_and_sd35_large_recipes(data_root):
+    """flux_mopd: the released recipe's geometry on FLUX.1-dev (guidance embedding, the dynamic
+    shift, FLUX LoRA targets); sd35_large_mopd: the same recipe and code path on SD3.5-Large."""
+    from diffusion_opd.models.specs import DEFAULT_LORA_TARGETS
+
+    mopd = load_config(f"{OPD}:mopd", [f"data_root={data_root}"])
+    flux = load_config(f"{OPD}:flux_mopd", [f"data_root={data_root}", "teachers.ocr.path=/ckpt/flux_ocr",
+                                            "teachers.ocr.subfolder=lora"])
+    assert flux.model.path == "black-forest-labs/FLUX.1-dev" and flux.model.guidance == "embedded"
+    assert flux.sample.resolution == 512 and flux.sample.shift == 0 and flux.sample.guidance_scale == 3.5
+    assert flux.model.gradient_checkpointing and flux.model.dtype == "bf16" and flux.model.max_sequence_length == 512
+    assert tuple(flux.lora.target_modules) == DEFAULT_LORA_TARGETS["flux"]
+    assert len(flux.tasks) == 3 and {t.teacher for t in flux.tasks.values()} == set(flux.teachers)
+    assert all(t.subfolder for t in flux.teachers.values())  # Hub repo + subfolder, or a folder
+    assert (flux.teachers.ocr.path, flux.teachers.ocr.subfolder) == ("/ckpt/flux_ocr", "lora")
+    geo, ref = derived_geometry(flux, 8), derived_geometry(mopd, 8)
+    assert {k: v for k, v in geo.items() if "forwards" not in k} == {k: v for k, v in ref.items() if "forwards" not in k}
+    # no uncond rows: 3 tasks x 3 images x 10 steps student, 3 x 3 x 9 teacher forwards
+    assert geo["student_forwards_per_round_per_process"] == 90 and geo["teacher_forwards_per_round_per_process"] == 81
+    large = load_config(f"{OPD}:sd35_large_mopd", [f"data_root={data_root}"])
+    assert large.model.path == "stabilityai/stable-diffusion-3.5-large" and large.model.gradient_checkpointing
+    assert tuple(large.lora.target_modules) == DEFAULT_LORA_TARGETS["sd3"]
+    assert derived_geometry(large, 8) == derived_geometry(mopd, 8)
+    assert {n: t.guidance_scale for n, t in large.teachers.items()} == {"geneval": 1.0, "ocr": 4.5, "aesthetic": 4.5}

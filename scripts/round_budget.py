@@ -1,0 +1,176 @@
+"""What one OPD round costs on a real-size model, predicted from the architecture on the ``meta``
+device (no weights, no GPU, a few seconds of CPU): FLOPs and per-GPU memory. Tooling for
+``scripts/benchmark.py --expected-flops / --expected-memory``, not library.
+
+Memory is counted, not guessed:
+
+* weights: the exact parameter counts of the transformer, the text encoders and the VAE
+  (public configs, models/architectures.py) times their dtype size;
+* the student LoRA: fp32 weights + fp32 gradients + AdamW's two fp32 moments + the fp32 EMA
+  (20 bytes per parameter); each LoRA teacher: its adapter in the backbone dtype;
+* activations: every tensor autograd saves for the backward of one grad-enabled student forward,
+  recorded with ``torch.autograd.graph.saved_tensors_hooks`` (each tensor once) per transformer
+  block. Attention is counted as a flash / memory-efficient kernel saves it (q, k, v, output and
+  the fp32 log-sum-exp, no L x L matrix), which is what PyTorch's SDPA picks on an H100/H200 in
+  bf16. With gradient checkpointing (the diffusers transformers checkpoint every block) the
+  forward keeps each block's inputs plus what is saved outside the blocks, and the backward
+  re-runs one block at a time: peak = inputs of all blocks + outside + the largest block's saved
+  tensors, with that block's activation gradients (at most as large again) on top.
+
+Not counted: the CUDA context and allocator slack (typically 0.5-2 GB), the no-grad teacher
+forward's transient buffers (one block's intermediate at a time: under 0.3 GB at 512 px),
+and the reward models of the periodic evaluation.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+from diffusion_opd.models.architectures import ARCHITECTURES, meta_inputs, meta_student
+
+__all__ = ["expected_flops_embedded_guidance", "round_memory"]
+
+GB = 1e9
+
+
+def expected_flops_embedded_guidance(model: str, spec) -> dict:
+    """flux_mopd's round for a guidance-distilled model: every forward is 3 rows (3 images, the
+    guidance is an embedding, no uncond branch): 3 tasks x 10 rollout forwards + 27 teacher
+    forwards + 27 backwards; two_pass adds 27 replayed student forwards."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    transformer = meta_student(model, spec.student_rank)
+    counts = {}
+    with FlopCounterMode(display=False) as counter:
+        out = transformer(**meta_inputs(model, 3, spec.resolution))[0]
+        counts["forward"] = counter.get_total_flops()
+        out.float().square().mean().backward()
+        counts["backward"] = counter.get_total_flops() - counts["forward"]
+    fwd3, bwd3 = counts["forward"], counts["backward"]
+    phases = {"rollout": 30 * fwd3, "teacher": 27 * fwd3, "backward": 27 * bwd3, "optimizer": 0}
+    fused = sum(phases.values())
+    return {"model": model, "forward_3_rows": fwd3, "backward_3_rows": bwd3, "fused_phases": phases,
+            "fused": fused, "two_pass": fused + 27 * fwd3, "two_pass_over_fused": (fused + 27 * fwd3) / fused}
+
+
+class _FlashLikeAttention(torch.autograd.Function):
+    """SDPA with the saved tensors of a flash kernel: q, k, v, out and the fp32 log-sum-exp."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = q.new_empty(*q.shape[:-1], v.shape[-1])
+        ctx.save_for_backward(q, k, v, out, q.new_empty(q.shape[:-1], dtype=torch.float32))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v = ctx.saved_tensors[:3]
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+@contextmanager
+def _flash_like_sdpa():
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        return _FlashLikeAttention.apply(query, key, value)
+
+    torch.nn.functional.scaled_dot_product_attention = sdpa
+    try:
+        yield
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = original
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _tensors(value):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _tensors(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+
+
+def activation_bytes(model: str, rows: int, resolution: int, rank: int = 32) -> dict:
+    """Bytes autograd saves in one grad-enabled student forward of ``rows`` images, split into
+    what each block saves, the blocks' inputs, and what is saved outside the blocks."""
+    transformer = meta_student(model, rank)
+    blocks = [m for name in ("transformer_blocks", "single_transformer_blocks")
+              for m in getattr(transformer, name, [])]
+    seen: dict[int, torch.Tensor] = {}  # id -> tensor (kept alive so ids stay unique)
+    total = [0]
+
+    def pack(t):
+        if id(t) not in seen:
+            seen[id(t)] = t
+            total[0] += _nbytes(t)
+        return t
+
+    per_block, inputs, input_ids, marks = [], [0], set(), {}
+
+    def pre(module, args, kwargs):
+        for t in _tensors((args, kwargs)):
+            if id(t) not in input_ids:
+                input_ids.add(id(t))
+                seen.setdefault(id(t), t)
+                inputs[0] += _nbytes(t)
+        marks[id(module)] = total[0]
+
+    def post(module, args, kwargs, out):
+        per_block.append(total[0] - marks[id(module)])
+
+    handles = [b.register_forward_pre_hook(pre, with_kwargs=True) for b in blocks]
+    handles += [b.register_forward_hook(post, with_kwargs=True) for b in blocks]
+    try:
+        with _flash_like_sdpa(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            transformer(**meta_inputs(model, rows, resolution))
+    finally:
+        for h in handles:
+            h.remove()
+    outside = total[0] - sum(per_block)
+    return {"saved_total": total[0], "block_max": max(per_block), "block_inputs": inputs[0], "outside_blocks": outside,
+            "checkpointed_peak": inputs[0] + outside + 2 * max(per_block)}
+
+
+def _param_bytes(modules, dtype_bytes: int) -> int:
+    return sum(p.numel() for m in modules for p in m.parameters()) * dtype_bytes
+
+
+def round_memory(model: str, *, resolution: int = 512, images: int = 3, rank: int = 32, teachers: int = 3,
+                 weight_bytes: int = 2, checkpointing: bool = True, text_encoders_resident: bool = True) -> dict:
+    """Per-GPU bytes of one round of the OPD recipe on ``model`` (``images`` per micro-batch)."""
+    import diffusers
+
+    arch = ARCHITECTURES[model]
+    rows = images * (2 if arch.cfg else 1)  # CFG runs the uncond rows in the same batch
+    student = meta_student(model, rank)
+    lora = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    backbone = sum(p.numel() for p in student.parameters() if not p.requires_grad)
+    with torch.device("meta"):
+        text = [cls(cfg) for cls, cfg in arch.text_encoders()]
+        from diffusion_opd.models.architectures import _vae
+
+        vae_cls, vae_cfg = _vae()
+        vae = getattr(diffusers, vae_cls.__name__)(**vae_cfg)
+    act = activation_bytes(model, rows, resolution, rank)
+    parts = {
+        "transformer_weights": backbone * weight_bytes,
+        "text_encoders": _param_bytes(text, weight_bytes) if text_encoders_resident else 0,
+        "vae": _param_bytes([vae], weight_bytes),
+        "student_lora_weights_grads_adam_ema": lora * 20,
+        "teacher_loras": teachers * lora * weight_bytes,
+        "activations": act["checkpointed_peak"] if checkpointing else act["saved_total"],
+    }
+    return {"model": model, "resolution": resolution, "rows_per_forward": rows, "checkpointing": checkpointing,
+            "parameters": {"transformer": backbone, "student_lora": lora,
+                           "text_encoders": sum(p.numel() for m in text for p in m.parameters()),
+                           "vae": sum(p.numel() for p in vae.parameters())},
+            "activation_detail": act, "bytes": parts, "total_bytes": sum(parts.values()),
+            "total_gb": round(sum(parts.values()) / GB, 1)}

@@ -1,0 +1,44 @@
+"""FLUX.1-dev's round predicted from the architecture on the meta device: FLOPs and memory."""
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+from benchmarking import expected_round_flops  # noqa: E402  (benchmark tooling lives in scripts/)
+from round_budget import _flash_like_sdpa, round_memory  # noqa: E402
+
+
+def test_attention_is_counted_as_a_flash_kernel_saves_it():
+    q = torch.zeros(2, 4, 1000, 64, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    saved = []
+    with _flash_like_sdpa(), torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    assert out.shape == q.shape
+    # q, k, v, out (bf16) and the fp32 log-sum-exp per query row: no 1000 x 1000 matrix
+    assert sorted(t.numel() * t.element_size() for t in saved) == [2 * 4 * 1000 * 4] + [2 * 4 * 1000 * 64 * 2] * 4
+
+
+def test_flux_dev_round_flops_and_memory():
+    flops = expected_round_flops("flux.1-dev")
+    fwd, bwd = flops["forward_3_rows"], flops["backward_3_rows"]
+    # guidance-distilled: every forward is 3 rows; 30 rollout + 27 teacher forwards, 27 backwards
+    assert flops["fused"] == 57 * fwd + 27 * bwd and flops["two_pass"] == flops["fused"] + 27 * fwd
+    # the linear layers alone: 2 FLOPs per weight per token, image weights on 1024 tokens, text
+    # weights on 512, single-stream weights on 1536 (counted from the module shapes)
+    mem = round_memory("flux.1-dev")
+    assert mem["parameters"]["transformer"] == 11_901_408_320  # FLUX.1-dev's published 12 B
+    assert mem["parameters"]["text_encoders"] == 4_762_310_656 + 123_060_480  # T5-XXL encoder + CLIP-L
+    assert 0.9 * fwd < bwd < 1.2 * fwd  # frozen weights: activation gradients (+ LoRA), no weight gradients
+    parts, act = mem["bytes"], mem["activation_detail"]
+    assert mem["total_bytes"] == sum(parts.values()) and mem["rows_per_forward"] == 3
+    assert parts["transformer_weights"] == 2 * 11_901_408_320
+    assert parts["student_lora_weights_grads_adam_ema"] == 20 * mem["parameters"]["student_lora"]
+    # checkpointing keeps block inputs + one block's saved tensors (+ its gradients): ~13x less
+    assert act["checkpointed_peak"] == act["block_inputs"] + act["outside_blocks"] + 2 * act["block_max"]
+    assert act["saved_total"] > 10 * act["checkpointed_peak"]
+    # 57 blocks x (3 x 1024 image + 3 x 512 text tokens) x 3072 x bf16 of block inputs at least
+    assert act["block_inputs"] >= 57 * 3 * (1024 + 512) * 3072 * 2
+    print(f"flux.1-dev: fused round {flops['fused'] / 1e15:.2f} PFLOP, memory {mem['total_gb']} GB "
+          f"(activations {parts['activations'] / 1e9:.2f} GB checkpointed, {act['saved_total'] / 1e9:.1f} GB not)")
+    assert 30e9 < mem["total_bytes"] < 60e9
