@@ -68,3 +68,26 @@ def test_sd35_medium_preset_has_the_real_architecture():
     assert model.time_text_embed.text_embedder.linear_1.in_features == 2048
     assert model.proj_out.out_features == 2 * 2 * 16
     assert type(model.transformer_blocks[0].attn.norm_q).__name__ == "RMSNorm"
+
+
+def test_tiny_flux_folder_has_the_flux_dev_layout(tiny_flux_dir, tiny_flux_teacher_dirs):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from diffusion_opd.models import pipeline_family
+
+    for sub in ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"):
+        assert os.path.isdir(os.path.join(tiny_flux_dir, sub)), sub
+    assert pipeline_family(tiny_flux_dir) == "flux"
+    with open(os.path.join(tiny_flux_dir, "transformer", "config.json")) as f:
+        cfg = json.load(f)
+    assert cfg["guidance_embeds"] and cfg["in_channels"] == 4 * 16 and sum(cfg["axes_dims_rope"]) == cfg["attention_head_dim"]
+    with open(os.path.join(tiny_flux_dir, "vae", "config.json")) as f:
+        vae = json.load(f)
+    assert (vae["scaling_factor"], vae["shift_factor"], vae["latent_channels"]) == (0.3611, 0.1159, 16)
+    sched = FlowMatchEulerDiscreteScheduler.load_config(tiny_flux_dir, subfolder="scheduler")
+    assert sched["use_dynamic_shifting"] and (sched["base_shift"], sched["max_shift"]) == (0.5, 1.15)
+    # teachers adapt the double-stream block and the single-stream blocks' q/k/v
+    with safe_open(os.path.join(tiny_flux_teacher_dirs["diffusers"], "pytorch_lora_weights.safetensors"), "pt") as f:
+        modules = {k.rsplit(".lora_", 1)[0] for k in f.keys()}
+    assert "transformer.transformer_blocks.0.attn.to_out.0" in modules
+    assert "transformer.single_transformer_blocks.1.attn.to_v" in modules and len(modules) == 4 + 2 * 3
