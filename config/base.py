@@ -22,6 +22,7 @@ def get_config():
     c.save_every = 10  # rounds between checkpoints (one is always written at the end)
     c.keep_last = 3  # checkpoints kept on disk
     c.resume_from = ""  # "" | "latest" | path to a checkpoints/round-N folder
+    c.overwrite = False  # True: a new run in a used output_dir moves the old files aside (never deletes)
 
     # The backbone: a Hub id or a local diffusers pipeline folder.
     c.model = ml_collections.ConfigDict()

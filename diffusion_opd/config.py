@@ -1,4 +1,5 @@
-"""Load a named config, apply dotted overrides, validate everything before any model loads.
+"""Load a named config, apply dotted overrides, and validate it (:func:`validate_config`, a pure
+function of the config; what needs files is checked next by ``trainers/preflight.py``).
 
 ``load_config("config/opd.py:mopd", ["train.learning_rate=1e-4", "save_every=5"])``. Overrides
 may also be written the way absl / ml_collections ``config_flags`` users type them
@@ -11,13 +12,16 @@ from __future__ import annotations
 import ast
 import difflib
 import importlib.util
+import math
 import os
 from typing import Any, Iterable, Optional, Sequence
 
 import ml_collections
 import torch
 
+from .errors import ConfigError
 from .models.base import BASE, STUDENT
+from .models.specs import LORA_INIT_WORDS, LORA_INITS, TEACHER_KINDS
 
 _CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config")
 
@@ -36,12 +40,7 @@ CHOICES = {
     "logging.wandb_mode": ("online", "offline", "disabled"),
     "perf.compile": ("auto", "on", "off"),
 }
-TEACHER_KINDS = ("lora", "transformer")
 USER_NAMED = ("tasks", "teachers")  # sections whose entry names are the user's
-
-
-class ConfigError(ValueError):
-    """A config value is wrong; the message starts with the key."""
 
 
 def _import_file(path: str, module_name: str):
@@ -129,6 +128,10 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
             raise ConfigError(f"unknown config key '{so_far}'{hint} (valid here: {', '.join(valid)})")
         if i < len(parts) - 1:
             node = node[part]
+    if len(parts) == 3 and parts[0] == "tasks" and parts[2] in ("prompts", "eval_prompts"):
+        with node.ignore_type():  # a prompt source is a name / path (str) or a list, whatever it was
+            node[parts[2]] = parse_prompt_source(key, text)
+        return
     try:
         node[parts[-1]] = _parse_value(text, node[parts[-1]])
     except (ValueError, TypeError) as err:
@@ -172,57 +175,9 @@ def _entry_keys(section: str) -> set[str]:
     return set(example.keys())
 
 
-def validate_config(config, *, world_size: int = 1, check_data: bool = True) -> dict[str, list[str]]:
-    """Raise :class:`ConfigError` naming the key of the first problem found.
-
-    Checks run in cost order (types, choices and ranges, then names, then prompt files) and
-    nothing here loads a model. Returns each task's training prompts (reused by the trainer)
-    when ``check_data`` is on.
-    """
-    _check_schema(config, base_config())
-    for key, valid in CHOICES.items():
-        if _get(config, key) not in valid:
-            raise ConfigError(f"{key}: {_get(config, key)!r} is not one of {', '.join(valid)}")
-
-    s, t = config.sample, config.train
-    positive = {
-        "sample.num_steps": s.num_steps, "sample.resolution": s.resolution, "train.batch_size": t.batch_size,
-        "train.grad_accum": t.grad_accum, "train.num_rounds": t.num_rounds, "train.num_train_steps": t.num_train_steps,
-        "train.learning_rate": t.learning_rate, "save_every": config.save_every, "keep_last": config.keep_last,
-        "train.nan_patience": t.nan_patience,
-    }
-    if not isinstance(config.perf.compile_backend, str) or not config.perf.compile_backend:
-        raise ConfigError("perf.compile_backend: a torch.compile backend name (inductor, aot_eager, eager)")
-    if config.cpu_threads < 0:
-        raise ConfigError(f"cpu_threads: must be >= 0, got {config.cpu_threads}")
-    if config.eval.sample_images < 0:
-        raise ConfigError(f"eval.sample_images: must be >= 0 (0: no sample grids), got {config.eval.sample_images}")
-    for key, value in positive.items():
-        if not value > 0:
-            raise ConfigError(f"{key}: must be > 0, got {value}")
-    if t.num_train_steps > s.num_steps:
-        raise ConfigError(f"train.num_train_steps: {t.num_train_steps} > sample.num_steps ({s.num_steps})")
-    if s.resolution % 16:
-        raise ConfigError(f"sample.resolution: {s.resolution} is not a multiple of 16 (VAE x8 * patch 2)")
-    if s.noise_level < 0:
-        raise ConfigError(f"sample.noise_level: must be >= 0, got {s.noise_level}")
-    if not 0 <= t.ema_decay < 1:
-        raise ConfigError(f"train.ema_decay: must be in [0, 1), got {t.ema_decay}")
-    if t.loss in ("kl", "ppo") and s.noise_level == 0:
-        raise ConfigError(
-            f"train.loss: '{t.loss}' needs an SDE rollout (sample.noise_level > 0); with the ODE use 'l2' or 'auto'"
-        )
-    if t.loss == "ppo" and t.mode != "fused":
-        raise ConfigError("train.loss: 'ppo' needs train.mode='fused' (it uses the sampled action of the rollout)")
-    if config.device == "cpu" and config.mixed_precision == "fp16":
-        raise ConfigError("mixed_precision: fp16 autocast is not available on the CPU; use 'no' or 'bf16'")
-    if config.expect_world_size and config.expect_world_size != world_size:
-        raise ConfigError(
-            f"expect_world_size: {config.expect_world_size} processes expected but {world_size} started "
-            "(on the CPU use torchrun --nproc_per_node N, or accelerate launch --multi_gpu --num_processes N; `accelerate launch --cpu` starts one process)"
-        )
-
-    check_student_init(config)
+def _check_entries(config) -> None:
+    """The user-named sections: teachers (adapter names peft can use) and tasks (a teacher each,
+    a prompt source that is unambiguously a list or a name / path)."""
     if not config.teachers:
         raise ConfigError("teachers: no teacher configured")
     for name, spec in config.teachers.items():
@@ -238,7 +193,7 @@ def validate_config(config, *, world_size: int = 1, check_data: bool = True) -> 
             raise ConfigError(f"teachers.{name}.kind: {spec.kind!r} is not one of {', '.join(TEACHER_KINDS)}")
         if not spec.path:
             raise ConfigError(f"teachers.{name}.path: empty")
-        if spec.guidance_scale < 0:
+        if not spec.guidance_scale >= 0:
             raise ConfigError(f"teachers.{name}.guidance_scale: must be >= 0")
     if not config.tasks:
         raise ConfigError("tasks: no task configured")
@@ -251,28 +206,135 @@ def validate_config(config, *, world_size: int = 1, check_data: bool = True) -> 
             raise ConfigError(
                 f"tasks.{name}.teacher: unknown teacher '{spec.teacher}'; valid teachers: {', '.join(config.teachers)}"
             )
-        if spec.reward:
-            from .rewards import check_reward_name
+        for field in ("prompts", "eval_prompts"):
+            _check_prompt_source(f"tasks.{name}.{field}", spec[field], required=field == "prompts")
 
-            try:
-                check_reward_name(spec.reward)
-            except ValueError as err:
-                raise ConfigError(f"tasks.{name}.reward: {err}") from None
 
-    prompts: dict[str, list[str]] = {}
-    if check_data:
-        per_round = t.batch_size * t.grad_accum * world_size
-        for name, spec in config.tasks.items():
-            prompts[name] = task_prompts(config, name, "train")
-            if len(prompts[name]) < per_round:
-                raise ConfigError(
-                    f"tasks.{name}.prompts: {len(prompts[name])} prompts cannot fill a round of "
-                    f"train.batch_size x train.grad_accum x world size = {t.batch_size} x {t.grad_accum} x "
-                    f"{world_size} = {per_round} distinct prompts"
-                )
-            if config.eval.every:
-                task_prompts(config, name, "eval")
-    return prompts
+_PROMPT_FILE_SUFFIXES = (".txt", ".jsonl")
+
+
+def _check_prompt_source(key: str, source, required: bool) -> None:
+    """A prompt source is a dataset name / file path (a string) or a list of prompts; a
+    one-item list holding a file path is what a mistyped override produces: refused."""
+    if isinstance(source, str):
+        if required and not source.strip():
+            raise ConfigError(f"{key}: empty; give a dataset name, a prompt file path or a list of prompts")
+        return
+    if not isinstance(source, (list, tuple)) or not all(isinstance(p, str) and p.strip() for p in source):
+        raise ConfigError(f"{key}: expected a dataset name, a file path or a list of non-empty prompt strings, "
+                          f"got {source!r}")
+    if required and not source:
+        raise ConfigError(f"{key}: empty prompt list")
+    if len(source) == 1 and source[0].strip().endswith(_PROMPT_FILE_SUFFIXES):
+        raise ConfigError(f"{key}: a one-prompt list {list(source)!r} that looks like a file path is ambiguous; "
+                          f"give the path as a string ({key}={source[0]}) or more than one prompt")
+
+
+def parse_prompt_source(key: str, text: str):
+    """A ``tasks.<task>.prompts`` / ``eval_prompts`` value typed on the command line.
+
+    ``['a cat', 'a dog']`` (a Python list literal) is a list of prompts; anything else without
+    a comma is a dataset name or a file path (``/tmp/p.txt``); a bare comma-separated value is
+    ambiguous (a list? a prompt with a comma?) and refused.
+    """
+    text = text.strip()
+    if text[:1] in "[(" and text:
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            raise ConfigError(f"{key}: {text!r} is not a valid list; write it as \"['a cat', 'a dog']\"") from None
+        if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) for p in value):
+            raise ConfigError(f"{key}: expected a list of prompt strings, got {value!r}")
+        return tuple(value)
+    if "," in text:
+        raise ConfigError(f"{key}: {text!r} is ambiguous: give a list of prompts as \"['a cat', 'a dog']\" "
+                          "or a dataset name / file path without commas")
+    return text
+
+
+def _check_finite(config) -> None:
+    for key, value in _walk(config):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}: must be a finite number, got {value}")
+
+
+def validate_config(config, *, world_size: int = 1) -> None:
+    """Raise :class:`ConfigError` naming the key of the first problem found.
+
+    A pure function of the config (and the number of processes): no file is read and nothing
+    is loaded. What needs files (prompt sets, the backbone's module names, the state of
+    ``output_dir``) is checked next, still before any weight loads, by
+    :func:`diffusion_opd.trainers.preflight.preflight`, which ``--validate_only`` runs too.
+    """
+    _check_schema(config, base_config())
+    _check_finite(config)
+    for key, valid in CHOICES.items():
+        if _get(config, key) not in valid:
+            raise ConfigError(f"{key}: {_get(config, key)!r} is not one of {', '.join(valid)}")
+
+    s, t, lora = config.sample, config.train, config.lora
+    positive = {
+        "sample.num_steps": s.num_steps, "sample.resolution": s.resolution, "train.batch_size": t.batch_size,
+        "train.grad_accum": t.grad_accum, "train.num_rounds": t.num_rounds, "train.num_train_steps": t.num_train_steps,
+        "train.learning_rate": t.learning_rate, "train.adam_eps": t.adam_eps, "save_every": config.save_every,
+        "keep_last": config.keep_last, "train.nan_patience": t.nan_patience, "lora.rank": lora.rank,
+        "lora.alpha": lora.alpha, "model.max_sequence_length": config.model.max_sequence_length,
+        "eval.num_prompts": config.eval.num_prompts, "eval.num_steps": config.eval.num_steps,
+    }
+    for key, value in positive.items():
+        if not value > 0:
+            raise ConfigError(f"{key}: must be > 0, got {value}")
+    if not isinstance(config.perf.compile_backend, str) or not config.perf.compile_backend:
+        raise ConfigError("perf.compile_backend: a torch.compile backend name (inductor, aot_eager, eager)")
+    non_negative = {
+        "cpu_threads": config.cpu_threads, "seed": config.seed, "train.warmup_rounds": t.warmup_rounds,
+        "train.weight_decay": t.weight_decay, "train.max_grad_norm": t.max_grad_norm,
+        "train.stop_after_round": t.stop_after_round, "sample.noise_level": s.noise_level,
+        "sample.guidance_scale": s.guidance_scale, "eval.every": config.eval.every,
+        "eval.sample_images": config.eval.sample_images,
+        "expect_world_size": config.expect_world_size,
+    }
+    for key, value in non_negative.items():
+        if not value >= 0:
+            raise ConfigError(f"{key}: must be >= 0, got {value}")
+    for key in ("train.adam_beta1", "train.adam_beta2", "train.ema_decay"):
+        if not 0 <= _get(config, key) < 1:
+            raise ConfigError(f"{key}: must be in [0, 1), got {_get(config, key)}")
+    if not (s.shift == 0 or s.shift > 0):
+        raise ConfigError(f"sample.shift: must be > 0 (or 0 for the pipeline scheduler's own shift), got {s.shift}")
+    if config.model.max_sequence_length > 512:
+        raise ConfigError(f"model.max_sequence_length: at most 512 (T5's limit), got {config.model.max_sequence_length}")
+    if not str(config.model.path).strip():
+        raise ConfigError("model.path: empty; give a Hub id (stabilityai/stable-diffusion-3.5-medium) or a local "
+                          "diffusers pipeline folder")
+    if not str(config.output_dir).strip():
+        raise ConfigError("output_dir: empty")
+    if not lora.target_modules or not all(isinstance(m, str) and m for m in lora.target_modules):
+        raise ConfigError(f"lora.target_modules: expected a non-empty list of module names, got {lora.target_modules!r}")
+    if config.overwrite and config.resume_from:
+        raise ConfigError(f"overwrite: true together with resume_from={config.resume_from!r}; choose one "
+                          "(resume the run, or move it aside and start a new one)")
+    if t.num_train_steps > s.num_steps:
+        raise ConfigError(f"train.num_train_steps: {t.num_train_steps} > sample.num_steps ({s.num_steps})")
+    if s.resolution % 16:
+        raise ConfigError(f"sample.resolution: {s.resolution} is not a multiple of 16 (VAE x8 * patch 2)")
+    if t.loss in ("kl", "ppo") and s.noise_level == 0:
+        raise ConfigError(
+            f"train.loss: '{t.loss}' needs an SDE rollout (sample.noise_level > 0); with the ODE use 'l2' or 'auto'"
+        )
+    if t.loss == "ppo" and t.mode != "fused":
+        raise ConfigError("train.loss: 'ppo' needs train.mode='fused' (it uses the sampled action of the rollout)")
+    if config.device == "cpu" and config.mixed_precision == "fp16":
+        raise ConfigError("mixed_precision: fp16 autocast is not available on the CPU; use 'no' or 'bf16'")
+    if config.expect_world_size and config.expect_world_size != world_size:
+        raise ConfigError(
+            f"expect_world_size: {config.expect_world_size} processes expected but {world_size} started "
+            "(on the CPU use torchrun --nproc_per_node N, or accelerate launch --multi_gpu --num_processes N; `accelerate launch --cpu` starts one process)"
+        )
+    check_student_init(config)
+    if LORA_INIT_WORDS.get(lora.init, lora.init) not in LORA_INITS:
+        raise ConfigError(f"lora.init: {lora.init!r} is not one of gaussian, true, false")
+    _check_entries(config)
 
 
 def check_student_init(config) -> None:
@@ -284,30 +346,6 @@ def check_student_init(config) -> None:
     if m.student_init and config.lora.init != base_config().lora.init:
         raise ConfigError(f"lora.init: {config.lora.init!r} has no effect with model.student_init (the student starts "
                           "as that adapter's weights); drop one of them")
-
-
-def task_prompts(config, task: str, split: str) -> list:
-    """The prompt rows of a task: an inline list, a dataset name, or a file path.
-
-    ``split`` "train" reads ``tasks.<task>.prompts``; "eval" reads ``eval_prompts`` (falling back
-    to the dataset's test split). Rows are dicts with ``prompt`` and ``metadata``.
-    """
-    from .data.prompts import load_task_prompts
-
-    spec = config.tasks[task]
-    source = spec.prompts if split == "train" else (spec.eval_prompts or spec.prompts)
-    key = f"tasks.{task}.{'prompts' if split == 'train' else 'eval_prompts'}"
-    if isinstance(source, (list, tuple)):
-        if not source:
-            raise ConfigError(f"{key}: empty prompt list")
-        return [{"prompt": p, "metadata": {}} for p in source]
-    dataset_split = "train" if split == "train" else "test"
-    try:
-        rows = load_task_prompts(source, dataset_split, root=config.data_root)
-    except (FileNotFoundError, ValueError) as err:
-        raise ConfigError(f"{key}: {err}") from None
-    return [{"prompt": r["prompt"], "metadata": r.get("metadata", {})} for r in rows]
-
 
 def derived_geometry(config, world_size: int) -> dict[str, Any]:
     """The numbers a researcher wants to see before a run (printed at start)."""

@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scripts/benchm
 from benchmarking import (DEFAULT_DTYPE, EXPECTED_ONLY, MODELS, VARIANTS, default_variants, prepare_models,  # noqa: E402
                                      expected_round_flops, resolve_variants, run_variant,
                                      text_encoder_offload)
+from diffusion_opd.errors import run_cli  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -207,4 +208,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

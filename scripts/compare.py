@@ -18,6 +18,7 @@ import math
 import sys
 from pathlib import Path
 
+from diffusion_opd.errors import UserError, run_cli
 from diffusion_opd.evaluation.summary import comparison_markdown, minmax_average
 
 
@@ -88,9 +89,8 @@ def main(argv=None) -> int:
         dropped = sorted({m for x in models for m in table[x]} - set(metrics))
         higher = {m: False for m in args.lower_is_better}
         average = minmax_average(table, metrics, higher)
-    except (ValueError, OSError, json.JSONDecodeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError) as err:  # unreadable or inconsistent summaries (JSONDecodeError is a ValueError)
+        raise UserError(str(err)) from None
     args.out.mkdir(parents=True, exist_ok=True)
     markdown = comparison_markdown(table, metrics, average)
     if dropped:
@@ -107,4 +107,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -12,6 +12,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from diffusion_opd.config import load_config  # noqa: E402
+from diffusion_opd.errors import run_cli  # noqa: E402
 from diffusion_opd.trainers.metrics import read_metrics  # noqa: E402
 from diffusion_opd.trainers.opd import train  # noqa: E402
 
@@ -35,4 +36,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -13,6 +13,7 @@ import logging
 import sys
 
 from diffusion_opd.data.download import MANIFEST, DownloadError, base_urls, download_dataset
+from diffusion_opd.errors import run_cli
 
 
 def main(argv=None) -> int:
@@ -37,11 +38,10 @@ def main(argv=None) -> int:
             paths = download_dataset(name, root=args.root, base_url=args.base_url, splits=splits,
                                      force=args.force, progress=not args.quiet, timeout=args.timeout)
         except (DownloadError, ValueError) as err:
-            print(f"error: {name}: {err}", file=sys.stderr)
-            return 1
+            raise DownloadError(f"{name}: {err}") from None
         print(f"{name}: {len(paths)} file(s) ready under {args.root}: {', '.join(str(p) for p in paths)}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -32,6 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from diffusion_opd.errors import run_cli  # noqa: E402
 from diffusion_opd.rewards import REGISTRY, ckpt_root, reward_names  # noqa: E402
 
 
@@ -215,4 +216,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

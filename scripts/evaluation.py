@@ -16,4 +16,4 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from diffusion_opd.evaluation.run import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main())  # main() prints a user error as one line (diffusion_opd.errors.run_cli)

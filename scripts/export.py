@@ -26,6 +26,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from diffusion_opd.errors import UserError, run_cli  # noqa: E402
+
 FORMATS = ("diffusers", "peft", "merged")
 CHECK_PROMPTS = ("a photo of a red apple on a wooden table", 'a street sign that says "OPEN"')
 EXPORTED = "exported"  # adapter name of the re-loaded export during the check
@@ -144,12 +146,18 @@ def export(args) -> dict:
 
 
 def main(argv=None) -> int:
+    """Exit code 0, or 2 with the error as one line (diffusion_opd.errors.run_cli)."""
+    return run_cli(_main, list(sys.argv[1:] if argv is None else argv))
+
+
+def _main(argv) -> int:
     args = build_parser().parse_args(argv)
     try:
         export(args)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
-        print(f"export: error: {err}", file=sys.stderr)
-        return 2
+        if isinstance(err, UserError):
+            raise
+        raise UserError(str(err)) from None
     return 0
 
 

@@ -1,10 +1,14 @@
 """Every shipped config validates; every bad config fails with an error that names its key."""
 import importlib.util
 import os
+import subprocess
+import sys
 
 import pytest
 
 from diffusion_opd.config import ConfigError, apply_override, derived_geometry, load_config, validate_config
+from diffusion_opd.data.prompts import run_prompts
+from diffusion_opd.trainers.preflight import check_rewards
 from tests.shared_data import make_data_root
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,7 +30,9 @@ def data_root(tmp_path_factory):
 @pytest.mark.parametrize("name", _names())
 def test_every_shipped_config_validates(name, data_root):
     config = load_config(f"{OPD}:{name}", [f"data_root={data_root}"])
-    prompts = validate_config(config, world_size=1 if name.startswith("tiny_") else 8)
+    world = 1 if name.startswith("tiny") else 8  # the CPU configs run on one process
+    assert validate_config(config, world_size=world) is None  # pure: checks, returns nothing
+    prompts, _ = run_prompts(config, world)
     assert set(prompts) == set(config.tasks)
     assert all(len(rows) >= config.train.batch_size for rows in prompts.values())
     geo = derived_geometry(config, 8)
@@ -64,13 +70,75 @@ BAD = [
     ("resolution not /16", lambda: _tiny("sample.resolution=72"), "sample.resolution.*multiple of 16"),
     ("batch larger than prompts", lambda: _tiny("train.batch_size=7", "train.grad_accum=2"), "tasks.objects.prompts.*12 prompts cannot fill a round of.* = 14"),
     ("world size mismatch", lambda: _tiny("expect_world_size=2"), "expect_world_size"),
+    # issue 11: every key that can break a run is refused before anything loads
+    ("negative warmup", lambda: _tiny("train.warmup_rounds=-3"), "train.warmup_rounds: must be >= 0, got -3"),
+    ("infinite learning rate", lambda: _tiny("train.learning_rate=inf"), "train.learning_rate: must be a finite number"),
+    ("zero learning rate", lambda: _tiny("train.learning_rate=0"), "train.learning_rate: must be > 0"),
+    ("nan beta", lambda: _tiny("train.adam_beta2=nan"), "train.adam_beta2: must be a finite number"),
+    ("beta of 1", lambda: _tiny("train.adam_beta1=1.0"), r"train.adam_beta1: must be in \[0, 1\)"),
+    ("negative weight decay", lambda: _tiny("train.weight_decay=-0.1"), "train.weight_decay: must be >= 0"),
+    ("negative lora rank", lambda: _tiny("lora.rank=-4"), "lora.rank: must be > 0, got -4"),
+    ("zero lora alpha", lambda: _tiny("lora.alpha=0"), "lora.alpha: must be > 0"),
+    ("no target modules", lambda: _tiny("lora.target_modules=[]"), "lora.target_modules: expected a non-empty list"),
+    ("zero sequence length", lambda: _tiny("model.max_sequence_length=0"), "model.max_sequence_length: must be > 0"),
+    ("negative shift", lambda: _tiny("sample.shift=-1.0"), "sample.shift: must be > 0"),
+    ("empty model path", lambda: _tiny("model.path="), "model.path: empty"),
+    ("overwrite and resume", lambda: _tiny("overwrite=true", "resume_from=latest"), "overwrite: true together with"),
+    ("ambiguous prompt list", lambda: _tiny("tasks.objects.prompts=['p.txt']"), "tasks.objects.prompts: a one-prompt list"),
 ]
 
 
 @pytest.mark.parametrize("label,make,message", BAD, ids=[b[0] for b in BAD])
 def test_bad_configs_give_clear_errors(label, make, message):
     with pytest.raises(ConfigError, match=message):
-        validate_config(make(), world_size=1)
+        config = make()
+        validate_config(config, world_size=1)
+        run_prompts(config, 1)
+
+
+def test_prompts_on_the_command_line_are_a_path_a_list_or_an_error(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_text("".join(f"a prompt number {i}\n" for i in range(5)))
+    c = _tiny(f"tasks.objects.prompts={path}", "tasks.signs.prompts=['a cat', 'a dog']", "train.batch_size=1")
+    assert c.tasks.objects.prompts == str(path)  # read as a path, not as the one prompt "/tmp/.../p.txt"
+    assert c.tasks.signs.prompts == ("a cat", "a dog")
+    train, _ = run_prompts(c, 1)
+    assert train["objects"].prompts == [f"a prompt number {i}" for i in range(5)]
+    assert train["signs"].prompts == ["a cat", "a dog"]
+    with pytest.raises(ConfigError, match="tasks.objects.prompts: 'a cat,a dog' is ambiguous"):
+        _tiny("tasks.objects.prompts=a cat,a dog")
+    with pytest.raises(ConfigError, match="tasks.objects.prompts: .* is not a valid list"):
+        _tiny("tasks.objects.prompts=['a cat'")
+    missing = _tiny(f"tasks.objects.prompts={tmp_path / 'nope.txt'}")
+    with pytest.raises(ConfigError, match="tasks.objects.prompts: prompt file not found: .*nope.txt"):
+        run_prompts(missing, 1)
+
+
+def test_validate_only_catches_what_a_run_would_in_one_line(tmp_path, capsys):
+    """lora.rank=-4 used to pass --validate_only (a real subprocess: one line, exit 2, no
+    traceback); a target-module typo is caught from the backbone's config, before any weight."""
+    args = ["--config", "config/opd.py:tiny_mopd", "--validate_only", f"output_dir={tmp_path}/run"]
+    result = subprocess.run([sys.executable, "scripts/train_opd.py", *args, "lora.rank=-4"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == ["error: lora.rank: must be > 0, got -4"], result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+
+    spec = importlib.util.spec_from_file_location("train_opd_script", os.path.join(ROOT, "scripts", "train_opd.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        typo = script.main(args + ["lora.target_modules=['attn.to_q','attn.to_qq']"])
+        assert typo == 2
+        assert capsys.readouterr().err.strip().splitlines() == [
+            "error: lora.target_modules: 'attn.to_qq' matches no Linear/Conv/Embedding layer of "
+            "SD3Transformer2DModel (builtin:tiny-sd3); closest: attn.to_q, attn2.to_q, attn.to_v"]
+        assert script.main(args) == 0
+        assert "images_per_round" in capsys.readouterr().out
+    finally:
+        os.chdir(cwd)
 
 
 def test_unknown_key_in_a_config_file_is_rejected():
@@ -92,15 +160,16 @@ def test_unknown_teacher_and_task_without_teacher():
 
 def test_missing_prompt_file_says_how_to_get_it(tmp_path):
     c = load_config(f"{OPD}:sopd_ocr", [f"data_root={tmp_path}"])
+    validate_config(c, world_size=8)  # pure: does not look at files
     with pytest.raises(ConfigError, match=r"(?s)tasks.ocr.prompts:.*ocr/train.txt.*download_data.py --dataset ocr"):
-        validate_config(c, world_size=8)
+        run_prompts(c, 8)
 
 
 def test_unknown_reward_and_reserved_teacher_name():
     c = _tiny()
     c.tasks.objects.reward = "beauty"
     with pytest.raises(ConfigError, match="tasks.objects.reward: unknown reward 'beauty'; valid rewards: aesthetic"):
-        validate_config(c)
+        check_rewards(c)
     c = _tiny()
     c.teachers.student = c.teachers.teacher_a
     with pytest.raises(ConfigError, match="teachers.student: 'student' is reserved"):

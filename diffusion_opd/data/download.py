@@ -31,6 +31,7 @@ from typing import Optional, Sequence, Union
 
 from tqdm import tqdm
 
+from ..errors import UserError
 from .prompts import DATASET_FILES
 
 log = logging.getLogger(__name__)
@@ -41,8 +42,10 @@ DEFAULT_BASE_URLS: tuple[str, ...] = (FLOW_GRPO_BASE_URL, DIFFUSION_NFT_BASE_URL
 BASE_URL_ENV = "DIFFUSION_OPD_DATA_BASE_URL"
 
 
-class DownloadError(RuntimeError):
+class DownloadError(UserError, RuntimeError):
     """A file could not be fetched or verified; the message says what to do."""
+
+    exit_code = 1
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
+from ..errors import UserError, run_cli
 from .coco import COCO_CLASSES
 
 COLORS: tuple[str, ...] = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
@@ -203,8 +204,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             excluded |= set(load_prompt_file(path).prompts)
         rows = generate_geneval_metadata(args.n, args.seed, args.tags, excluded)
     except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        raise UserError(str(err)) from None
     write_jsonl(rows, args.out)
     counts = {t: sum(r["tag"] == t for r in rows) for t in args.tags}
     print(f"wrote {len(rows)} rows ({len({r['prompt'] for r in rows})} distinct prompts) to {args.out}: {counts}")
@@ -212,4 +212,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

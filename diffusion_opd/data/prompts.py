@@ -16,6 +16,8 @@ import json
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence, Union
 
+from ..errors import ConfigError, UserError
+
 PathLike = Union[str, Path]
 
 # Relative paths under the data root, per dataset and split (Flow-GRPO's layout).
@@ -28,7 +30,7 @@ DATASET_FILES: dict[str, dict[str, str]] = {
 SUPPORTED_SUFFIXES = (".txt", ".jsonl")
 
 
-class PromptFileNotFoundError(FileNotFoundError):
+class PromptFileNotFoundError(UserError, FileNotFoundError):
     """A prompt file is missing; the message says where we looked and how to get it."""
 
 
@@ -175,3 +177,41 @@ def load_task_prompts(name_or_path: PathLike, split: str = "train", root: PathLi
         f"unknown dataset '{text}'; valid datasets: {', '.join(dataset_names())} "
         f"(or give a path to a {' / '.join(SUPPORTED_SUFFIXES)} prompt file)"
     )
+
+
+def task_prompts(config, task: str, split: str) -> PromptDataset:
+    """The prompt rows of a run config's task: an inline list, a dataset name, or a file path.
+
+    ``split`` "train" reads ``tasks.<task>.prompts``; "eval" reads ``eval_prompts`` (falling back
+    to the dataset's test split of ``prompts``). Errors are :class:`ConfigError` naming the key.
+    """
+    spec = config.tasks[task]
+    source = spec.prompts if split == "train" else (spec.eval_prompts or spec.prompts)
+    key = f"tasks.{task}.{'prompts' if split == 'train' or not spec.eval_prompts else 'eval_prompts'}"
+    if isinstance(source, (list, tuple)):
+        if not source:
+            raise ConfigError(f"{key}: empty prompt list")
+        return PromptDataset.from_prompts(list(source), source=key)
+    try:
+        return load_task_prompts(source, "train" if split == "train" else "test", root=config.data_root)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"{key}: {err}") from None
+
+
+def run_prompts(config, world_size: int) -> tuple[dict[str, PromptDataset], dict[str, PromptDataset]]:
+    """Every task's training prompts (enough distinct ones to fill a round on every process)
+    and, when ``eval.every`` is on, its held-out prompts: ``(train, eval)``, keyed by task."""
+    t = config.train
+    per_round = t.batch_size * t.grad_accum * world_size
+    train, held_out = {}, {}
+    for name in config.tasks:
+        train[name] = task_prompts(config, name, "train")
+        if len(train[name]) < per_round:
+            raise ConfigError(
+                f"tasks.{name}.prompts: {len(train[name])} prompts cannot fill a round of "
+                f"train.batch_size x train.grad_accum x world size = {t.batch_size} x {t.grad_accum} x "
+                f"{world_size} = {per_round} distinct prompts"
+            )
+        if config.eval.every:
+            held_out[name] = task_prompts(config, name, "eval")
+    return train, held_out

@@ -37,6 +37,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from ..data.prompts import DATASET_FILES, PromptDataset, load_task_prompts
+from ..errors import UserError, run_cli
 from .summary import summarize, write_summary
 
 __all__ = [
@@ -506,23 +507,20 @@ def _write_outputs(plan: EvalPlan, records: list[dict], grid: list[tuple[int, by
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """CLI entry point: validate, evaluate, print the headline. Exit code 2 on a usage error,
-    1 when model or reward weights cannot be found (the message says how to get them)."""
+    1 when model or reward weights cannot be found (the message says how to get them); either
+    is one line on stderr (:func:`diffusion_opd.errors.run_cli`)."""
+    return run_cli(_main, list(sys.argv[1:] if argv is None else argv))
+
+
+def _main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
     try:
         plan = plan_from_args(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    try:
-        summary = evaluate(plan)
-    except OSError as err:  # weights that cannot be had (Hub offline / gated, missing reward checkpoint)
-        from ..models.hub import HubUnavailableError
-        from ..rewards import MissingCheckpointError
-
-        if not isinstance(err, (HubUnavailableError, MissingCheckpointError)):
+    except (ValueError, FileNotFoundError) as err:  # argument checks: all usage errors
+        if isinstance(err, UserError):
             raise
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        raise UserError(str(err)) from None
+    summary = evaluate(plan)  # HubUnavailableError / MissingCheckpointError are UserErrors (exit 1)
     if summary is not None:
         for key, value in summary["headline"].items():
             print(f"{key}: {value}")

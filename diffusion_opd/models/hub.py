@@ -8,11 +8,15 @@ from __future__ import annotations
 import os
 from typing import Optional, Sequence
 
+from ..errors import UserError
+
 __all__ = ["HubUnavailableError", "resolve_pipeline_dir", "resolve_folder"]
 
 
-class HubUnavailableError(OSError):
+class HubUnavailableError(UserError, OSError):
     """A Hub id whose files could not be fetched (offline, unknown, gated, bad revision)."""
+
+    exit_code = 1
 
 
 def _hub_error(repo_id: str, revision: Optional[str], what: str, cause: Exception) -> HubUnavailableError:

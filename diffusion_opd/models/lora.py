@@ -20,6 +20,8 @@ from typing import Optional
 
 import torch
 
+from ..errors import UserError
+
 __all__ = ["AdapterMismatchError", "LoraAdapter", "read_lora_adapter", "check_adapter_fits", "add_lora_adapter",
            "lora_conflicts", "add_student_adapter", "save_peft_adapter", "AdapterSwitch"]
 
@@ -29,7 +31,7 @@ _PREFIXES = ("base_model.model.", "transformer.")  # PEFT, diffusers
 _METADATA_KEY = "lora_adapter_metadata"  # where diffusers stores the LoraConfig
 
 
-class AdapterMismatchError(ValueError):
+class AdapterMismatchError(UserError, ValueError):
     """An adapter whose modules or shapes do not match the backbone."""
 
 

@@ -40,7 +40,8 @@ DEFAULT_LORA_TARGETS = {"sd3": _ATTENTION, "flux": _ATTENTION,
 DEFAULT_LORA = dict(rank=32, alpha=64, init="gaussian", target_modules=DEFAULT_LORA_TARGETS["sd3"])
 # Inits that leave the base weights untouched (pissa / olora / loftq rewrite them, which would
 # silently change every teacher sharing the backbone).
-_LORA_INITS = (True, False, "gaussian")
+LORA_INITS = (True, False, "gaussian")
+LORA_INIT_WORDS = {"true": True, "false": False}  # lora.init typed on the command line (a string key)
 TEACHER_KINDS = ("lora", "transformer")
 
 
@@ -76,8 +77,8 @@ def parse_lora(lora: Optional[dict], family: str = "sd3") -> dict:
         raise ValueError(f"LoRA rank must be a positive int, got {cfg['rank']!r}")
     if not isinstance(cfg["alpha"], (int, float)) or cfg["alpha"] <= 0:
         raise ValueError(f"LoRA alpha must be > 0, got {cfg['alpha']!r}")
-    if cfg["init"] not in _LORA_INITS:
-        raise ValueError(f"LoRA init must be one of {list(_LORA_INITS)}, got {cfg['init']!r}")
+    if cfg["init"] not in LORA_INITS:
+        raise ValueError(f"LoRA init must be one of {list(LORA_INITS)}, got {cfg['init']!r}")
     targets = cfg["target_modules"]
     if isinstance(targets, str):
         targets = [t.strip() for t in targets.split(",") if t.strip()]

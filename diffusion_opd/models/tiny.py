@@ -22,6 +22,7 @@ __all__ = [
     "TINY_TRANSFORMER_CONFIG",
     "TINY_FLUX_TRANSFORMER_CONFIG",
     "FLUX_SCHEDULER_CONFIG",
+    "TINY_TRANSFORMER_CONFIGS",
     "build_tiny_sd3",
     "build_tiny_flux",
     "write_random_teacher_lora",
@@ -354,3 +355,7 @@ def _build_random_toy(directory: str, seed: int = 0) -> str:
 
 
 TINY_BUILDERS = {"tiny-sd3": build_tiny_sd3, "tiny-flux": build_tiny_flux, "toy": _build_random_toy}
+# Their diffusers denoiser configs, readable before anything is built (lora.target_modules is
+# checked against them); a builtin missing here is built in a temporary folder to read its config.
+TINY_TRANSFORMER_CONFIGS = {"tiny-sd3": {"_class_name": "SD3Transformer2DModel", **TINY_TRANSFORMER_CONFIG},
+                            "tiny-flux": {"_class_name": "FluxTransformer2DModel", **TINY_FLUX_TRANSFORMER_CONFIG}}

@@ -18,6 +18,8 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
+from ..errors import UserError
+
 DEFAULT_CKPT_ROOT_ENV = "DIFFUSION_OPD_REWARD_CKPTS"
 
 
@@ -31,8 +33,10 @@ def download_command(reward: str) -> str:
     return f"python scripts/download_reward_ckpts.py --only {reward}"
 
 
-class MissingCheckpointError(FileNotFoundError):
+class MissingCheckpointError(UserError, FileNotFoundError):
     """A reward checkpoint is not where we looked; the message says how to get it."""
+
+    exit_code = 1
 
     def __init__(self, reward: str, looked_at: Sequence[str | Path], how_to_get: str, detail: str = ""):
         where = "\n  ".join(str(p) for p in looked_at)

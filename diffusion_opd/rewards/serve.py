@@ -299,4 +299,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from ..errors import run_cli
+
+    sys.exit(run_cli(main))  # a missing reward checkpoint: one line saying how to get it

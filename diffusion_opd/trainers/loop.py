@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
+import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
@@ -13,7 +15,9 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 
-from ..config import ConfigError, to_dict
+from ..config import to_dict
+from ..errors import ConfigError, UserError
+from ..models.specs import LORA_INIT_WORDS
 from . import checkpoint as ckpt
 from .ema import EMA
 
@@ -29,6 +33,7 @@ class RunState:
     nan_streak: int = 0
     samplers: dict = field(default_factory=dict)
     wandb_id: Optional[str] = None
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # kept on resume; checkpoints are pruned per run
 
 
 def make_accelerator(config) -> Accelerator:
@@ -109,7 +114,7 @@ def build_policy_from_config(config, accelerator: Accelerator):
         revision=config.model.revision or None,
         dtype=config.model.dtype,
         device=accelerator.device,
-        lora=dict(rank=config.lora.rank, alpha=config.lora.alpha, init=config.lora.init,
+        lora=dict(rank=config.lora.rank, alpha=config.lora.alpha, init=LORA_INIT_WORDS.get(config.lora.init, config.lora.init),
                   target_modules=list(config.lora.target_modules)),
         teachers=[dict(name=n, path=t["path"], subfolder=t["subfolder"] or None,
                        weight_name=t["weight_name"] or None, kind=t["kind"]) for n, t in teachers.items()],
@@ -178,20 +183,27 @@ def broadcast_parameters(params: list[torch.nn.Parameter], accelerator: Accelera
         offset += p.numel()
 
 
+class NonFiniteError(UserError, FloatingPointError):
+    """Training diverged (non-finite loss, gradients or weights); nothing non-finite was saved."""
+
+    exit_code = 1
+
+
 class NonFiniteGuard:
-    """Skip a round whose loss is NaN/inf; stop with a clear error after ``patience`` in a row."""
+    """Skip a round whose loss or gradient norm is NaN/inf (no step: the weights stay finite);
+    stop with a clear error after ``patience`` such rounds in a row."""
 
     def __init__(self, patience: int, streak: int = 0):
         self.patience = patience
         self.streak = streak
 
-    def should_skip(self, loss: float, round_idx: int) -> bool:
-        if math.isfinite(loss):
+    def should_skip(self, loss: float, round_idx: int, grad_norm: float = 0.0) -> bool:
+        if math.isfinite(loss) and math.isfinite(grad_norm):
             self.streak = 0
             return False
         self.streak += 1
         if self.streak >= self.patience:
-            raise FloatingPointError(
+            raise NonFiniteError(
                 f"round {round_idx}: the loss was non-finite for {self.streak} rounds in a row "
                 f"(train.nan_patience={self.patience}); no step was taken in those rounds. Lower "
                 "train.learning_rate, check the teachers' outputs, or resume from the last checkpoint."
@@ -199,13 +211,25 @@ class NonFiniteGuard:
         return True
 
 
+def check_finite_weights(params, ema: Optional[EMA], round_idx: int) -> None:
+    """Refuse to checkpoint non-finite weights: resuming from them could only fail again."""
+    tensors = list(params) + (list(ema.shadow) if ema is not None else [])
+    if not all(torch.isfinite(t).all() for t in tensors):
+        raise NonFiniteError(f"round {round_idx}: the student's weights are not finite; no checkpoint was written. "
+                             "Resume from the last checkpoint (resume_from=latest) with a lower train.learning_rate")
+
+
 def save_checkpoint(accelerator: Accelerator, config, policy, optimizer, scheduler, ema: Optional[EMA],
                     state: RunState, recipe_state: Optional[dict] = None) -> Optional[str]:
-    """Everything resume needs, written atomically (see trainers/checkpoint.py). ``recipe_state``:
-    what the recipe carries across rounds besides the student (e.g. DiffusionNFT's old policy)."""
+    """Everything resume needs, written atomically (see trainers/checkpoint.py): weights, EMA,
+    optimizer, scheduler, the fp16 loss scaler, every rank's RNG, sampler positions, round.
+    ``recipe_state``: what the recipe carries across rounds besides the student (e.g.
+    DiffusionNFT's old policy)."""
+    check_finite_weights(policy.trainable_parameters(), ema, state.round)
     tmp = ckpt.temporary_dir(config.output_dir, state.round)
     if accelerator.is_main_process:
-        os.makedirs(tmp, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # a partial one of this run, left by a crash
+        os.makedirs(tmp)
     accelerator.wait_for_everyone()
     ckpt.save_rank_rng(tmp, accelerator.process_index)
     if accelerator.is_main_process:
@@ -222,17 +246,51 @@ def save_checkpoint(accelerator: Accelerator, config, policy, optimizer, schedul
         torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
         if recipe_state:
             torch.save(recipe_state, os.path.join(tmp, RECIPE_STATE))
+        if accelerator.scaler is not None:  # fp16: the loss scale continues where it was
+            torch.save(accelerator.scaler.state_dict(), os.path.join(tmp, "scaler.pt"))
         ckpt.write_json(os.path.join(tmp, "config.json"), to_dict(config))
         ckpt.write_json(os.path.join(tmp, "trainer_state.json"),
                         {**asdict(state), "world_size": accelerator.num_processes})
     accelerator.wait_for_everyone()
-    final = ckpt.publish(config.output_dir, state.round, config.keep_last) if accelerator.is_main_process else None
+    final = (ckpt.publish(config.output_dir, state.round, config.keep_last, state.run_id)
+             if accelerator.is_main_process else None)
     accelerator.wait_for_everyone()
     return final
 
 
+def resume_checkpoint(config, accelerator: Accelerator) -> Optional[str]:
+    """The checkpoint ``resume_from`` names, verified on the main process (``latest`` skips
+    damaged ones, saying which file and why), or None for a fresh run."""
+    from accelerate.utils import broadcast_object_list
+
+    found: list = [None, ""]
+    if accelerator.is_main_process:
+        try:
+            found[0] = ckpt.resolve_resume(config.resume_from, config.output_dir, warn=accelerator.print)
+            if config.resume_from and found[0] is None and ckpt.list_checkpoints(config.output_dir):
+                raise ckpt.CheckpointError(f"resume_from: latest, but no checkpoint under "
+                                           f"{ckpt.checkpoint_root(config.output_dir)} is intact (see the warnings "
+                                           "above); restore one, or start over with overwrite=true")
+        except ckpt.CheckpointError as err:
+            found[1] = str(err)
+    if accelerator.num_processes > 1:
+        broadcast_object_list(found, from_process=0)
+    if found[1]:
+        raise ckpt.CheckpointError(found[1])
+    return found[0]
+
+
 def load_checkpoint(path: str, accelerator: Accelerator, policy, optimizer, scheduler, ema: Optional[EMA],
                     recipe_state: Optional[Callable[[dict], None]] = None) -> RunState:
+    try:
+        return _load_checkpoint(path, accelerator, policy, optimizer, scheduler, ema, recipe_state)
+    except (ValueError, RuntimeError, KeyError, FileNotFoundError) as err:  # a checkpoint of another model / config
+        raise ckpt.CheckpointError(f"resume_from: {path} cannot be restored into this run "
+                                   f"({type(err).__name__}: {ckpt.first_line(err)})") from None
+
+
+def _load_checkpoint(path: str, accelerator: Accelerator, policy, optimizer, scheduler, ema: Optional[EMA],
+                     recipe_state: Optional[Callable[[dict], None]] = None) -> RunState:
     import json
 
     with open(os.path.join(path, "trainer_state.json")) as f:
@@ -240,6 +298,13 @@ def load_checkpoint(path: str, accelerator: Accelerator, policy, optimizer, sche
     policy.load_student_state_dict(load_file(os.path.join(path, "student_raw.safetensors"), device="cpu"))
     optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=False))
     scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=False))
+    scaler_path = os.path.join(path, "scaler.pt")
+    if accelerator.scaler is not None and os.path.isfile(scaler_path):
+        accelerator.scaler.load_state_dict(torch.load(scaler_path, weights_only=False))
+    elif accelerator.scaler is not None or os.path.isfile(scaler_path):
+        accelerator.print(f"[resume] warning: {path} was saved {'with' if os.path.isfile(scaler_path) else 'without'} "
+                          "an fp16 loss scaler and this run uses "
+                          f"{'none' if accelerator.scaler is None else 'one'}: the loss scale starts afresh")
     if ema is not None:
         ema_path = os.path.join(path, "ema_state.pt")
         if not os.path.isfile(ema_path):
@@ -253,4 +318,4 @@ def load_checkpoint(path: str, accelerator: Accelerator, policy, optimizer, sche
     elif not ckpt.load_rank_rng(path, accelerator.process_index):
         accelerator.print(f"[resume] no RNG state for rank {accelerator.process_index} in {path}")
     return RunState(round=saved["round"], nan_streak=saved["nan_streak"], samplers=saved["samplers"],
-                    wandb_id=saved.get("wandb_id"))
+                    wandb_id=saved.get("wandb_id"), run_id=saved.get("run_id") or RunState().run_id)

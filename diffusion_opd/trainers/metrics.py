@@ -1,4 +1,8 @@
-"""Round metrics: always ``<output_dir>/metrics.jsonl`` (one JSON object per round), plus wandb."""
+"""Round metrics: always ``<output_dir>/metrics.jsonl`` (one JSON object per round), plus wandb.
+
+A run killed while appending leaves a half-written last line: readers drop it with a warning
+(and a resumed run rewrites the file without it); a bad line anywhere else is an error naming it.
+"""
 from __future__ import annotations
 
 import json
@@ -6,10 +10,13 @@ import math
 import os
 import resource
 import time
+import warnings
 from contextlib import contextmanager
 from typing import Optional
 
 import torch
+
+from ..errors import UserError
 
 
 def _jsonable(value):
@@ -40,11 +47,10 @@ class MetricsLog:
     def truncate_after(self, round_idx: int) -> None:
         if not self.is_main or not os.path.isfile(self.path):
             return
-        with open(self.path) as f:
-            rows = [line for line in f if line.strip() and json.loads(line)["round"] <= round_idx]
+        rows = [r for r in _read_rows(self.path) if r["round"] <= round_idx]
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
-            f.writelines(rows)
+            f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in rows)
         os.replace(tmp, self.path)
 
     def log(self, row: dict) -> None:
@@ -61,9 +67,27 @@ class MetricsLog:
             self.wandb.finish()
 
 
+def _read_rows(path: str) -> list[dict]:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [(n, line) for n, line in enumerate(f, start=1) if line.strip()]
+    rows = []
+    for i, (n, line) in enumerate(lines):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or "round" not in row:
+                raise ValueError("not a metrics row (no 'round')")
+        except ValueError as err:
+            if i == len(lines) - 1:  # the process was killed while writing it
+                warnings.warn(f"{path}:{n}: dropped a half-written last line ({err})", stacklevel=3)
+                break
+            raise UserError(f"{path}:{n}: not a JSON metrics row ({err}); fix or remove that line") from None
+        rows.append(row)
+    return rows
+
+
 def read_metrics(output_dir: str) -> list[dict]:
-    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The rows of ``<output_dir>/metrics.jsonl`` (a half-written last line dropped with a warning)."""
+    return _read_rows(os.path.join(output_dir, "metrics.jsonl"))
 
 
 class PhaseTimer:

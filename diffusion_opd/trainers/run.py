@@ -2,8 +2,10 @@
 
 A recipe (``trainers/opd.py``, ``trainers/nft.py``, ``trainers/grpo.py``) owns the maths of a
 round: what to sample, what to score, which loss to backpropagate. Everything else is here,
-once: processes (accelerate), the policy, the student's optimizer and EMA, prompt samplers,
-seeds, checkpoints and resume, metrics, and the rounds loop with periodic evaluation and saving.
+once: the checks before anything loads (trainers/preflight.py), ownership of ``output_dir``
+(trainers/run_dir.py), processes (accelerate), the policy, the student's optimizer and EMA,
+prompt samplers, seeds, verified checkpoints and resume, metrics, and the rounds loop with
+periodic evaluation and saving, which stops cleanly on SIGTERM / SIGINT (trainers/stop.py).
 
     run = Run(config)              # validated config -> processes, policy, optimizer, samplers
     recipe = OPD(run)              # the recipe's own state (losses, old-policy adapter...)
@@ -25,15 +27,18 @@ import torch
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from ..config import derived_geometry, task_prompts, to_dict, validate_config
+from ..config import derived_geometry, to_dict, validate_config
 from ..data.sampler import PromptSampler
 from ..models.base import STUDENT, Policy, PromptEmbeds
 from ..rollout import Sampling, sample
 from . import checkpoint as ckpt
 from .ema import EMA
 from .loop import (NonFiniteGuard, RunState, all_reduce_gradients, broadcast_parameters, build_optimizer,
-                   build_policy_from_config, load_checkpoint, make_accelerator, save_checkpoint)
+                   build_policy_from_config, load_checkpoint, make_accelerator, resume_checkpoint, save_checkpoint)
 from .metrics import MetricsLog, PhaseTimer, peak_memory_gb, read_metrics, synchronize
+from .preflight import preflight
+from .run_dir import claim_output_dir
+from .stop import RunStopped, StopRequest
 from .visuals import CURVES_FILE, SampleGrids, log_images, plot_curves, quiet_progress_bars
 
 __all__ = ["Recipe", "Run", "sample_seed"]
@@ -70,12 +75,18 @@ class Run:
         if not config.logging.progress:  # also the loading bars of diffusers / transformers / the Hub
             quiet_progress_bars()
         tag = f"[{config.recipe}]"
-        self.prompts = validate_config(config, world_size=self.world, check_data=check_data)  # before any model loads
-        self.eval_prompts = ({t: task_prompts(config, t, "eval") for t in config.tasks}
-                             if config.eval.every and check_data else {})
+        if check_data:  # every check a real run makes, before any model loads (--validate_only runs it too)
+            checked = preflight(config, self.world, backbone=policy is None, output_dir=False)
+            self.prompts, self.eval_prompts = checked.prompts, checked.eval_prompts
+        else:  # the benchmark: a given policy, no prompt files, nothing written
+            validate_config(config, world_size=self.world)
+            self.prompts, self.eval_prompts = {}, {}
         self.geometry = derived_geometry(config, self.world)
         acc.print(f"{tag} " + f"\n{tag} ".join(f"{k}: {v}" for k, v in self.geometry.items()))
+        # output_dir is this run's until close(): a live run elsewhere or another run's files refuse it
+        self.lock = claim_output_dir(config, acc) if check_data else None
         os.makedirs(config.output_dir, exist_ok=True)
+        self.resume_path = resume_checkpoint(config, acc) if check_data else None  # verified, before loading
 
         set_seed(config.seed)  # the student LoRA's initialisation
         self.policy = policy if policy is not None else build_policy_from_config(config, acc)
@@ -101,6 +112,7 @@ class Run:
             self.grids = SampleGrids(config.output_dir, {t: [r["prompt"] for r in rows] for t, rows in
                                                          self.eval_prompts.items()},
                                      teachers, config.eval.sample_images, config.seed)
+        self.saved_round = -1
 
     # -- what recipes call ----------------------------------------------------------------------
     def draw_prompts(self, task: str, round_idx: int) -> list[dict]:
@@ -122,7 +134,9 @@ class Run:
             all_reduce_gradients(self.params, acc)
             max_norm = c.train.max_grad_norm if c.train.max_grad_norm > 0 else float("inf")
             grad_norm = acc.clip_grad_norm_(self.params, max_norm)
-            skipped = self.guard.should_skip(loss, round_idx)
+            # fp16: the loss scaler itself skips steps with inf gradients (routine while it calibrates)
+            norm = float(grad_norm) if acc.scaler is None else 0.0
+            skipped = self.guard.should_skip(loss, round_idx, norm)
             if not skipped:
                 self.optimizer.step()
                 self.scheduler.step()
@@ -209,7 +223,7 @@ class Run:
         """Restore the newest checkpoint (``resume_from``) into the run and the recipe, then open
         the metrics log (rows after the resumed round are dropped)."""
         c, acc = self.config, self.accelerator
-        path = ckpt.resolve_resume(c.resume_from, c.output_dir)
+        path = self.resume_path
         if path:
             self.state = load_checkpoint(path, acc, self.policy, self.optimizer, self.scheduler, self.ema,
                                          recipe_state=getattr(recipe, "load_state_dict", None))
@@ -230,6 +244,14 @@ class Run:
                                self.state, recipe_state=extra)
         if path:
             self.accelerator.print(f"[{self.config.recipe}] saved {path}")
+        self.saved_round = self.state.round
+
+    def close(self) -> None:
+        """Close the metrics log and hand ``output_dir`` back (the lock)."""
+        if self.log is not None:
+            self.log.close()
+        if self.lock is not None:
+            self.lock.release()
 
     def train(self, recipe: Recipe) -> "Run":
         """Resume if asked, then round after round: train, evaluate every ``eval.every`` rounds,
@@ -242,16 +264,27 @@ class Run:
         last = min(c.train.stop_after_round or c.train.num_rounds, c.train.num_rounds)
         bar = tqdm(range(self.state.round + 1, last + 1), desc=f"{c.recipe} rounds", initial=self.state.round,
                    total=c.train.num_rounds, disable=not (acc.is_main_process and c.logging.progress))
-        for round_idx in bar:
-            metrics = self.timed_round(recipe, round_idx)
-            self.state.round = round_idx
-            if c.eval.every and round_idx % c.eval.every == 0:
-                metrics.update(recipe.evaluate(round_idx))
-                self.draw_samples(round_idx)
-            self.log.log(metrics)
-            bar.set_postfix(loss=f"{metrics['loss']:.4g}", s_round=f"{metrics['seconds_per_round']:.2f}")
-            if round_idx % c.save_every == 0 or round_idx == last:
-                self.save(recipe)
-        self.draw_curves()
-        self.log.close()
+        try:
+            with StopRequest() as stop:  # SIGTERM / SIGINT: finish the round, checkpoint, exit non-zero
+                for round_idx in bar:
+                    metrics = self.timed_round(recipe, round_idx)
+                    self.state.round = round_idx
+                    if c.eval.every and round_idx % c.eval.every == 0:
+                        metrics.update(recipe.evaluate(round_idx))
+                        self.draw_samples(round_idx)
+                    self.log.log(metrics)
+                    bar.set_postfix(loss=f"{metrics['loss']:.4g}", s_round=f"{metrics['seconds_per_round']:.2f}")
+                    if round_idx % c.save_every == 0 or round_idx == last:
+                        self.save(recipe)
+                    signum = stop.agreed(acc)
+                    if signum:
+                        if self.saved_round != round_idx:
+                            self.save(recipe)
+                        raise RunStopped(f"stopped by signal {signum} after round {round_idx} of {c.train.num_rounds}; "
+                                         f"checkpoint written under {ckpt.checkpoint_root(c.output_dir)}; continue "
+                                         "with the same command plus resume_from=latest", signum)
+            self.draw_curves()
+        finally:
+            bar.close()
+            self.close()
         return self

@@ -24,7 +24,7 @@ def test_publish_keeps_last_k_and_ignores_incomplete(tmp_path):
     # a folder with the right name but no trainer_state.json is not complete either
     os.makedirs(os.path.join(ckpt.checkpoint_root(out), "round-6"))
     assert ckpt.resolve_resume("latest", out).endswith("round-4")
-    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+    with pytest.raises(ckpt.CheckpointError, match="not a complete checkpoint"):
         ckpt.resolve_resume(os.path.join(ckpt.checkpoint_root(out), "round-6"), out)
 
 

@@ -1,0 +1,59 @@
+"""Everything a run checks before any weight loads; ``--validate_only`` runs exactly this.
+
+In cost order: the config itself (a pure function, :func:`diffusion_opd.config.validate_config`),
+reward names, the prompt sets (read from disk), the state of ``output_dir`` (a used folder is
+refused), and the backbone's module names (its ``config.json`` only, built on the meta device)
+against ``lora.target_modules``. Each failure is a one-line :class:`~diffusion_opd.errors.UserError`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import validate_config
+from ..data.prompts import PromptDataset, run_prompts
+from ..errors import ConfigError
+from .run_dir import check_output_dir
+
+
+@dataclass
+class Preflight:
+    """What the checks read and the run reuses."""
+
+    prompts: dict[str, PromptDataset]  # training prompts per task
+    eval_prompts: dict[str, PromptDataset]  # held-out prompts per task ({} when eval.every == 0)
+
+
+def check_rewards(config) -> None:
+    from ..rewards import check_reward_name
+
+    for name, spec in config.tasks.items():
+        if spec.reward:
+            try:
+                check_reward_name(spec.reward)
+            except ValueError as err:
+                raise ConfigError(f"tasks.{name}.reward: {err}") from None
+
+
+def check_backbone(config) -> None:
+    """``lora.target_modules`` against the layers of the backbone ``model.path`` names."""
+    from ..models.backbone import check_target_modules, module_names, transformer_config
+
+    cfg = transformer_config(config.model.path, config.model.revision or None)
+    if cfg is None:  # not a diffusers denoiser (the toy model): peft's own error covers it
+        return
+    check_target_modules(list(config.lora.target_modules), module_names(cfg, lora_layers_only=True),
+                         where=f"{cfg.get('_class_name')} ({config.model.path})")
+
+
+def preflight(config, world_size: int, backbone: bool = True, output_dir: bool = True) -> Preflight:
+    """Run every check. ``backbone=False`` when the caller already holds a built policy;
+    ``output_dir=False`` in a run, which checks the folder while claiming it (main process,
+    under the lock, the outcome shared with every process)."""
+    validate_config(config, world_size=world_size)
+    check_rewards(config)
+    prompts, eval_prompts = run_prompts(config, world_size)
+    if output_dir:
+        check_output_dir(config)
+    if backbone:
+        check_backbone(config)
+    return Preflight(prompts, eval_prompts)
