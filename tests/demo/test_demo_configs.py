@@ -5,6 +5,7 @@ import os
 import pytest
 
 from diffusion_opd.config import load_config, validate_config
+from diffusion_opd.data.prompts import run_prompts
 from diffusion_opd.demo import world
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -17,7 +18,8 @@ _spec.loader.exec_module(demo_cfg)
 @pytest.mark.parametrize("name", list(demo_cfg.CONFIGS))
 def test_every_demo_config_validates(name):
     config = load_config(f"{DEMO}:{name}")
-    prompts = validate_config(config)
+    validate_config(config)
+    prompts, _ = run_prompts(config, 1)
     assert set(prompts) <= set(world.TASKS) and name in demo_cfg.QUICK
     for task, spec in config.tasks.items():
         assert spec.reward == world.TASKS[task][0]  # each task scored by its own reward
