@@ -153,9 +153,8 @@ class RunLock:
             os.close(self.fd)
             self.fd = None
 
-    def __del__(self):
-        if self.fd is not None:
-            os.close(self.fd)
+    def __del__(self):  # a run object dropped without close() (e.g. failed while loading) is gone too
+        self.release()
 
 
 def _read_holder(fd: int) -> dict:

@@ -113,7 +113,7 @@ def test_two_concurrent_runs_second_fails_at_once_then_a_dead_holders_lock_is_ta
 
     # a holder killed without a chance to clean up (SIGKILL) leaves its name in the lock file
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from diffusion_opd.trainers.run_dir import "
-                               "RunLock; RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(300)",
+                               "RunLock; lock = RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(300)",
                                out], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -208,14 +208,13 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path):
     run.close()
 
 
-@pytest.mark.parametrize("rounds,stop,extra", [
-    # eval at round 0 encodes the empty prompt with the held-out prompts in the uninterrupted run
-    # only: with batched encoding, this drifted (the issue's 30-round case, short form)
-    (6, 2, ["eval.every=3", "train.ema_decay=0.9"]),
-    pytest.param(30, 10, [], marks=pytest.mark.slow),
-])
-def test_resumed_run_is_bit_identical(tmp_path, rounds, stop, extra):
-    args = [f"train.num_rounds={rounds}", "save_every=1000", *extra]  # later overrides win over QUICK's
+def test_run_stopped_at_round_10_and_resumed_is_bit_identical_for_30_rounds(tmp_path):
+    """The issue's case. With prompts encoded in batches it drifted (max weight difference ~2e-7):
+    a prompt's embedding depended on the prompts first encoded with it, e.g. the empty prompt went
+    with the held-out prompts at round 0 in the uninterrupted run but with round 11's prompts after
+    the resume."""
+    stop = 10
+    args = ["train.num_rounds=30", "save_every=1000", "eval.every=10", "train.ema_decay=0.9"]  # win over QUICK's
     full = train(tiny(tmp_path / "full", *args))
     train(tiny(tmp_path / "split", *args, f"train.stop_after_round={stop}"))
     resumed = train(tiny(tmp_path / "split", *args, "resume_from=latest"))
