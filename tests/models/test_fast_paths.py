@@ -105,15 +105,22 @@ def teacher_policy(tiny_sd3_dir, tiny_teacher_dirs):
     return pol
 
 
-def test_mixed_adapter_batch_equals_one_forward_per_teacher(teacher_policy):
-    """Teacher rows of several tasks (different adapters, CFG on and off) in ONE forward give
-    each row what its own teacher's forward gives (fp32: batch-shape re-association only)."""
-    pol = teacher_policy
+def test_mixed_adapter_batch_equals_one_forward_per_teacher(tiny_family):
+    """Teacher rows of several tasks (different adapters, guidance on and off) in ONE forward give
+    each row what its own teacher's forward gives (fp32: batch-shape re-association only). SD3:
+    CFG rows and cond-only rows mixed; FLUX (guidance embedded): one scale per forward."""
+    pol = build_policy(tiny_family.dir, teachers=[dict(name="gen", path=tiny_family.teachers["peft"]),
+                                                  dict(name="ocr", path=tiny_family.teachers["diffusers"])])
+    _perturb_student(pol)
     embeds = random_embeds(pol, n=5, seed=3)
     x = torch.randn(5, *pol.latent_shape(64), generator=torch.Generator().manual_seed(4))
-    adapters, scales = ["gen", "ocr", "gen", BASE, "ocr"], [1.0, 4.5, 1.0, 4.5, 4.5]
+    adapters = ["gen", "ocr", "gen", BASE, "ocr"]
+    scales = [1.0, 4.5, 1.0, 4.5, 4.5] if tiny_family.name == "sd3" else [tiny_family.guidance] * 5
     sigma = torch.tensor([0.9, 0.9, 0.5, 0.5, 0.2])
+    forwards = []
+    pol.transformer.register_forward_hook(lambda *a: forwards.append(1))
     mixed = pol.velocity_mixed(x, sigma, embeds, adapters, scales)
+    assert len(forwards) == 1  # one transformer forward for every row
     with torch.no_grad():
         for i in range(5):
             ref = pol.velocity(x[i:i + 1], sigma[i:i + 1], embeds.select([i]), adapters[i], scales[i])
@@ -123,26 +130,26 @@ def test_mixed_adapter_batch_equals_one_forward_per_teacher(teacher_policy):
     assert all(layer._opd_adapter_names is None for layer in pol._switch.layers)
 
 
-def test_merged_teachers_match_adapter_teachers_and_print_their_memory(tiny_sd3_dir, tiny_teacher_dirs,
-                                                                       teacher_policy, capsys):
+def test_merged_teachers_match_adapter_teachers_and_print_their_memory(tiny_family, capsys):
     """Teacher fast path: each LoRA teacher merged into its own backbone copy predicts what the
     adapter predicts (W + sBA vs Wx + sB(Ax): fp32 rounding only), and its cost is printed."""
-    merged = build_policy(tiny_sd3_dir, merge_teachers=True,
-                          teachers=[dict(name="gen", path=tiny_teacher_dirs["peft"]),
-                                    dict(name="ocr", path=tiny_teacher_dirs["diffusers"])])
+    teachers = [dict(name="gen", path=tiny_family.teachers["peft"]), dict(name="ocr", path=tiny_family.teachers["diffusers"])]
+    adapters = build_policy(tiny_family.dir, teachers=teachers)
+    merged = build_policy(tiny_family.dir, teachers=teachers, merge_teachers=True)
     printed = capsys.readouterr().out
     backbone = sum(p.numel() * p.element_size() for p in merged._full_teachers["gen"].parameters())
-    assert f"2 merged teacher copies (gen, ocr)" in printed and f"+{2 * backbone / 1e9:.2f} GB in all" in printed
+    assert "2 merged teacher copies (gen, ocr)" in printed and f"+{2 * backbone / 1e9:.2f} GB in all" in printed
     assert not any(".gen." in n or ".ocr." in n for n, _ in merged.transformer.named_parameters())
     embeds = random_embeds(merged, seed=5)
     x = torch.randn(3, *merged.latent_shape(64), generator=torch.Generator().manual_seed(6))
+    g = tiny_family.guidance
     with torch.no_grad():
-        for name, scale in (("gen", 1.0), ("ocr", 4.5)):
+        for name, scale in (("gen", 1.0), ("ocr", g)):
             torch.testing.assert_close(merged.velocity(x, 0.7, embeds, name, scale),
-                                       teacher_policy.velocity(x, 0.7, embeds, name, scale), rtol=1e-4, atol=1e-5)
-        mixed = merged.velocity_mixed(x, 0.7, embeds, ["gen", "ocr", "gen"], [1.0, 4.5, 1.0])
-        torch.testing.assert_close(mixed, teacher_policy.velocity_mixed(x, 0.7, embeds, ["gen", "ocr", "gen"],
-                                                                         [1.0, 4.5, 1.0]), rtol=1e-4, atol=1e-5)
+                                       adapters.velocity(x, 0.7, embeds, name, scale), rtol=1e-4, atol=1e-5)
+        rows = (["gen", "ocr", "gen"], [1.0, g, 1.0])
+        torch.testing.assert_close(merged.velocity_mixed(x, 0.7, embeds, *rows),
+                                   adapters.velocity_mixed(x, 0.7, embeds, *rows), rtol=1e-4, atol=1e-5)
 
 
 def test_compiled_blocks_do_not_recompile_on_adapter_switches(tiny_sd3_dir, tiny_teacher_dirs, teacher_policy):
