@@ -375,7 +375,9 @@ def _config(device: str, settings: Settings, spec: ModelSpec, cpu_threads: int =
     c.output_dir = output_dir or os.path.join("outputs", "benchmark", "run")  # nothing is saved there
     c.eval.every = 0
     c.cpu_threads = cpu_threads  # the trainer's own knob (make_accelerator applies it)
-    c.mixed_precision = "no" if settings.dtype == "fp32" else settings.dtype
+    # fp16 on the CPU: no autocast (the trainer refuses it there), fp16 weights run as they are
+    c.mixed_precision = "no" if settings.dtype == "fp32" or (device, settings.dtype) == ("cpu", "fp16") \
+        else settings.dtype
     c.model.dtype = settings.dtype
     c.model.gradient_checkpointing = settings.checkpointing
     c.sample.resolution = spec.resolution
