@@ -28,8 +28,9 @@ def _run(tmp, *args) -> dict:
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
-    """Three fp32 variants in one process (one interpreter start instead of four)."""
-    return _run(str(tmp_path_factory.mktemp("bench")), "--in-process", "--variants", "fused,two_pass,one_teacher")
+    """Five fp32 variants in one process (one interpreter start instead of six)."""
+    return _run(str(tmp_path_factory.mktemp("bench")), "--in-process", "--variants",
+                "fused,two_pass,one_teacher,lockstep,merge_teachers")
 
 
 def test_json_has_every_field_with_sane_values(result):
@@ -37,7 +38,7 @@ def test_json_has_every_field_with_sane_values(result):
         assert result[key], key
     assert result["device"] == "cpu" and result["model"] == "tiny"
     rows = {r["variant"]: r for r in result["variants"]}
-    assert set(rows) == {"fused", "two_pass", "one_teacher"}
+    assert set(rows) == {"fused", "two_pass", "one_teacher", "lockstep", "merge_teachers"}
     for name, row in rows.items():
         assert row["status"] == "ok", row
         assert row["torch_threads"] == 1
@@ -74,6 +75,12 @@ def test_flop_counts_follow_the_round_structure(result):
     # teachers: 9 steps x (3 rows at CFG 1.0 + 6 + 6 rows at CFG 4.5) = 22.5 forwards of 6 rows
     assert fused["teacher"] == pytest.approx(22.5 * per_forward, rel=1e-9)
     assert rows["one_teacher"]["flops_per_round"] == rows["fused"]["flops_per_round"]
+    # lockstep batches the same rows differently: the same FLOPs, phase by phase
+    assert rows["lockstep"]["flops_by_phase"] == fused
+    # merged teachers skip the teachers' LoRA branch: only the teacher phase loses FLOPs
+    merged = rows["merge_teachers"]["flops_by_phase"]
+    assert merged["teacher"] < fused["teacher"] and {k: v for k, v in merged.items() if k != "teacher"} == \
+        {k: v for k, v in fused.items() if k != "teacher"}
 
 
 def test_expected_flops_from_the_architecture_match_the_counted_round(result):
@@ -96,6 +103,8 @@ def test_teacher_adapter_bytes(result):
     assert sorted(rows["fused"]["teachers_loaded"]) == ["aesthetic", "geneval", "ocr"]
     assert len(rows["one_teacher"]["teachers_loaded"]) == 1
     assert rows["fused"]["param_bytes"]["teachers"] == 3 * rows["one_teacher"]["param_bytes"]["teachers"] > 0
+    # the teacher fast path holds one backbone copy per teacher
+    assert rows["merge_teachers"]["param_bytes"]["teachers"] == 3 * rows["fused"]["param_bytes"]["backbone"]
 
 
 def test_one_process_per_variant_with_another_dtype(tmp_path):
