@@ -10,7 +10,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from .hub import resolve_folder, resolve_pipeline_dir
+from ..errors import ConfigError
+from .hub import ModelNotFoundError, resolve_folder, resolve_pipeline_dir
 from .lora import LoraAdapter, read_lora_adapter
 from .specs import FAMILIES, GUIDANCE_MODES, parse_dtype, parse_lora, parse_teachers
 
@@ -24,10 +25,10 @@ def pipeline_family(model_dir: str) -> str:
         with open(index) as f:
             class_name = json.load(f).get("_class_name")
     except (OSError, ValueError) as e:
-        raise FileNotFoundError(f"{index}: cannot read the pipeline's model_index.json ({e})") from e
+        raise ModelNotFoundError(f"{index}: cannot read the pipeline's model_index.json ({e})") from e
     if class_name not in FAMILIES:
         valid = ", ".join(f"{k} ({v})" for k, v in FAMILIES.items())
-        raise ValueError(f"{index}: _class_name {class_name!r} is not a supported pipeline; supported: {valid}")
+        raise ConfigError(f"{index}: _class_name {class_name!r} is not a supported pipeline; supported: {valid}")
     return FAMILIES[class_name]
 
 

@@ -10,7 +10,11 @@ from typing import Optional, Sequence
 
 from ..errors import UserError
 
-__all__ = ["HubUnavailableError", "resolve_pipeline_dir", "resolve_folder"]
+__all__ = ["HubUnavailableError", "ModelNotFoundError", "resolve_pipeline_dir", "resolve_folder"]
+
+
+class ModelNotFoundError(UserError, FileNotFoundError):
+    """A model / adapter path that is neither a usable local folder nor a valid Hub id."""
 
 
 class HubUnavailableError(UserError, OSError):
@@ -32,7 +36,7 @@ def _hub_error(repo_id: str, revision: Optional[str], what: str, cause: Exceptio
 
 
 def _invalid_id(path: str, what: str, cause: Exception) -> FileNotFoundError:
-    return FileNotFoundError(
+    return ModelNotFoundError(
         f"the {what} '{path}' is neither an existing local folder nor a valid Hub id "
         f"('namespace/name'): {cause}"
     )
@@ -44,7 +48,7 @@ def _check_subfolder(local: str, subfolder: Optional[str], what: str, source: st
     path = os.path.join(local, subfolder)
     if not os.path.isdir(path):
         found = sorted(os.listdir(local)) if os.path.isdir(local) else []
-        raise FileNotFoundError(
+        raise ModelNotFoundError(
             f"the {what} '{source}' has no subfolder '{subfolder}' (looked in {path}; found {found})"
         )
     return path
@@ -58,7 +62,7 @@ def resolve_pipeline_dir(path: str, revision: Optional[str] = None) -> str:
     """
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "model_index.json")):
-            raise FileNotFoundError(
+            raise ModelNotFoundError(
                 f"'{path}' is a folder but not a diffusers pipeline (no model_index.json). Pass the folder "
                 f"written by a pipeline's `save_pretrained` or `hf download <id> --local-dir`."
             )

@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 
 from ..errors import UserError
+from .hub import ModelNotFoundError
 
 __all__ = ["AdapterMismatchError", "LoraAdapter", "read_lora_adapter", "check_adapter_fits", "add_lora_adapter",
            "lora_conflicts", "add_student_adapter", "save_peft_adapter", "AdapterSwitch"]
@@ -64,7 +65,7 @@ def _find_weights(folder: str, weight_name: Optional[str]) -> str:
         if os.path.isfile(os.path.join(folder, name)):
             return os.path.join(folder, name)
     found = sorted(os.listdir(folder)) if os.path.isdir(folder) else "folder missing"
-    raise FileNotFoundError(
+    raise ModelNotFoundError(
         f"no LoRA weights in {folder}: looked for {', '.join(names)}; found {found}. Expected a PEFT "
         f"adapter (adapter_config.json + adapter_model.safetensors) or a diffusers LoRA "
         f"(pytorch_lora_weights.safetensors)."
