@@ -24,8 +24,8 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scripts/benchmarking.py: tooling, not library
 
 from benchmarking import (DEFAULT_DTYPE, EXPECTED_ONLY, MODELS, VARIANTS, default_variants, prepare_models,  # noqa: E402
-                                     expected_round_flops, resolve_variants, run_variant,
-                                     text_encoder_offload)
+                          expected_round_flops, resolve_variants, run_variant)
+from text_encoder_offload import text_encoder_offload  # noqa: E402
 from diffusion_opd.errors import run_cli  # noqa: E402
 
 
