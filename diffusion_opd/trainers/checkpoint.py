@@ -52,6 +52,12 @@ def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
+def round_of(ckpt_dir: str) -> int:
+    """N of a ``round-N`` folder (-1 for another name)."""
+    m = _ROUND_DIR.match(os.path.basename(os.path.normpath(ckpt_dir)))
+    return int(m.group(1)) if m else -1
+
+
 def run_id_of(ckpt_dir: str) -> Optional[str]:
     try:
         with open(os.path.join(ckpt_dir, STATE)) as f:

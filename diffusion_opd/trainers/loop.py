@@ -271,6 +271,13 @@ def resume_checkpoint(config, accelerator: Accelerator) -> Optional[str]:
                 raise ckpt.CheckpointError(f"resume_from: latest, but no checkpoint under "
                                            f"{ckpt.checkpoint_root(config.output_dir)} is intact (see the warnings "
                                            "above); restore one, or start over with overwrite=true")
+            newer = [p for r, p in ckpt.list_checkpoints(config.output_dir)
+                     if found[0] and r > ckpt.round_of(found[0]) and ckpt.run_id_of(p) == ckpt.run_id_of(found[0])]
+            if newer:  # a rewind: say what the resumed run will replace as it passes those rounds
+                names = ", ".join(os.path.basename(p) for p in newer)
+                accelerator.print(f"[resume] warning: resuming from {found[0]}: metrics rows after its round are "
+                                  f"dropped, and this run's later checkpoints ({names}) are replaced as the run "
+                                  "passes their rounds")
         except ckpt.CheckpointError as err:
             found[1] = str(err)
     if accelerator.num_processes > 1:

@@ -149,6 +149,7 @@ def test_truncated_checkpoint_is_skipped_for_an_older_intact_one(tmp_path, capsy
     printed = capsys.readouterr().out
     assert f"skipping {os.path.dirname(damaged)}: {damaged}: " in printed and "truncated" in printed
     assert "resumed from" in printed and printed.split("resumed from ")[1].split()[0].endswith("round-1")
+    assert "this run's later checkpoints (round-2) are replaced" in printed  # never silently
     got = resumed.policy.student_state_dict()
     assert all(torch.equal(got[k], expected_weights[k]) for k in expected_weights)
     assert numbers(out) == expected_rows
