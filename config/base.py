@@ -83,6 +83,25 @@ def get_config():
     # Tasks: name -> {prompts (dataset name | file path | list of prompts), eval_prompts, teacher, reward}.
     c.tasks = ml_collections.ConfigDict()
 
+    # Stage 1 (recipe nft | grpo): k images per prompt, rewards, group-relative advantages.
+    # The task's reward is tasks.<name>.reward: "ocr" or weighted "ocr:1.0,pickscore:0.5".
+    c.rl = ml_collections.ConfigDict()
+    c.rl.group_size = 8  # images per prompt (k); a sample's advantage is relative to its prompt's group
+    c.rl.groups_per_round = 2  # prompts per task per process per round
+    c.rl.updates_per_round = 1  # optimizer steps per pass over the round's samples
+    c.rl.inner_epochs = 1  # passes over the round's samples (grpo); the ratio is 1 only in the first
+    c.rl.advantage_std = "group"  # group (Flow-GRPO) | global (DiffusionNFT: std of the whole gathered batch) | none
+    c.rl.advantage_clip = 5.0  # advantages clamped to +-this
+    c.rl.drop_zero_advantage = False  # Flow-GRPO: groups whose rewards are all equal carry no signal
+    c.rl.kl_beta = 0.0  # KL to the base model (Flow-GRPO 0.04, 0.01 for PickScore; DiffusionNFT 1e-4)
+    c.rl.nft_beta = 1.0  # DiffusionNFT's branch strength beta (0.1 for OCR)
+    c.rl.old_decay_rate = 0.001  # DiffusionNFT old policy <- EMA of the student, decay min(rate * step, max)
+    c.rl.old_decay_max = 0.5
+    c.rl.old_decay_delay = 0
+    c.rl.clip_range = 1e-4  # Flow-GRPO's PPO clip on ratios of per-element averaged log-densities
+    c.rl.guard = False  # GRPO-Guard: normalised ratio and 1/(-dt) step weights
+    c.rl.reward_device = "auto"
+
     # Periodic evaluation on held-out prompts: student-vs-teacher KL/L2 always, rewards if set.
     c.eval = ml_collections.ConfigDict()
     c.eval.every = 30  # rounds; 0 disables
@@ -104,6 +123,71 @@ def get_config():
     c.logging.wandb_project = "diffusion_opd"
     c.logging.progress = True  # tqdm bar over rounds
     c.logging.phase_times = False  # log seconds/<phase>; syncs CUDA at every phase boundary (profiling only)
+    return c
+
+
+def stage1(recipe, run_name):
+    """What the published DiffusionNFT and Flow-GRPO SD3.5-M recipes share: fp16, 10 steps at
+    512 px of which 9 are trained (timestep fraction 0.99), AdamW 3e-4 with clip 1.0, 48 prompt
+    groups x 24 images per round on 8 GPUs, evaluation with the task rewards every 30 rounds."""
+    c = get_config()
+    c.recipe = recipe
+    c.run_name, c.output_dir = run_name, f"outputs/{run_name}"
+    c.mixed_precision = "fp16"
+    c.model.dtype = "fp16"
+    c.sample.num_steps = 10
+    c.sample.resolution = 512
+    c.train.batch_size = 8
+    c.train.num_train_steps = 9
+    c.train.learning_rate = 3e-4
+    c.train.max_grad_norm = 1.0
+    c.train.ema_decay = 0.0
+    c.train.num_rounds = 1000
+    c.rl.group_size = 24
+    c.rl.groups_per_round = 6  # 48 groups on 8 GPUs
+    c.rl.updates_per_round = 2
+    c.eval.every = 30
+    c.eval.rewards = True
+    return c
+
+
+def tiny_sd3_cpu(c):
+    """A tiny random SD3 built offline in seconds (``builtin:tiny-sd3``), run on the CPU."""
+    c.device = "cpu"
+    c.cpu_threads = 1  # tiny matrices: threading overhead exceeds the work
+    c.model.path = "builtin:tiny-sd3"
+    c.model.max_sequence_length = 16
+    c.lora.rank = 8
+    c.lora.alpha = 8
+    return c
+
+
+def reward_task(prompts, reward):
+    """A stage-1 task: prompts (also held out for evaluation) and the reward that trains on them."""
+    return task(prompts, teacher="", eval_prompts=prompts, reward=reward)
+
+
+def tiny_stage1(c):
+    """The CPU settings of the tiny stage-1 configs (config/nft.py, config/grpo.py): a tiny random
+    SD3 built offline, 32 px (16 x 4 x 4 latents: few dimensions, so a few samples per round
+    already show the reward rising), 4 steps, 2 prompts x 8 images per round, 10 rounds, and the
+    reward on fixed held-out prompts and seeds at the start and the end."""
+    tiny_sd3_cpu(c)
+    c.mixed_precision = "no"
+    c.model.dtype = "fp32"
+    c.sample.num_steps = 4
+    c.sample.resolution = 32
+    c.train.batch_size = 8
+    c.train.num_train_steps = 3
+    c.train.num_rounds = 10
+    c.train.learning_rate = 5e-2
+    c.rl.group_size = 8
+    c.rl.groups_per_round = 2
+    c.rl.kl_beta = 0.0
+    c.save_every = 5
+    c.eval.every = 10
+    c.eval.num_prompts = 4
+    c.eval.num_steps = 4
     return c
 
 

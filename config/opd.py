@@ -109,12 +109,7 @@ def tiny_mopd():
     c = base.get_config()
     c.run_name = "tiny_mopd"
     c.output_dir = "outputs/tiny_mopd"
-    c.device = "cpu"
-    c.cpu_threads = 1  # tiny matrices: threading overhead exceeds the work
-    c.model.path = "builtin:tiny-sd3"
-    c.model.max_sequence_length = 16
-    c.lora.rank = 8
-    c.lora.alpha = 8
+    base.tiny_sd3_cpu(c)
     c.sample.num_steps = 6
     c.sample.resolution = 64
     c.sample.guidance_scale = 2.0

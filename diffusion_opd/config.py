@@ -178,7 +178,8 @@ def _entry_keys(section: str) -> set[str]:
 def _check_entries(config) -> None:
     """The user-named sections: teachers (adapter names peft can use) and tasks (a teacher each,
     a prompt source that is unambiguously a list or a name / path)."""
-    if not config.teachers:
+    opd = config.recipe == "opd"  # stage-1 recipes (nft, grpo) train on rewards, without teachers
+    if opd and not config.teachers:
         raise ConfigError("teachers: no teacher configured")
     for name, spec in config.teachers.items():
         if name in (STUDENT, BASE):
@@ -200,9 +201,12 @@ def _check_entries(config) -> None:
     for name, spec in config.tasks.items():
         if set(spec.keys()) != _entry_keys("tasks"):
             raise ConfigError(f"tasks.{name}: keys {sorted(spec.keys())} != {sorted(_entry_keys('tasks'))}")
-        if not spec.teacher:
+        if opd and not spec.teacher:
             raise ConfigError(f"tasks.{name}.teacher: every task needs a teacher (valid: {', '.join(config.teachers)})")
-        if spec.teacher not in config.teachers:
+        if not opd and not spec.reward:
+            raise ConfigError(f"tasks.{name}.reward: recipe '{config.recipe}' trains on rewards; name one "
+                              "(e.g. 'ocr' or 'ocr:1.0,pickscore:0.5')")
+        if opd and spec.teacher not in config.teachers:
             raise ConfigError(
                 f"tasks.{name}.teacher: unknown teacher '{spec.teacher}'; valid teachers: {', '.join(config.teachers)}"
             )
@@ -335,6 +339,41 @@ def validate_config(config, *, world_size: int = 1) -> None:
     if LORA_INIT_WORDS.get(lora.init, lora.init) not in LORA_INITS:
         raise ConfigError(f"lora.init: {lora.init!r} is not one of gaussian, true, false")
     _check_entries(config)
+    if config.recipe != "opd":
+        _check_rl(config)
+
+
+def prompts_per_round(config) -> int:
+    """Prompts each process draws per task and round: OPD ``batch_size x grad_accum``; stage-1
+    RL ``rl.groups_per_round`` (each sampled ``rl.group_size`` times)."""
+    if config.recipe == "opd":
+        return config.train.batch_size * config.train.grad_accum
+    return config.rl.groups_per_round
+
+
+def _check_rl(config) -> None:
+    """The stage-1 recipes' keys (nft, grpo)."""
+    rl, s, t = config.rl, config.sample, config.train
+    for key in ("group_size", "groups_per_round", "updates_per_round", "inner_epochs"):
+        if rl[key] < 1:
+            raise ConfigError(f"rl.{key}: must be >= 1, got {rl[key]}")
+    if rl.group_size < 2:
+        raise ConfigError(f"rl.group_size: {rl.group_size}; group-relative advantages need >= 2 images per prompt")
+    if rl.advantage_std not in ("group", "global", "none"):
+        raise ConfigError(f"rl.advantage_std: {rl.advantage_std!r} is not one of group, global, none")
+    images = rl.groups_per_round * rl.group_size
+    if images % t.batch_size:
+        raise ConfigError(f"train.batch_size: {t.batch_size} does not divide the {images} images a task samples "
+                          f"per round (rl.groups_per_round x rl.group_size)")
+    if (images // t.batch_size) % rl.updates_per_round:
+        raise ConfigError(f"rl.updates_per_round: {rl.updates_per_round} does not divide the {images // t.batch_size} "
+                          "micro-batches of a task's round (rl.groups_per_round x rl.group_size / train.batch_size)")
+    if rl.kl_beta < 0 or rl.clip_range < 0 or rl.advantage_clip <= 0 or rl.nft_beta <= 0:
+        raise ConfigError("rl.kl_beta and rl.clip_range must be >= 0, rl.advantage_clip and rl.nft_beta > 0")
+    if config.recipe == "grpo" and s.noise_level <= 0:
+        raise ConfigError("sample.noise_level: GRPO needs SDE rollouts (log-probabilities); use e.g. 0.7")
+    if config.recipe == "nft" and rl.inner_epochs != 1:
+        raise ConfigError("rl.inner_epochs: DiffusionNFT makes one pass per round; use rl.updates_per_round")
 
 
 def check_student_init(config) -> None:
@@ -349,6 +388,16 @@ def check_student_init(config) -> None:
 
 def derived_geometry(config, world_size: int) -> dict[str, Any]:
     """The numbers a researcher wants to see before a run (printed at start)."""
+    if config.recipe != "opd":
+        s, t, images = config.sample, config.train, config.rl.groups_per_round * config.rl.group_size
+        return {
+            "world_size": world_size, "recipe": config.recipe, "tasks": list(config.tasks),
+            "rewards": {n: spec.reward for n, spec in config.tasks.items()},
+            "prompts_per_task_per_process": config.rl.groups_per_round, "images_per_prompt": config.rl.group_size,
+            "images_per_round": images * len(config.tasks) * world_size,
+            "trained_steps_per_image": f"{t.num_train_steps} of {s.num_steps}",
+            "optimizer_steps": t.num_rounds * config.rl.updates_per_round * config.rl.inner_epochs,
+        }
     s, t = config.sample, config.train
     per_task = t.batch_size * t.grad_accum
     n_tasks = len(config.tasks)

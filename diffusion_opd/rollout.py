@@ -101,6 +101,20 @@ class Trajectory:
         """x_{t_{j+1}}: the state step ``j`` led to (needs ``keep_states``)."""
         return self.states[j + 1] if j + 1 < len(self.states) else self.latents
 
+    @staticmethod
+    def cat(parts: Sequence["Trajectory"]) -> "Trajectory":
+        """Trajectories of the same schedule, sampled in several batches, as one batch."""
+        def join(tensors):
+            return None if tensors[0] is None else torch.cat(tensors)
+
+        first = parts[0]
+        return Trajectory(latents=torch.cat([p.latents for p in parts]), sigmas=first.sigmas,
+                          states=[join([p.states[j] for p in parts]) for j in range(len(first.states))],
+                          means=[join([p.means[j] for p in parts]) for j in range(len(first.means))],
+                          stds=[first.stds[j] if first.stds[j].shape[0] == 1 else join([p.stds[j] for p in parts])
+                                for j in range(len(first.stds))],
+                          log_probs=[join([p.log_probs[j] for p in parts]) for j in range(len(first.log_probs))])
+
     def select(self, index: Sequence[int]) -> "Trajectory":
         """The rows ``index`` of every per-sample tensor (a minibatch of the trajectories)."""
         idx = torch.as_tensor(list(index), dtype=torch.long, device=self.latents.device)

@@ -201,16 +201,20 @@ def task_prompts(config, task: str, split: str) -> PromptDataset:
 def run_prompts(config, world_size: int) -> tuple[dict[str, PromptDataset], dict[str, PromptDataset]]:
     """Every task's training prompts (enough distinct ones to fill a round on every process)
     and, when ``eval.every`` is on, its held-out prompts: ``(train, eval)``, keyed by task."""
+    from ..config import prompts_per_round
+
     t = config.train
-    per_round = t.batch_size * t.grad_accum * world_size
+    per_round = prompts_per_round(config) * world_size
+    how = (f"train.batch_size x train.grad_accum x world size = {t.batch_size} x {t.grad_accum} x {world_size}"
+           if config.recipe == "opd" else
+           f"rl.groups_per_round x world size = {config.rl.groups_per_round} x {world_size}")
     train, held_out = {}, {}
     for name in config.tasks:
         train[name] = task_prompts(config, name, "train")
         if len(train[name]) < per_round:
             raise ConfigError(
-                f"tasks.{name}.prompts: {len(train[name])} prompts cannot fill a round of "
-                f"train.batch_size x train.grad_accum x world size = {t.batch_size} x {t.grad_accum} x "
-                f"{world_size} = {per_round} distinct prompts"
+                f"tasks.{name}.prompts: {len(train[name])} prompts cannot fill a round of {how} = {per_round} "
+                "distinct prompts"
             )
         if config.eval.every:
             held_out[name] = task_prompts(config, name, "eval")

@@ -175,6 +175,29 @@ class Policy(ABC):
     def teacher_names(self) -> list[str]:
         """Names of the loaded teachers."""
 
+    def adapter_names(self) -> list[str]:
+        """Every name :meth:`velocity` accepts: student, base, teachers, student copies."""
+        return [STUDENT, BASE, *self.teacher_names, *getattr(self, "_student_copies", [])]
+
+    def add_student_copy(self, name: str) -> list[torch.nn.Parameter]:
+        """A second, frozen adapter ``name`` with the student's LoRA structure and current weights,
+        queried as ``velocity(..., adapter=name)`` (DiffusionNFT's old sampling policy). Returns
+        its parameters in the order of :meth:`trainable_parameters`: the recipe moves them (e.g.
+        an EMA of the student) in place.
+
+        Default: back ends that keep the student as the ``"student"`` peft adapter of
+        ``self.transformer`` with an ``AdapterSwitch`` in ``self._switch`` (SD3, FLUX, the toy).
+        """
+        from .lora import add_adapter_copy
+
+        if name in self.adapter_names():
+            raise ValueError(f"adapter name {name!r} is taken ({self.adapter_names()})")
+        named = {id(p): n for n, p in self.transformer.named_parameters()}
+        copies = add_adapter_copy(self.transformer, STUDENT, name)
+        self._switch.restore()  # the student active and the only trainable adapter again
+        self.__dict__.setdefault("_student_copies", []).append(name)
+        return [copies[named[id(p)]] for p in self.trainable_parameters()]
+
     def compile_blocks(self, backend: str = "inductor", dynamic: Optional[bool] = None) -> int:
         """Regional compilation (models/compile.py) of the modules owning the student; returns
         the number of blocks compiled (0: the model has no repeated blocks)."""

@@ -245,7 +245,7 @@ class DiffusersPolicy(Policy):
         (:meth:`_uses_cfg`) the uncond and cond rows run in ONE batched forward and the result is
         ``v_u + g (v_c - v_u)``.
         """
-        valid = [STUDENT, BASE, *self._teacher_names]
+        valid = self.adapter_names()
         if adapter not in valid:
             raise ValueError(f"unknown adapter {adapter!r}; valid: {valid}")
         b = latents.shape[0]

@@ -233,6 +233,30 @@ def _pass_adapter_names(layer, args, kwargs):
     return args, {**kwargs, "adapter_names": names}
 
 
+def add_adapter_copy(model: torch.nn.Module, source: str, name: str) -> dict[str, torch.nn.Parameter]:
+    """Inject adapter ``name`` with the structure (LoraConfig) of adapter ``source`` and a copy of
+    its current weights, frozen. Returns ``{source parameter name: copy}``."""
+    import copy
+
+    from peft import inject_adapter_in_model
+
+    if name in getattr(model, "peft_config", {}):
+        raise ValueError(f"an adapter named '{name}' is already loaded")
+    with warnings.catch_warnings():  # peft warns that several adapters share the model: intended
+        warnings.filterwarnings("ignore", message=".*multiple adapters.*")
+        inject_adapter_in_model(copy.deepcopy(model.peft_config[source]), model, adapter_name=name)
+    named = dict(model.named_parameters())
+    copies = {}
+    with torch.no_grad():
+        for key, param in named.items():
+            if f".{source}." in key:
+                target = named[key.replace(f".{source}.", f".{name}.")]
+                target.data = param.detach().clone()  # same dtype as the source (the fp32 student)
+                target.requires_grad_(False)
+                copies[key] = target
+    return copies
+
+
 class AdapterSwitch:
     """Cheap switching between adapters already injected in one model.
 

@@ -209,7 +209,7 @@ class ToyPolicy(Policy):
     def velocity(self, latents: torch.Tensor, sigma, embeds: PromptEmbeds, adapter: str = STUDENT,
                  guidance_scale: float = 1.0) -> torch.Tensor:
         """Velocity under ``adapter`` with CFG in one batched forward (see :meth:`Policy.velocity`)."""
-        valid = [STUDENT, BASE, *self._teacher_names]
+        valid = self.adapter_names()
         if adapter not in valid:
             raise ValueError(f"unknown adapter {adapter!r}; valid: {valid}")
         b = latents.shape[0]

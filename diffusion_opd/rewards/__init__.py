@@ -46,6 +46,24 @@ def check_reward_name(name: str) -> None:
         raise ValueError(f"unknown reward '{name}'; valid rewards: {', '.join(reward_names())}")
 
 
+def reward_weights(spec: str) -> dict[str, float]:
+    """A task's reward spec -> ``{name: weight}``: ``"ocr"`` -> ``{"ocr": 1.0}``;
+    ``"ocr:1.0,pickscore:0.5"`` -> a weighted sum (:class:`MultiReward`). Names are checked."""
+    weights: dict[str, float] = {}
+    for part in (p.strip() for p in str(spec).split(",")):
+        if not part:
+            continue
+        name, _, weight = part.partition(":")
+        check_reward_name(name.strip())
+        try:
+            weights[name.strip()] = float(weight) if weight else 1.0
+        except ValueError:
+            raise ValueError(f"reward weight of '{name.strip()}' must be a number, got {weight!r}") from None
+    if not weights:
+        raise ValueError(f"no reward in {spec!r}; write 'name' or 'name:weight,name:weight'")
+    return weights
+
+
 def reward_class(name: str) -> type:
     """The scorer class of ``name`` (imports only that reward's module)."""
     check_reward_name(name)
@@ -82,5 +100,5 @@ def __getattr__(attr: str):
 
 __all__ = [
     "REGISTRY", "MissingCheckpointError", "MultiReward", "Scorer", "ckpt_root", "load_reward",
-    "reward_class", "reward_names", "check_reward_name",
+    "reward_class", "reward_names", "check_reward_name", "reward_weights",
 ]

@@ -24,12 +24,12 @@ class Preflight:
 
 
 def check_rewards(config) -> None:
-    from ..rewards import check_reward_name
+    from ..rewards import reward_weights
 
     for name, spec in config.tasks.items():
         if spec.reward:
             try:
-                check_reward_name(spec.reward)
+                reward_weights(spec.reward)  # one name or a weighted sum "ocr:1.0,pickscore:0.5"
             except ValueError as err:
                 raise ConfigError(f"tasks.{name}.reward: {err}") from None
 

@@ -27,7 +27,7 @@ import torch
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from ..config import derived_geometry, to_dict, validate_config
+from ..config import derived_geometry, prompts_per_round, to_dict, validate_config
 from ..data.sampler import PromptSampler
 from ..models.base import STUDENT, Policy, PromptEmbeds
 from ..rollout import Sampling, sample
@@ -41,13 +41,28 @@ from .run_dir import claim_output_dir
 from .stop import RunStopped, StopRequest
 from .visuals import CURVES_FILE, SampleGrids, log_images, plot_curves, quiet_progress_bars
 
-__all__ = ["Recipe", "Run", "sample_seed"]
+__all__ = ["Recipe", "Run", "sample_seed", "task_scorer"]
 
 
 def sample_seed(*parts: int) -> int:
     """A 63-bit seed from integers (run seed, round, task, global sample index): a sample's noise
     depends on what it is, never on which batch or process it landed in."""
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
+def task_scorer(reward: str, device: str):
+    """The scorer of a task's reward spec (``"ocr"`` or ``"ocr:1.0,pickscore:0.5"``): a
+    :class:`~diffusion_opd.rewards.MultiReward` whose ``"total"`` is the weighted sum. One per
+    process and spec (reward models load once)."""
+    from ..rewards import MultiReward, reward_weights
+
+    key = (reward, device)
+    if key not in _SCORERS:
+        _SCORERS[key] = MultiReward(reward_weights(reward), device=device)
+    return _SCORERS[key]
+
+
+_SCORERS: dict[tuple, object] = {}
 
 
 class Recipe(Protocol):
@@ -64,11 +79,10 @@ class Run:
 
     ``policy``: pass an already built policy (the benchmark does, with random weights and no
     prompt files: ``check_data=False``); by default it is built from ``config.model`` /
-    ``config.teachers``. ``prompts_per_round``: prompts each process draws per task and round.
+    ``config.teachers``.
     """
 
-    def __init__(self, config, *, prompts_per_round: Optional[int] = None, policy: Optional[Policy] = None,
-                 check_data: bool = True):
+    def __init__(self, config, *, policy: Optional[Policy] = None, check_data: bool = True):
         self.config = config
         self.accelerator = acc = make_accelerator(config)
         self.rank, self.world = acc.process_index, acc.num_processes
@@ -95,7 +109,7 @@ class Run:
         optimizer, self.scheduler = build_optimizer(self.params, config.train)
         self.optimizer = acc.prepare_optimizer(optimizer)  # fp16: loss scaling + skipped inf steps
         self.ema = EMA(self.params, config.train.ema_decay, config.train.ema_warmup) if config.train.ema_decay > 0 else None
-        self.prompts_per_round = prompts_per_round or config.train.batch_size * config.train.grad_accum
+        self.prompts_per_round = prompts_per_round(config)
         self.samplers = {
             task: PromptSampler(len(rows), self.prompts_per_round, self.rank, self.world, seed=config.seed + 1000 * i)
             for i, (task, rows) in enumerate(self.prompts.items())
@@ -163,17 +177,15 @@ class Run:
         seeds = [sample_seed(c.seed, -1, task_idx, self.rank + i * self.world) for i in range(len(rows))]
         return rows, embeds, seeds
 
-    def eval_reward(self, reward_name: str, embeds: PromptEmbeds, seeds: list[int], rows: list[dict]) -> float:
-        """Mean reward over all processes of ODE samples (``eval.num_steps`` steps) of the student."""
-        from ..rewards import load_reward
-
+    def eval_reward(self, reward: str, embeds: PromptEmbeds, seeds: list[int], rows: list[dict]) -> float:
+        """Mean reward (a task's reward spec, see :func:`task_scorer`) over all processes of ODE
+        samples (``eval.num_steps`` steps) of the student."""
         c, acc = self.config, self.accelerator
         spec = Sampling.from_config(c.sample, num_steps=c.eval.num_steps, noise_level=0.0)
         with torch.no_grad():
             images = self.policy.decode(sample(self.policy, embeds, seeds, spec).latents)
         device = c.eval.reward_device if c.eval.reward_device != "auto" else str(acc.device)
-        scores = load_reward(reward_name, device=device)(images, [r["prompt"] for r in rows],
-                                                        [r["metadata"] for r in rows])[reward_name]
+        scores = task_scorer(reward, device)(images, [r["prompt"] for r in rows], [r["metadata"] for r in rows])["total"]
         local = torch.tensor([float(torch.tensor(scores).nanmean()) * len(rows), len(rows)], device=acc.device)
         total = acc.reduce(local, reduction="sum")
         return (total[0] / total[1]).item()

@@ -1,0 +1,107 @@
+"""Named DiffusionNFT configs (stage 1): ``--config config/nft.py:NAME`` (NAME in ``CONFIGS``).
+
+The paper trains its GenEval teacher with DiffusionNFT (``geneval``); its baselines are multi-task
+NFT (``multitask``: every prompt scored by its own task's reward) and cascade NFT (``CASCADES``:
+single-task stages in sequence, each starting from the last stage's student; run with
+``scripts/train.py --cascade config/nft.py:cascade``). Recipe facts: DiffusionNFT's published
+settings (LoRA r 32 / alpha 64, AdamW 3e-4, wd 1e-4, clip 1.0; 48 prompt groups x 24 images per
+round on 8 GPUs; advantages over the global std, clipped to 5; beta 1.0, 0.1 for OCR; KL 1e-4;
+old policy decay min(0.001 step, 0.5); CFG-free, 10 deterministic steps).
+"""
+import importlib.util
+import os
+
+
+_spec = importlib.util.spec_from_file_location("_nft_opd", os.path.join(os.path.dirname(__file__), "opd.py"))
+_opd = importlib.util.module_from_spec(_spec)  # config/opd.py: its base (config/base.py) and tiny prompt sets
+_spec.loader.exec_module(_opd)
+base = _opd.base
+
+
+def _nft(run_name):
+    c = base.stage1("nft", run_name)
+    c.sample.noise_level = 0.0  # deterministic sampling of the clean samples (the reference uses dpm2)
+    c.sample.guidance_scale = 1.0  # CFG-free
+    c.train.weight_decay = 1e-4
+    c.rl.advantage_std = "global"
+    c.rl.advantage_clip = 5.0
+    c.rl.kl_beta = 1e-4
+    c.rl.nft_beta = 1.0
+    return c
+
+
+def _tasks():
+    return {name: base.reward_task(name, reward=name) for name in ("geneval", "ocr", "pickscore")}
+
+
+def _single(task):
+    c = _nft(f"nft_{task}")
+    c.tasks = {task: _tasks()[task]}
+    if task == "ocr":
+        c.rl.nft_beta = 0.1
+    return c
+
+
+def geneval():
+    """The paper's GenEval teacher: DiffusionNFT on GenEval prompts, GenEval reward."""
+    return _single("geneval")
+
+
+def ocr():
+    """DiffusionNFT on OCR prompts (beta 0.1): a cascade stage."""
+    return _single("ocr")
+
+
+def pickscore():
+    """DiffusionNFT on PickScore prompts, PickScore reward: a cascade stage."""
+    return _single("pickscore")
+
+
+def multitask():
+    """The multi-task NFT baseline: one student, three tasks, each prompt scored by its own reward."""
+    c = _nft("nft_multitask")
+    c.tasks = _tasks()
+    c.rl.groups_per_round = 2  # 3 tasks x 2 groups x 24 images per GPU: the single-task round's images
+    return c
+
+
+def _tiny(run_name):
+    """A tiny random SD3 on the CPU with a weight-free reward (brightness of the decoded image)."""
+    c = _nft(run_name)
+    base.tiny_stage1(c)
+    c.rl.updates_per_round = 1
+    c.tasks = {"bright": base.task(tuple(_opd._TINY_A[:12]), teacher="", eval_prompts=tuple(_opd._TINY_A[12:]),
+                                   reward="brightness")}
+    return c
+
+
+def tiny():
+    """CI: NFT on the tiny SD3, reward = brightness; the mean reward rises within a few rounds."""
+    return _tiny("tiny_nft")
+
+
+def tiny_colorful():
+    """CI: a second tiny task (colourfulness on sign prompts), the tiny cascade's second stage."""
+    c = _tiny("tiny_nft_colorful")
+    c.tasks = {"colorful": base.task(tuple(_opd._TINY_B[:12]), teacher="", eval_prompts=tuple(_opd._TINY_B[12:]),
+                                     reward="colorfulness")}
+    return c
+
+
+def tiny_multitask():
+    """CI: both tiny tasks in one student, each prompt scored by its own task's reward."""
+    c = _tiny("tiny_nft_multitask")
+    c.tasks = {**tiny().tasks, **tiny_colorful().tasks}
+    return c
+
+
+CONFIGS = {f.__name__: f for f in (geneval, ocr, pickscore, multitask, tiny, tiny_colorful, tiny_multitask)}
+# Cascade NFT: the stages run in this order, each starting from the previous stage's student.
+CASCADES = {"cascade": ("geneval", "ocr", "pickscore"), "tiny_cascade": ("tiny", "tiny_colorful")}
+
+
+def get_config(name="geneval"):
+    if name not in CONFIGS:
+        raise ValueError(f"unknown config '{name}' in config/nft.py; valid: {', '.join(CONFIGS)} "
+                         f"(cascades: {', '.join(CASCADES)}, run with scripts/train.py --cascade)")
+    return CONFIGS[name]()

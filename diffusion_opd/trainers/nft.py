@@ -1,0 +1,113 @@
+"""DiffusionNFT (stage 1: the GenEval teacher; the multi-task and cascade baselines), read top to bottom.
+
+One round:
+
+1. Sample ``rl.group_size`` images per prompt with the OLD policy (a second LoRA adapter on the
+   same backbone, never trained by gradients) and keep only the clean samples ``x0``.
+2. Score them with the task's reward; group-relative advantages ``A`` (trainers/rl.py).
+3. Train the student on the FORWARD process of the clean samples (any sampler works, no
+   log-probabilities): at each trained noise level ``t``, ``x_t = (1 - t) x0 + t eps`` and::
+
+       v+ = b v_theta + (1 - b) v_old,     v- = (1 + b) v_old - b v_theta
+       L  = r L+(v+) / b + (1 - r) L-(v-) / b,   r = clamp(A / (2 A_max) + 1/2, 0, 1)
+
+   where each branch's loss is the squared error of ``x0_hat = x_t - t v`` to ``x0`` divided by
+   its detached mean absolute error (:func:`diffusion_opd.rl_losses.nft_loss`), plus
+   ``rl.kl_beta * ||v_theta - v_base||^2`` (optional KL to the base model).
+4. Old policy <- EMA of the student, decay ``min(rl.old_decay_rate * step, rl.old_decay_max)``.
+
+Training forwards are conditional only (no CFG), as DiffusionNFT's CFG-free training.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..models.base import BASE, STUDENT
+from ..rl_losses import forward_process, nft_loss, velocity_kl
+from ..rollout import Sampling
+from ..sampling import randn
+from .ema import ema_update_, old_policy_decay
+from .opd import train_step_indices
+from .rl import Groups, evaluate_rewards, sample_groups, score_groups, updates
+from .run import Run, sample_seed
+
+OLD = "old"  # the sampling policy's adapter
+
+
+class NFT:
+    """The DiffusionNFT recipe on a :class:`~diffusion_opd.trainers.run.Run`."""
+
+    name = "nft"
+
+    def __init__(self, run: Run):
+        c = run.config
+        self.run, self.config, self.policy = run, c, run.policy
+        self.sampling = Sampling.from_config(c.sample)
+        self.old_params = self.policy.add_student_copy(OLD)  # starts equal to the student
+        self.steps_taken = 0  # optimizer steps so far (drives the old policy's decay)
+        self.images_per_round = c.rl.groups_per_round * c.rl.group_size * len(c.tasks) * run.world
+
+    def round(self, round_idx: int) -> dict:
+        c, run = self.config, self.run
+        groups = sample_groups(run, round_idx, self.sampling, adapter=OLD, keep_states=False)
+        metrics = score_groups(run, groups)
+        steps = train_step_indices(c.train, c.sample.num_steps, round_idx, c.seed)
+        sigmas = self.sampling.sigmas(self.policy)
+        losses = []
+        for part in updates(groups, c.train.batch_size, c.rl.updates_per_round):
+            loss = sum(self.backward(g, idx, steps, sigmas, round_idx, scale=1.0 / (len(part) * len(steps)))
+                       for g, idx in part).item()  # the mean per sample and step (one sync per update)
+            metrics.update(run.optimizer_step(round_idx, loss))
+            losses.append(loss)
+            self.steps_taken += 1
+        metrics["loss"] = sum(losses) / len(losses)
+        # The sampling policy follows the student slowly (fully on-policy while the decay is 0).
+        decay = old_policy_decay(self.steps_taken, c.rl.old_decay_rate, c.rl.old_decay_max, c.rl.old_decay_delay)
+        ema_update_(self.old_params, run.params, decay)
+        metrics["old_policy_decay"] = decay
+        return metrics
+
+    def backward(self, g: Groups, idx: list[int], steps: list[int], sigmas: torch.Tensor, round_idx: int,
+                 scale: float) -> torch.Tensor:
+        """Backpropagate ``scale * sum over samples and trained steps`` of the NFT loss on one
+        micro-batch; returns that (detached) scaled sum for logging."""
+        c, acc, policy = self.config, self.run.accelerator, self.policy
+        embeds, x0, adv = g.embeds.select(idx), g.traj.latents[idx], g.advantages[idx]
+        total = torch.zeros((), device=acc.device)
+        for j in steps:
+            t = float(sigmas[j])
+            # eps per sample from its own seed and the step: the same on resume, on any process layout
+            gens = [torch.Generator().manual_seed(sample_seed(g.seeds[i], round_idx, j)) for i in idx]
+            x_t = forward_process(x0, randn(x0.shape, gens, x0.device), t)
+            with acc.autocast():
+                with torch.no_grad():
+                    v_old = policy.velocity(x_t, t, embeds, OLD)
+                    v_base = policy.velocity(x_t, t, embeds, BASE) if c.rl.kl_beta > 0 else None
+                v = policy.velocity(x_t, t, embeds, STUDENT)
+                losses = nft_loss(v, v_old, x_t, x0, t, adv, beta=c.rl.nft_beta, adv_clip_max=c.rl.advantage_clip)
+                if v_base is not None:
+                    losses = losses + c.rl.kl_beta * velocity_kl(v, v_base)
+                losses = losses * g.keep[idx]
+            with self.run.timer("backward"):
+                acc.backward(losses.sum() * scale)
+            total = total + losses.detach().sum() * scale
+        return total
+
+    def evaluate(self, round_idx: int) -> dict:
+        return evaluate_rewards(self.run)
+
+    # -- what resume restores besides the student ------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"old": [p.detach().cpu().clone() for p in self.old_params], "steps_taken": self.steps_taken}
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            for p, saved in zip(self.old_params, state["old"]):
+                p.copy_(saved)
+        self.steps_taken = state["steps_taken"]
+
+
+def train(config) -> Run:
+    """Run (or resume) the DiffusionNFT recipe described by ``config``; returns the finished run."""
+    run = Run(config)
+    return run.train(NFT(run))

@@ -1,0 +1,61 @@
+"""Which recipe trains a config (``config.recipe``), and cascades of stages.
+
+``train(config)`` runs OPD, DiffusionNFT or Flow-GRPO / GRPO-Guard. ``train_cascade`` runs
+single-task stages in sequence, each stage's student starting from the previous stage's final
+student (``model.student_init``): the paper's cascade NFT baseline. A stage whose final
+checkpoint exists is skipped, and a stage that was interrupted resumes from its latest
+checkpoint, so rerunning a killed cascade continues it.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Sequence
+
+RECIPES = {"opd": "diffusion_opd.trainers.opd", "nft": "diffusion_opd.trainers.nft",
+           "grpo": "diffusion_opd.trainers.grpo"}
+
+__all__ = ["RECIPES", "train", "cascade_stages", "train_cascade"]
+
+
+def train(config):
+    """Run (or resume) ``config`` with its recipe; returns the finished :class:`Run`."""
+    return importlib.import_module(RECIPES[config.recipe]).train(config)
+
+
+def cascade_stages(spec: str) -> tuple[str, tuple[str, ...]]:
+    """``config/nft.py:cascade`` -> (the config file, its stage names from ``CASCADES``)."""
+    from ..config import ConfigError, _import_file
+
+    path, _, name = spec.partition(":")
+    if not os.path.isfile(path):
+        raise ConfigError(f"--cascade: file {path!r} not found")
+    cascades = getattr(_import_file(path, "_diffusion_opd_cascades"), "CASCADES", {})
+    if name not in cascades:
+        raise ConfigError(f"--cascade: no cascade {name!r} in {path}; valid: {', '.join(cascades) or 'none'}")
+    return path, tuple(cascades[name])
+
+
+def train_cascade(spec: str, output_dir: str, overrides: Sequence[str] = ()) -> list[str]:
+    """Train the stages of cascade ``spec`` in order under ``output_dir/stage<i>-<name>``;
+    ``overrides`` apply to every stage. Returns each stage's final checkpoint folder."""
+    from ..config import load_config, validate_config
+    from .checkpoint import list_checkpoints
+
+    path, stages = cascade_stages(spec)
+    configs = []
+    for i, name in enumerate(stages):  # every stage is validated before the first one trains
+        config = load_config(f"{path}:{name}", list(overrides))
+        config.output_dir = os.path.join(output_dir, f"stage{i + 1}-{name}")
+        config.resume_from = "latest"
+        validate_config(config, check_data=False)
+        configs.append(config)
+    finals: list[str] = []
+    for config in configs:
+        if finals:
+            config.model.student_init = finals[-1]  # this stage starts as the last stage's student
+        final = os.path.join(config.output_dir, "checkpoints", f"round-{config.train.num_rounds}")
+        if final not in [p for _, p in list_checkpoints(config.output_dir)]:
+            train(config)
+        finals.append(final)
+    return finals
