@@ -6,6 +6,8 @@ import os
 import pytest
 
 from diffusion_opd.config import ConfigError, derived_geometry, load_config, validate_config
+from diffusion_opd.data.prompts import run_prompts
+from diffusion_opd.trainers.preflight import check_rewards
 from diffusion_opd.trainers.recipes import cascade_stages
 from tests.shared_data import make_data_root
 
@@ -32,7 +34,8 @@ def data_root(tmp_path_factory):
 def test_every_shipped_stage1_config_validates(file, name, data_root):
     config = load_config(f"{FILES[file]}:{name}", [f"data_root={data_root}"])
     world = 1 if name.startswith("tiny") else 8
-    prompts = validate_config(config, world_size=world)
+    assert validate_config(config, world_size=world) is None
+    prompts, _ = run_prompts(config, world)
     assert config.recipe == file and set(prompts) == set(config.tasks) and not config.teachers
     assert all(spec.reward for spec in config.tasks.values())
     geo = derived_geometry(config, world)
@@ -80,7 +83,10 @@ BAD = [
 @pytest.mark.parametrize("label,make,message", BAD, ids=[b[0] for b in BAD])
 def test_bad_stage1_configs_give_clear_errors(label, make, message):
     with pytest.raises(ConfigError, match=message):
-        validate_config(make(), world_size=1)
+        config = make()
+        validate_config(config, world_size=1)  # the pure checks, then what needs files
+        check_rewards(config)
+        run_prompts(config, 1)
 
 
 def test_unknown_cascade_lists_valid_ones():

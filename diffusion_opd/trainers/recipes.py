@@ -48,7 +48,7 @@ def train_cascade(spec: str, output_dir: str, overrides: Sequence[str] = ()) -> 
         config = load_config(f"{path}:{name}", list(overrides))
         config.output_dir = os.path.join(output_dir, f"stage{i + 1}-{name}")
         config.resume_from = "latest"
-        validate_config(config, check_data=False)
+        validate_config(config, world_size=int(os.environ.get("WORLD_SIZE", "1")))
         configs.append(config)
     finals: list[str] = []
     for config in configs:
