@@ -1,6 +1,6 @@
 """Run by tests/trainers/test_distributed.py under `torchrun --nproc_per_node 2` (real gloo DDP).
 
-Trains tiny_mopd, then every rank writes its student weights and the prompt indices it drew.
+Trains $DDP_CONFIG (default tiny_mopd), then every rank writes its student weights and the prompt indices it drew.
 """
 import json
 import os
@@ -12,10 +12,11 @@ sys.path.insert(0, ROOT)
 from safetensors.torch import save_file  # noqa: E402
 
 from diffusion_opd.config import load_config  # noqa: E402
-from diffusion_opd.trainers.opd import train  # noqa: E402
+from diffusion_opd.trainers.recipes import train  # noqa: E402
 
 out = sys.argv[1]
-config = load_config(os.path.join(ROOT, "config/opd.py:tiny_mopd"), [f"output_dir={out}"] + sys.argv[2:])
+spec = os.environ.get("DDP_CONFIG", "config/opd.py:tiny_mopd")  # any recipe's config
+config = load_config(os.path.join(ROOT, spec), [f"output_dir={out}"] + sys.argv[2:])
 run = train(config)
 rank = run.accelerator.process_index
 save_file({k: v.contiguous() for k, v in run.policy.student_state_dict().items()},

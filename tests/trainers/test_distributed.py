@@ -20,13 +20,17 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_process_ddp(tmp_path):
+@pytest.mark.parametrize("spec", ["config/opd.py:tiny_mopd",
+                                  pytest.param("config/nft.py:tiny", marks=pytest.mark.slow),
+                                  pytest.param("config/grpo.py:tiny_guard", marks=pytest.mark.slow)])
+def test_two_process_ddp(tmp_path, spec):
+    """OPD, and (slow) the stage-1 recipes, whose advantages gather every process's rewards."""
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
     out = str(tmp_path / "ddp")
     cmd = [torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
            "tests/trainers/ddp_worker.py", out, "train.num_rounds=3", "eval.every=3", "expect_world_size=2",
            "logging.progress=false"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DDP_CONFIG": spec}
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     a, b = (load_file(os.path.join(out, f"student_rank{r}.safetensors")) for r in (0, 1))
