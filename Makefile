@@ -1,5 +1,7 @@
 # Two commands do everything on a fresh machine:
-#   make demo   create .venv if missing, install, run the main job on the CPU default
+#   make demo   create .venv if missing, install, run the demo: the paper's claims on a toy world
+#               (CPU, ~10 min; outputs/demo/report.md, convergence.png, samples.png)
+#   make smoke  the trainer's smoke test: tiny random SD3, two random teachers (config/opd.py:tiny_mopd)
 #   make test   create .venv if missing, install, run the whole (non-slow) test suite
 #
 # Torch: if the venv (or the python you point VENV_PYTHON at) can already import torch and
@@ -11,7 +13,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 EXTRAS ?= ocr,dev
 PYTEST_ARGS ?=
 
-.PHONY: env demo test test-slow test-all clean-env
+.PHONY: env demo smoke test test-slow test-all clean-env
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +30,9 @@ env: $(VENV)/.installed
 
 demo: env
 	$(PY) scripts/demo.py
+
+smoke: env
+	$(PY) scripts/train_opd.py --config config/opd.py:tiny_mopd output_dir=outputs/tiny_mopd
 
 test: env
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -1,38 +1,41 @@
 #!/usr/bin/env python
-"""`make demo`: the main job on the built-in CPU default.
+"""`make demo`: the paper's two claims, end to end on the CPU, in a toy world (minutes).
 
-Distils two random teacher adapters into the LoRA student of a tiny random SD3 (built offline
-in seconds) with the real multi-task OPD trainer, then prints how far the student moved toward
-each teacher on held-out prompts. About a minute on two CPU cores.
+    python scripts/demo.py [--quick] [--seed 0] [--output_dir outputs/demo]
+
+1. pretrain a small flow-matching text-to-image model (8x8 pictures) on a base distribution;
+2. stage 1: one teacher per task with the stage-1 RL recipes (config/demo.py);
+3. stage 2: distil the three teachers into one student with OPD (ODE; SDE closed-form KL; the
+   PPO-style ablation), with the same trainer, losses and sampling as the SD3.5 runs;
+4. baselines from the same base with the same training images: multi-task NFT, cascade NFT;
+5. measure and write outputs/demo/report.md, convergence.png, samples.png (results.json).
+
+`--quick` is the shortened run the test suite checks.
 """
-import json
+import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from diffusion_opd.config import load_config  # noqa: E402
 from diffusion_opd.errors import run_cli  # noqa: E402
-from diffusion_opd.trainers.metrics import read_metrics  # noqa: E402
-from diffusion_opd.trainers.opd import train  # noqa: E402
 
 
-def main():
-    config = load_config("config/opd.py:tiny_mopd", ["output_dir=outputs/demo"] + sys.argv[1:])
-    if os.path.isdir(config.output_dir) and not config.resume_from:
-        import shutil
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="the shortened run of the test suite")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output_dir", default="outputs/demo")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    from diffusion_opd.demo.pipeline import run_demo
 
-        shutil.rmtree(config.output_dir)
-    train(config)
-    rows = [r for r in read_metrics(config.output_dir) if any(k.startswith("eval/distance/") for k in r)]
-    first, last = rows[0], rows[-1]
-    print("\nheld-out student-teacher distance (per-step L2, lower is better):")
-    for key in sorted(k for k in first if k.startswith("eval/distance/")):
-        drop = 1 - last[key] / first[key]
-        print(f"  {key.split('/')[-1]:>10}: round {first['round']}: {first[key]:.4g} -> round {last['round']}: "
-              f"{last[key]:.4g}  ({drop:.0%} lower)")
-    print(f"\nmetrics: {config.output_dir}/metrics.jsonl; checkpoints: {config.output_dir}/checkpoints/")
-    print(json.dumps({"final_round": last["round"]}))
+    results = run_demo(args.output_dir, "quick" if args.quick else "full", args.seed, not args.no_progress)
+    print(f"\n[demo] {args.output_dir}/report.md, convergence.png, samples.png "
+          f"({results['timings']['total']:.0f} s in all)")
+    for claim in results["claims"]:
+        print(f"[demo] {'held    ' if claim['held'] else 'NOT held'}  {claim['text']}: {claim['measured']}")
+    return 0
 
 
 if __name__ == "__main__":

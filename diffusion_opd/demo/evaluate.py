@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..models.base import STUDENT, Policy
+from ..models.base import Policy
 from ..rewards import load_reward
 from ..rollout import rollout
 from . import world
@@ -48,12 +48,13 @@ def sample_grid(policy: Policy, adapters: Sequence[str], prompts: Sequence[str],
                                   keep_states=False).latents) for a in adapters]
 
 
-def gradient_variance(policy: Policy, teachers: dict[str, str], *, trajectories_per_task: int, num_steps: int,
+def gradient_variance(policy: Policy, teacher_guidance: dict[str, float], *, trajectories_per_task: int, num_steps: int,
                       train_steps: int, noise_level: float, guidance_scale: float, reduction: str, seed: int,
                       resolution: int = 16) -> dict:
     """Per-trajectory gradients of the OPD objective with the two estimators, on the same trajectories.
 
-    For each task's prompts, ``trajectories_per_task`` student SDE rollouts; on each one the
+    For each task's prompts, ``trajectories_per_task`` student SDE rollouts (CFG ``guidance_scale``)
+    against the task's teacher adapter (named as the task, at ``teacher_guidance[task]``); on each one the
     gradient over the student's LoRA parameters of ``sum_j loss_j`` for the first ``train_steps``
     steps, once with ``opd_kl`` (closed form) and once with ``opd_ppo_surrogate`` (pathwise +
     score-function term). Returns the squared norms of the two means, the traces of the two
@@ -75,7 +76,7 @@ def gradient_variance(policy: Policy, teachers: dict[str, str], *, trajectories_
         seeds = eval_seeds(t_idx, len(rows), seed + 1)
         for step in rollout_steps(policy, embeds, seeds, spec, grad_steps=range(train_steps)):
             with torch.no_grad():
-                v_t = policy.velocity(step.x, step.sigma, embeds, teachers[task], guidance_scale)
+                v_t = policy.velocity(step.x, step.sigma, embeds, task, teacher_guidance[task])
             mean_t = transition_mean_std(v_t, step.x, step.sigma, step.sigma_next, noise_level)[0]
             r = step.result
             losses = {"kl": opd_kl(r.mean, mean_t, r.std, reduction),
@@ -96,13 +97,3 @@ def gradient_variance(policy: Policy, teachers: dict[str, str], *, trajectories_
                 trace_kl=trace_kl, trace_ppo=trace_ppo, ratio=trace_ppo / trace_kl,
                 mean_diff_norm=mean_diff, z=mean_diff / (diff.var(0).sum().item() / n) ** 0.5)
 
-
-@torch.no_grad()
-def checkpoint_rewards(policy: Policy, checkpoint: str, **eval_kwargs) -> dict[str, float]:
-    """Task rewards of the student weights saved in a trainer checkpoint folder."""
-    from safetensors.torch import load_file
-
-    import os
-
-    policy.load_student_state_dict(load_file(os.path.join(checkpoint, "student_raw.safetensors")))
-    return task_rewards(policy, STUDENT, **eval_kwargs)

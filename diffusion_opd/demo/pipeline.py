@@ -24,7 +24,7 @@ from ..config import ConfigError, load_config
 from ..trainers import checkpoint as ckpt
 from ..trainers.metrics import read_metrics
 from . import report, world
-from .evaluate import checkpoint_rewards, gradient_variance, sample_grid, task_rewards
+from .evaluate import gradient_variance, sample_grid, task_rewards
 from .pretrain import pretrain_base
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -47,7 +47,7 @@ class Profile:
 
 
 PROFILES = {
-    "full": Profile("full", pretrain_steps=2000, quick=False, samples_per_prompt=4, variance_trajectories=32),
+    "full": Profile("full", pretrain_steps=1500, quick=False, samples_per_prompt=8, variance_trajectories=32),
     "quick": Profile("quick", pretrain_steps=300, quick=True, samples_per_prompt=1, variance_trajectories=6),
 }
 
@@ -86,29 +86,37 @@ class Demo:
             teacher.path = self.path(os.path.relpath(teacher.path, module.ROOT))
         return config
 
-    def train(self, name: str, kind: str, label: str, offset: float = 0.0, **overrides) -> dict:
-        """Run one config with the library's trainer and record it as a method of the report."""
+    def train(self, name: str, kind: str, label: str, offset: float = 0.0, method: str = "", **overrides) -> dict:
+        """Run one config with the library's trainer and record it as (a stage of) a method of the
+        report: ``method`` (default ``name``) collects the runs, seconds and images of its stages."""
         config = self.config(name, **overrides)
-        print(f"[demo] {label}: config/demo.py:{name}, {config.train.num_rounds} rounds")
+        print(f"[demo] {label}: config/demo.py:{name} ({config.recipe}), {config.train.num_rounds} rounds")
         start = time.perf_counter()
         train_config(config)
         seconds = time.perf_counter() - start
         self.timings[label] = seconds
-        self.methods[name] = dict(kind=kind, label=label, run_dir=config.output_dir, seconds=seconds,
-                                  images=training_images(config), offset=offset)
-        return self.methods[name]
+        m = self.methods.setdefault(method or name, dict(kind=kind, label=label, runs=[], seconds=0.0, images=0,
+                                                         offset=offset, guidance=config.sample.guidance_scale))
+        m["runs"].append(config.output_dir)
+        m["seconds"] += seconds
+        m["images"] += training_images(config)
+        return m
 
 
 def train_config(config) -> None:
-    """The library's trainer for ``config`` (OPD today; the stage-1 recipes by ``config.recipe``)."""
-    from ..trainers.opd import train
+    """The library's trainer for ``config.recipe`` (opd | nft | grpo), as ``scripts/train.py`` runs it."""
+    import importlib
 
-    train(config)
+    importlib.import_module(f"diffusion_opd.trainers.{config.recipe}").train(config)
 
 
 def training_images(config) -> int:
     """Images rolled out for training over the run (every task, every round)."""
-    return config.train.batch_size * config.train.grad_accum * len(config.tasks) * config.train.num_rounds
+    if config.recipe == "opd":
+        per_task = config.train.batch_size * config.train.grad_accum
+    else:  # stage 1: rl.groups_per_round prompts x rl.group_size images
+        per_task = config.rl.groups_per_round * config.rl.group_size
+    return per_task * len(config.tasks) * config.train.num_rounds
 
 
 def prepare_output_dir(path: str) -> None:
@@ -127,11 +135,11 @@ def final_checkpoint(run_dir: str) -> str:
     return ckpt.list_checkpoints(run_dir)[-1][1]
 
 
-def export_teacher(demo: Demo, task: str, run: dict) -> None:
+def export_teacher(demo: Demo, task: str, method: dict) -> None:
     """The teacher run's last student LoRA -> ``teachers/<task>`` (the path OPD's config reads)."""
     out = demo.path("teachers", task)
     os.makedirs(out, exist_ok=True)
-    shutil.copy(os.path.join(final_checkpoint(run["run_dir"]), "pytorch_lora_weights.safetensors"), out)
+    shutil.copy(os.path.join(final_checkpoint(method["runs"][-1]), "pytorch_lora_weights.safetensors"), out)
 
 
 # ----------------------------------------------------------------------------------- stages
@@ -148,12 +156,22 @@ def stage2_students(demo: Demo) -> None:
 
 
 def baselines(demo: Demo) -> None:
-    """Multi-task RL and cascade RL from the same base, given the OPD pipeline's training images."""
+    """Multi-task NFT and cascade NFT from the same base, each given the OPD pipeline's training
+    images (cascade: a third per stage, each stage starting from the last one's student)."""
     budget = sum(m["images"] for k, m in demo.methods.items() if m["kind"] == "teacher" or k == "opd")
-    for name, label in (("multitask", "multi-task RL"), ("cascade", "cascade RL")):
+
+    def rounds(name: str, images: float) -> int:
         config = demo.config(name)
-        rounds = max(1, round(budget / (training_images(config) / config.train.num_rounds)))
-        demo.train(name, "baseline", label, **{"train.num_rounds": rounds})
+        return max(1, round(images / (training_images(config) / config.train.num_rounds)))
+
+    demo.train("multitask", "baseline", "multi-task NFT", **{"train.num_rounds": rounds("multitask", budget)})
+    stages = _demo_configs().CASCADES["cascade"]
+    init = ""
+    for i, stage in enumerate(stages):
+        m = demo.train(stage, "baseline", "cascade NFT", method="cascade", **{
+            "train.num_rounds": rounds(stage, budget / len(stages)), "model.student_init": init})
+        init = final_checkpoint(m["runs"][-1])
+        demo.timings[f"cascade NFT stage {i + 1} ({stage})"] = demo.timings.pop("cascade NFT")
 
 
 # ----------------------------------------------------------------------------------- measurements
@@ -161,50 +179,64 @@ def measure(demo: Demo) -> dict:
     """Rewards of every model, the convergence curves, the gradient variance (all fixed seeds)."""
     from ..models import build_policy
 
-    guidance = _demo_configs().GUIDANCE
+    cfgs = _demo_configs()
     config = demo.config("opd")
+    teacher_guidance = {t: config.teachers[t].guidance_scale for t in world.TASKS}
     policy = build_policy(config.model.path, lora=dict(rank=config.lora.rank, alpha=config.lora.alpha,
                                                        target_modules=list(config.lora.target_modules)),
                           teachers=[dict(name=t, path=demo.path("teachers", t)) for t in world.TASKS])
-    evaluation = dict(num_steps=config.sample.num_steps, guidance_scale=guidance, seed=demo.seed)
     start = time.perf_counter()
-    variance = gradient_variance(policy, {t: t for t in world.TASKS},
-                                 trajectories_per_task=demo.profile.variance_trajectories,
+    variance = gradient_variance(policy, teacher_guidance, trajectories_per_task=demo.profile.variance_trajectories,
                                  num_steps=config.sample.num_steps, train_steps=config.train.num_train_steps,
-                                 noise_level=_demo_configs().opd_sde().sample.noise_level, guidance_scale=guidance,
-                                 reduction=config.train.loss_reduction, seed=demo.seed)
+                                 noise_level=cfgs.opd_sde().sample.noise_level,
+                                 guidance_scale=config.sample.guidance_scale, reduction=config.train.loss_reduction,
+                                 seed=demo.seed)
     demo.timings["gradient variance"] = time.perf_counter() - start
 
     start = time.perf_counter()
+
+    def rewards(adapter: str, guidance: float, samples: int = demo.profile.samples_per_prompt) -> dict:
+        return task_rewards(policy, adapter, samples_per_prompt=samples, num_steps=config.sample.num_steps,
+                            guidance_scale=guidance, seed=demo.seed)
+
     methods = {"base": dict(kind="base", label="base (pretrained)", seconds=demo.timings["base pretraining"],
-                            images=0, rewards=task_rewards(policy, "base", samples_per_prompt=demo.profile.samples_per_prompt,
-                                                           **evaluation))}
-    for task in world.TASKS:
-        m = demo.methods[f"teacher_{task}"]
-        methods[f"teacher_{task}"] = dict(m, rewards=task_rewards(policy, task, samples_per_prompt=demo.profile.samples_per_prompt,
-                                                                  **evaluation))
+                            images=0, guidance=cfgs.GUIDANCE, rewards=rewards("base", cfgs.GUIDANCE))}
     for name, m in demo.methods.items():
-        per_round = _seconds_per_round(m["run_dir"])
-        curve = [dict(seconds=m["offset"] + sum(per_round[:r]),
-                      rewards=checkpoint_rewards(policy, path, samples_per_prompt=1, **evaluation))
-                 for r, path in ckpt.list_checkpoints(m["run_dir"])]
-        methods.setdefault(name, dict(m))["curve"] = curve
-        if "rewards" not in methods[name]:  # teachers were scored above, as loaded adapters
-            methods[name]["rewards"] = checkpoint_rewards(policy, final_checkpoint(m["run_dir"]),
-                                                          samples_per_prompt=demo.profile.samples_per_prompt, **evaluation)
+        m = methods[name] = dict(m)
+        curve, elapsed = [], m["offset"]
+        for run in m.pop("runs"):  # a cascade's stages one after the other on the time axis
+            per_round = _seconds_per_round(run)
+            for r, path in ckpt.list_checkpoints(run):
+                load_student(policy, path)
+                curve.append(dict(seconds=elapsed + sum(per_round[:r]), rewards=rewards("student", m["guidance"], 1)))
+            elapsed += sum(per_round)
+            m["final_checkpoint"] = final_checkpoint(run)
+        m["curve"] = curve
+        if m["kind"] == "teacher":  # scored as the loaded teacher adapter OPD distils
+            m["rewards"] = rewards(name.removeprefix("teacher_"), m["guidance"])
+        else:
+            load_student(policy, m["final_checkpoint"])
+            m["rewards"] = rewards("student", m["guidance"])
     demo.timings["evaluation"] = time.perf_counter() - start
-    for m in methods.values():
-        m.pop("run_dir", None)
     order = ["base", *(f"teacher_{t}" for t in world.TASKS), "opd", "multitask", "cascade", "opd_sde", "opd_ppo"]
     methods = {k: methods[k] for k in order if k in methods}
-    samples = sample_grid_images(demo, policy, methods, evaluation)
+    samples = sample_grid_images(demo, policy, methods, config.sample.num_steps)
+    for m in methods.values():
+        m.pop("final_checkpoint", None)
     results = dict(profile=demo.profile.name, seed=demo.seed, machine=_machine(), setup=SETUP,
                    command=f"python scripts/demo.py{' --quick' if demo.profile.quick else ''} --seed {demo.seed}",
-                   eval=dict(num_steps=config.sample.num_steps, guidance_scale=guidance,
+                   eval=dict(num_steps=config.sample.num_steps, guidance_scale=cfgs.GUIDANCE,
                              samples=sum(len(p) for _, p in world.TASKS.values()) * demo.profile.samples_per_prompt),
                    methods=methods, variance=variance, timings=dict(demo.timings))
     results["claims"] = report.check_claims(results)
     return results, samples
+
+
+def load_student(policy, checkpoint: str) -> None:
+    """The student weights a trainer checkpoint holds, into the policy's student adapter."""
+    from safetensors.torch import load_file
+
+    policy.load_student_state_dict(load_file(os.path.join(checkpoint, "student_raw.safetensors")))
 
 
 def _seconds_per_round(run_dir: str) -> list[float]:
@@ -212,20 +244,17 @@ def _seconds_per_round(run_dir: str) -> list[float]:
     return [r["seconds_per_round"] for r in sorted(rows, key=lambda r: r["round"])]
 
 
-def sample_grid_images(demo: Demo, policy, methods: dict, evaluation: dict):
-    """Rows of images for samples.png: base, teachers, then every student / baseline."""
-    from safetensors.torch import load_file
-
-    kw = dict(num_steps=evaluation["num_steps"], guidance_scale=evaluation["guidance_scale"], seed=demo.seed)
+def sample_grid_images(demo: Demo, policy, methods: dict, num_steps: int):
+    """Rows of images for samples.png: every model on the same noise, each at its own CFG."""
     rows, labels = [], []
     for name, m in methods.items():
         if m["kind"] in ("base", "teacher"):
             adapter = "base" if name == "base" else name.removeprefix("teacher_")
         else:
-            state = load_file(os.path.join(final_checkpoint(demo.path("runs", name)), "student_raw.safetensors"))
-            policy.load_student_state_dict(state)
+            load_student(policy, m["final_checkpoint"])
             adapter = "student"
-        rows.append(sample_grid(policy, [adapter], SAMPLE_PROMPTS, **kw)[0])
+        rows.append(sample_grid(policy, [adapter], SAMPLE_PROMPTS, num_steps=num_steps, guidance_scale=m["guidance"],
+                                seed=demo.seed)[0])
         labels.append(m["label"])
     return rows, labels
 

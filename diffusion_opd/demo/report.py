@@ -94,7 +94,7 @@ def report_markdown(results: dict) -> str:
         "",
         "## Per-task reward (held-out seeds, ODE, "
         f"{results['eval']['num_steps']} steps, CFG {results['eval']['guidance_scale']:g}, "
-        f"{results['eval']['samples']} images per task)",
+        f"{results['eval']['samples']} images per model)",
         "",
         head,
         "|" + "---|" * (len(TASKS) + 4),
@@ -119,7 +119,8 @@ def report_markdown(results: dict) -> str:
         "stage 2 only; stage 1 (the three teachers) took "
         f"{_fmt_seconds(sum(m[f'teacher_{t}']['seconds'] for t in TASKS))} more. The baselines got the "
         "same training images as the whole OPD pipeline (teachers + student): equal compute, "
-        "counted in images rolled out for training.",
+        "counted in images rolled out for training (cascade: a third per stage, each stage starting "
+        "from the previous stage's student).",
         "",
         "Share of each teacher's gain over the base kept by the OPD student: "
         + ", ".join(f"{t} {kept[t]:.1%}" for t in TASKS) + ".",
@@ -169,7 +170,8 @@ def plot_convergence(results: dict, path: str) -> None:
 
     m = results["methods"]
     fig, axes = plt.subplots(1, len(TASKS) + 1, figsize=(4 * (len(TASKS) + 1), 3.4), sharex=True)
-    styles = {"opd": ("C0", "-"), "opd_sde": ("C0", "--"), "opd_ppo": ("C0", ":")}
+    styles = {"opd": ("C0", "-"), "opd_sde": ("C0", "--"), "opd_ppo": ("C0", ":"), "multitask": ("C1", "-"),
+              "cascade": ("C2", "-")}
     for i, ax in enumerate(axes):
         task = TASKS[i] if i < len(TASKS) else None
         for name, x in m.items():
@@ -177,8 +179,9 @@ def plot_convergence(results: dict, path: str) -> None:
                 continue
             xs = [p["seconds"] for p in x["curve"]]
             ys = [p["rewards"][task] if task else sum(p["rewards"].values()) / len(TASKS) for p in x["curve"]]
-            colour, line = styles.get(name, (None, "-"))
-            ax.plot(xs, ys, line, color=colour if x["kind"] != "teacher" else "k", marker=".", label=x["label"])
+            colour, line = styles.get(name, ("k", "-"))  # teachers in black
+            ax.plot(xs, ys, line, color=colour, marker=".", ms=3,
+                    label="teacher of the task" if x["kind"] == "teacher" else x["label"])
         base = m["base"]["rewards"]
         ax.axhline(base[task] if task else sum(base.values()) / len(TASKS), color="grey", lw=0.8, ls="--",
                    label="base")
@@ -186,7 +189,7 @@ def plot_convergence(results: dict, path: str) -> None:
         ax.set_xlabel("wall-clock (s, stage 2 starts after stage 1)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("reward")
-    axes[-1].legend(fontsize=7, loc="lower right")
+    axes[0].legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

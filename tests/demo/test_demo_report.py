@@ -8,7 +8,7 @@ from diffusion_opd.demo import report
 
 def _results(opd, multitask, ratio=50.0, z=1.0):
     def method(kind, rewards):
-        return dict(kind=kind, label=kind, seconds=1.0, images=10, rewards=dict(zip(report.TASKS, rewards)))
+        return dict(kind=kind, label=kind, seconds=1.0, images=10, guidance=1.0, rewards=dict(zip(report.TASKS, rewards)))
 
     return dict(methods={
         "base": method("base", (0.5, 0.2, 0.3)),
