@@ -162,7 +162,7 @@ CASCADES = {"cascade": ("cascade_colour", "cascade_glyph", "cascade_aesthetic")}
 CONFIGS = {f.__name__: f for f in (teacher_colour, teacher_glyph, teacher_aesthetic, opd, opd_sde, opd_ppo, multitask,
                                     cascade_colour, cascade_glyph, cascade_aesthetic)}
 # The shortened run (scripts/demo.py --quick, the test suite): rounds per config, checkpoint spacing.
-QUICK = {"teacher_colour": 8, "teacher_glyph": 8, "teacher_aesthetic": 8, "opd": 16, "opd_sde": 6, "opd_ppo": 6,
+QUICK = {"teacher_colour": 16, "teacher_glyph": 16, "teacher_aesthetic": 16, "opd": 16, "opd_sde": 6, "opd_ppo": 6,
          "multitask": 8, "cascade_colour": 8, "cascade_glyph": 8, "cascade_aesthetic": 8}
 QUICK_SAVE_EVERY = 4
 

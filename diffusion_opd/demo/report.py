@@ -62,7 +62,7 @@ def check_claims(results: dict, gain_kept: float = GAIN_KEPT, variance_ratio: fl
         id="b1", held=v["z"] <= mean_z,
         text=f"the closed-form and PPO-style gradients have the same expectation (means within {mean_z:g} "
              "standard errors)",
-        measured=f"|mean difference| = {v['mean_diff_norm']:.3g}, {v['z']:.2f} standard errors"))
+        measured=f"norm of the mean difference {v['mean_diff_norm']:.3g} = {v['z']:.2f} standard errors"))
     claims.append(dict(
         id="b2", held=v["ratio"] >= variance_ratio,
         text=f"the PPO-style gradient's variance is >= {variance_ratio:g}x the closed-form's",

@@ -27,5 +27,5 @@ def test_every_demo_config_validates(name):
 
 
 def test_unknown_demo_config_lists_valid_ones():
-    with pytest.raises(ValueError, match="valid: opd"):
+    with pytest.raises(ValueError, match="valid: teacher_colour, "):
         load_config(f"{DEMO}:nope")
