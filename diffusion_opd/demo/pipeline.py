@@ -22,6 +22,7 @@ import torch
 
 from ..config import ConfigError, load_config
 from ..trainers import checkpoint as ckpt
+from ..trainers.loop import NonFiniteError
 from ..trainers.metrics import read_metrics
 from . import report, world
 from .evaluate import gradient_variance, sample_grid, task_rewards
@@ -92,14 +93,24 @@ class Demo:
         config = self.config(name, **overrides)
         print(f"[demo] {label}: config/demo.py:{name} ({config.recipe}), {config.train.num_rounds} rounds")
         start = time.perf_counter()
-        train_config(config)
+        stopped = ""
+        try:
+            train_config(config)
+        except NonFiniteError as err:  # a result, not a crash: reported, its last checkpoint evaluated
+            if kind != "ablation":
+                raise
+            stopped = str(err).split(":")[0]
+            print(f"[demo] {label} diverged ({err})")
         seconds = time.perf_counter() - start
         self.timings[label] = seconds
         m = self.methods.setdefault(method or name, dict(kind=kind, label=label, runs=[], seconds=0.0, images=0,
                                                          offset=offset, guidance=config.sample.guidance_scale))
         m["runs"].append(config.output_dir)
+        if stopped:
+            m["diverged"] = stopped
         m["seconds"] += seconds
-        m["images"] += training_images(config)
+        done = len(_seconds_per_round(config.output_dir)) if stopped else config.train.num_rounds
+        m["images"] += training_images(config) * done // config.train.num_rounds
         return m
 
 

@@ -109,6 +109,8 @@ def report_markdown(results: dict) -> str:
             cells.append(cell)
         average = f"{avg[name]:.3f}" if name in avg else "—"
         images = f"{x['images']:,}" if x.get("images") else "—"
+        if x.get("diverged"):
+            images += f" (diverged: loss non-finite, stopped at {x['diverged']})"
         lines.append(f"| {x['label']} | " + " | ".join(cells) + f" | {average} | {_fmt_seconds(x['seconds'])} | {images} |")
     kept = gains_kept(results, "opd")
     lines += [
