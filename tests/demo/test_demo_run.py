@@ -61,3 +61,18 @@ def test_refuses_a_folder_it_did_not_write(tmp_path):
                           capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 2 and "not written by the demo" in proc.stderr
     assert "Traceback" not in proc.stderr and (tmp_path / "mine.txt").read_text() == "user data"
+
+
+def _without_wall_clock(x):
+    if isinstance(x, dict):
+        return {k: _without_wall_clock(v) for k, v in x.items() if k not in ("seconds", "timings", "offset")}
+    if isinstance(x, list):
+        return [_without_wall_clock(v) for v in x]
+    return x
+
+
+@pytest.mark.slow  # a second quick demo (about a minute); the fast tests cover pretraining and the trainers' determinism
+def test_two_runs_give_the_same_report_numbers(quick, tmp_path):
+    _, first = quick
+    second = run_demo(str(tmp_path / "again"), "quick", seed=0, progress=False)
+    assert _without_wall_clock(second) == _without_wall_clock(first)
