@@ -186,8 +186,9 @@ def baselines(demo: Demo) -> None:
 
 
 # ----------------------------------------------------------------------------------- measurements
-def measure(demo: Demo) -> dict:
-    """Rewards of every model, the convergence curves, the gradient variance (all fixed seeds)."""
+def measure(demo: Demo) -> tuple[dict, tuple]:
+    """Rewards of every model, the convergence curves, the gradient variance (all fixed seeds);
+    returns the results and the rows of samples.png."""
     from ..models import build_policy
 
     cfgs = _demo_configs()
@@ -286,17 +287,23 @@ def write_outputs(demo: Demo, results: dict, samples) -> str:
 
 
 def run_demo(output_dir: str = "outputs/demo", profile: str = "full", seed: int = 0, progress: bool = True) -> dict:
-    """Everything, top to bottom; returns the results (also in ``<output_dir>/results.json``)."""
+    """Everything, top to bottom; returns the results (also in ``<output_dir>/results.json``).
+
+    One thread (the toy's matrices are tiny: more threads only add contention)."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    demo = Demo(output_dir, PROFILES[profile], seed, progress)
-    prepare_output_dir(output_dir)
-    start = time.perf_counter()
-    pretrain_base(demo.path("base"), steps=demo.profile.pretrain_steps, seed=seed, progress=progress)
-    demo.timings["base pretraining"] = time.perf_counter() - start
-    stage1_teachers(demo)
-    stage2_students(demo)
-    baselines(demo)
-    results, samples = measure(demo)
-    results["timings"]["total"] = time.perf_counter() - start
-    write_outputs(demo, results, samples)
-    return results
+    try:
+        demo = Demo(output_dir, PROFILES[profile], seed, progress)
+        prepare_output_dir(output_dir)
+        start = time.perf_counter()
+        pretrain_base(demo.path("base"), steps=demo.profile.pretrain_steps, seed=seed, progress=progress)
+        demo.timings["base pretraining"] = time.perf_counter() - start
+        stage1_teachers(demo)
+        stage2_students(demo)
+        baselines(demo)
+        results, samples = measure(demo)
+        results["timings"]["total"] = time.perf_counter() - start
+        write_outputs(demo, results, samples)
+        return results
+    finally:
+        torch.set_num_threads(threads)
