@@ -40,12 +40,9 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 
 from ..errors import UserError, run_cli
-from .coco import COCO_CLASSES
+from .coco import COCO_CLASSES, COLORS, RELATIONS, TAGS
 
-COLORS: tuple[str, ...] = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
-RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
 COUNT_WORDS: dict[int, str] = {2: "two", 3: "three", 4: "four"}
-TAGS: tuple[str, ...] = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 _ALREADY_PLURAL = {"skis", "scissors"}
 
 

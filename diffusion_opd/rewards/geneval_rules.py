@@ -35,9 +35,8 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
-TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
-RELATIONS = ("left of", "right of", "above", "below")
+from ..data.coco import COLORS, RELATIONS, TAGS  # GenEval's vocabulary, defined once (re-exported here)
+
 THRESHOLD = 0.3
 COUNTING_THRESHOLD = 0.9
 MAX_OBJECTS = 16

@@ -24,7 +24,7 @@ import numpy as np
 
 from .base import Scorer
 from .clip_common import to_pil
-from .geneval_rules import COLORS
+from ..data.coco import COLORS
 
 # Same schema as the other rewards (repo_id, files, local, purpose); nothing to download.
 _NOTHING = {"repo_id": None, "files": [], "local": None,
