@@ -21,6 +21,18 @@ BASE = "base"
 STUDENT = "student"
 
 
+
+def check_prompts(prompts: Sequence[str]) -> list[str]:
+    """The prompts as a list, refused if empty or not all strings (every back end's
+    ``encode_prompts`` starts here)."""
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("encode_prompts needs at least one prompt")
+    bad = [p for p in prompts if not isinstance(p, str)]
+    if bad:
+        raise TypeError(f"prompts must be strings, got {bad[:3]}")
+    return prompts
+
 @dataclass
 class PromptEmbeds:
     """Text conditioning for a batch of prompts, plus the empty-prompt conditioning for CFG.

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .base import BASE, STUDENT, Policy, PromptEmbeds
+from .base import BASE, STUDENT, Policy, PromptEmbeds, check_prompts
 from .hub import resolve_folder
 from .lora import (AdapterMismatchError, AdapterSwitch, LoraAdapter, add_lora_adapter, add_student_adapter,
                    read_lora_adapter)
@@ -200,12 +200,7 @@ class DiffusersPolicy(Policy):
 
     def encode_prompts(self, prompts: Sequence[str]) -> PromptEmbeds:
         """Conditioning for ``prompts`` (cached per string) + the empty prompt for CFG."""
-        prompts = list(prompts)
-        if not prompts:
-            raise ValueError("encode_prompts needs at least one prompt")
-        bad = [p for p in prompts if not isinstance(p, str)]
-        if bad:
-            raise TypeError(f"prompts must be strings, got {bad[:3]}")
+        prompts = check_prompts(prompts)
         missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
         texts = missing + ([""] if self._uncond is None else [])
         if texts:

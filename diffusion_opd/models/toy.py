@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import BASE, STUDENT, Policy, PromptEmbeds
+from .base import BASE, STUDENT, Policy, PromptEmbeds, check_prompts
 from .lora import AdapterSwitch, LoraAdapter, add_lora_adapter, read_lora_adapter
 from .specs import DEFAULT_LORA_TARGETS, TeacherSpec
 
@@ -195,12 +195,7 @@ class ToyPolicy(Policy):
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> PromptEmbeds:
         """Bag-of-words embeddings of ``prompts`` and of the empty prompt (for CFG)."""
-        prompts = list(prompts)
-        if not prompts:
-            raise ValueError("encode_prompts needs at least one prompt")
-        bad = [p for p in prompts if not isinstance(p, str)]
-        if bad:
-            raise TypeError(f"prompts must be strings, got {bad[:3]}")
+        prompts = check_prompts(prompts)
         text = self.transformer.embed_text([self.token_ids(p) for p in prompts])
         empty = self.transformer.embed_text([[self._token[EMPTY]]])
         return PromptEmbeds(prompts, {"text": text}, {"text": empty})

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from diffusion_opd.config import load_config
 from diffusion_opd.trainers.metrics import read_metrics
 from diffusion_opd.trainers.opd import train
+from tests.processes import signal_once_written
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ARGS = ["train.num_rounds=6", "save_every=1", "keep_last=10",
@@ -84,12 +85,7 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, config, full_run)
     full, killed = full_run(config), str(tmp_path / "killed")
 
     proc = subprocess.Popen(_cmd(killed, config=config), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = os.path.join(killed, "checkpoints", "round-2", "trainer_state.json")
-    deadline = time.time() + 300
-    while not os.path.exists(marker) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    signal_once_written(proc, os.path.join(killed, "checkpoints", "round-2", "trainer_state.json"))
     assert not os.path.exists(os.path.join(killed, "checkpoints", "round-6")), "killed too late to test resume"
 
     subprocess.run(_cmd(killed, "resume_from=latest", config=config), cwd=ROOT, check=True, capture_output=True)

@@ -126,10 +126,10 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path, spec):
     """A real process killed (SIGKILL) after its round-2 checkpoint, resumed with the same command
     plus resume_from=latest: the same weights and metrics as an uninterrupted run (the fast
     in-process version above covers the same state; this one adds the process death)."""
-    import signal
     import subprocess
     import sys
-    import time
+
+    from tests.processes import signal_once_written
 
     def cmd(out, *extra):
         return [sys.executable, "scripts/train.py", "--config", spec, f"output_dir={out}", "train.num_rounds=4",
@@ -138,12 +138,7 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path, spec):
     full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
     subprocess.run(cmd(full), cwd=ROOT, check=True, capture_output=True)
     proc = subprocess.Popen(cmd(killed), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = os.path.join(killed, "checkpoints", "round-2")
-    deadline = time.time() + 300
-    while not os.path.isdir(marker) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    signal_once_written(proc, os.path.join(killed, "checkpoints", "round-2"))
     assert not os.path.isdir(os.path.join(killed, "checkpoints", "round-4")), "killed too late to test resume"
     subprocess.run(cmd(killed, "resume_from=latest"), cwd=ROOT, check=True, capture_output=True)
     a, b = (load_file(os.path.join(d, "checkpoints", "round-4", "student_raw.safetensors")) for d in (full, killed))
