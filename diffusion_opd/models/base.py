@@ -191,6 +191,18 @@ class Policy(ABC):
         """Every name :meth:`velocity` accepts: student, base, teachers, student copies."""
         return [STUDENT, BASE, *self.teacher_names, *getattr(self, "_student_copies", [])]
 
+    def per_sample_sigma(self, latents: torch.Tensor, sigma, embeds: PromptEmbeds, adapter: str) -> torch.Tensor:
+        """Check a :meth:`velocity` call (known adapter, one embedding row per latent) and return
+        ``sigma`` as a float32 (B,) tensor on the policy's device (a float is broadcast)."""
+        valid = self.adapter_names()
+        if adapter not in valid:
+            raise ValueError(f"unknown adapter {adapter!r}; valid: {valid}")
+        b = latents.shape[0]
+        if len(embeds) != b:
+            raise ValueError(f"{len(embeds)} prompt embeddings for a batch of {b} latents")
+        t = torch.as_tensor(sigma, dtype=torch.float32, device=self.device)
+        return t.expand(b) if t.ndim == 0 else t.reshape(b)
+
     def add_student_copy(self, name: str) -> list[torch.nn.Parameter]:
         """A second, frozen adapter ``name`` with the student's LoRA structure and current weights,
         queried as ``velocity(..., adapter=name)`` (DiffusionNFT's old sampling policy). Returns

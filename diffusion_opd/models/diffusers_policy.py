@@ -240,14 +240,8 @@ class DiffusersPolicy(Policy):
         (:meth:`_uses_cfg`) the uncond and cond rows run in ONE batched forward and the result is
         ``v_u + g (v_c - v_u)``.
         """
-        valid = self.adapter_names()
-        if adapter not in valid:
-            raise ValueError(f"unknown adapter {adapter!r}; valid: {valid}")
+        t = self.per_sample_sigma(latents, sigma, embeds, adapter)
         b = latents.shape[0]
-        if len(embeds) != b:
-            raise ValueError(f"{len(embeds)} prompt embeddings for a batch of {b} latents")
-        t = torch.as_tensor(sigma, dtype=torch.float32, device=self.device)
-        t = t.expand(b) if t.ndim == 0 else t.reshape(b)
         x = latents.to(self.device, self.dtype)
         cfg = self._uses_cfg(guidance_scale)
         cond = {k: v.to(self.dtype) for k, v in (embeds.cfg_rows() if cfg else embeds.cond).items()}

@@ -204,14 +204,8 @@ class ToyPolicy(Policy):
     def velocity(self, latents: torch.Tensor, sigma, embeds: PromptEmbeds, adapter: str = STUDENT,
                  guidance_scale: float = 1.0) -> torch.Tensor:
         """Velocity under ``adapter`` with CFG in one batched forward (see :meth:`Policy.velocity`)."""
-        valid = self.adapter_names()
-        if adapter not in valid:
-            raise ValueError(f"unknown adapter {adapter!r}; valid: {valid}")
+        t = self.per_sample_sigma(latents, sigma, embeds, adapter)
         b = latents.shape[0]
-        if len(embeds) != b:
-            raise ValueError(f"{len(embeds)} prompt embeddings for a batch of {b} latents")
-        t = torch.as_tensor(sigma, dtype=torch.float32, device=self.device)
-        t = t.expand(b) if t.ndim == 0 else t.reshape(b)
         x, text = latents.to(self.device, self.dtype), embeds.cond["text"].to(self.device)
         cfg = guidance_scale > 1.0
         if cfg:
