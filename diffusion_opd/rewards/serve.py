@@ -33,6 +33,7 @@ import json
 import socket
 import sys
 import threading
+import time
 import traceback
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -122,6 +123,31 @@ def parse_score_request(body: bytes, limits: Limits) -> tuple[list, list[str], O
     return [_load(im, i) for i, im in enumerate(opened)], prompts, metadata
 
 
+def _lingering_close(sock: socket.socket, seconds: float = 0.25, max_bytes: int = 4 * 2**20) -> None:
+    """Half-close after an early answer and discard what the client is still sending.
+
+    Closing a socket with unread request bytes makes the kernel send a reset, and the client
+    then fails with a broken pipe / connection reset instead of reading our answer (a race the
+    503 path hits whenever the client's body arrives after the refusal). Bounded in time and
+    bytes: the accept loop is held for at most ``seconds``.
+    """
+    sock.shutdown(socket.SHUT_WR)
+    deadline = time.monotonic() + seconds
+    received = 0
+    while received < max_bytes:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(65536)
+        except (socket.timeout, OSError):
+            break
+        if not chunk:
+            break
+        received += len(chunk)
+
+
 class BoundedHTTPServer(HTTPServer):
     """An HTTP server whose connections run on a fixed pool of ``workers`` threads.
 
@@ -142,6 +168,7 @@ class BoundedHTTPServer(HTTPServer):
             try:
                 request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
                                 b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+                _lingering_close(request)
             except OSError:
                 pass
             self.shutdown_request(request)

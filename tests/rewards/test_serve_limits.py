@@ -177,3 +177,23 @@ def test_worker_pool_is_bounded(serve):
         s.close()
     time.sleep(0.1)
     assert post(address, payload([Image.new("RGB", (8, 8))]))[0] == 200  # ... and the workers are free again
+
+
+def test_a_refused_client_still_reads_its_503_after_sending_its_body(serve):
+    """The 503 goes out on accept; a client whose request arrives after it (here: 0.1 s later, in
+    two sends as http.client makes them) must still read the answer, not a broken pipe or a
+    connection reset (the server drains what the client sends before closing)."""
+    address = serve(workers=1, read_timeout=2.0)
+    stalled = socket.create_connection(address, timeout=5)
+    stalled.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\n")  # holds the only worker
+    time.sleep(0.2)
+    body = payload([Image.new("RGB", (64, 64))] * 8)
+    with socket.create_connection(address, timeout=5) as s:
+        time.sleep(0.1)  # the server has answered 503 by now
+        s.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: "
+                  + str(len(body)).encode() + b"\r\n\r\n")
+        time.sleep(0.05)  # headers and body in two sends, as http.client does
+        s.sendall(body)
+        answer = read_until_closed(s)
+    assert answer.startswith(b"HTTP/1.1 503") and b"busy" in answer
+    stalled.close()
