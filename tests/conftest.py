@@ -25,6 +25,16 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def _teacher_dirs(pipeline_dir: str, root) -> dict:
+    """Random teacher LoRA folders for a tiny pipeline, in both formats: {"peft": ..., "diffusers": ...}."""
+    from diffusion_opd.models.tiny import write_random_teacher_lora
+
+    return {
+        fmt: write_random_teacher_lora(pipeline_dir, str(root / fmt), seed=seed, fmt=fmt)
+        for seed, fmt in enumerate(("peft", "diffusers"), start=1)
+    }
+
+
 @pytest.fixture(scope="session")
 def tiny_sd3_dir(tmp_path_factory) -> str:
     """A random tiny SD3 pipeline folder (every component of the real pipeline)."""
@@ -35,14 +45,7 @@ def tiny_sd3_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_teacher_dirs(tiny_sd3_dir, tmp_path_factory) -> dict:
-    """Random teacher LoRA folders for ``tiny_sd3_dir``: {"peft": ..., "diffusers": ...}."""
-    from diffusion_opd.models.tiny import write_random_teacher_lora
-
-    root = tmp_path_factory.mktemp("tiny_teachers")
-    return {
-        fmt: write_random_teacher_lora(tiny_sd3_dir, str(root / fmt), seed=seed, fmt=fmt)
-        for seed, fmt in enumerate(("peft", "diffusers"), start=1)
-    }
+    return _teacher_dirs(tiny_sd3_dir, tmp_path_factory.mktemp("tiny_teachers"))
 
 
 @pytest.fixture(scope="session")
@@ -55,14 +58,7 @@ def tiny_flux_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_flux_teacher_dirs(tiny_flux_dir, tmp_path_factory) -> dict:
-    """Random teacher LoRA folders for ``tiny_flux_dir``: {"peft": ..., "diffusers": ...}."""
-    from diffusion_opd.models.tiny import write_random_teacher_lora
-
-    root = tmp_path_factory.mktemp("tiny_flux_teachers")
-    return {
-        fmt: write_random_teacher_lora(tiny_flux_dir, str(root / fmt), seed=seed, fmt=fmt)
-        for seed, fmt in enumerate(("peft", "diffusers"), start=1)
-    }
+    return _teacher_dirs(tiny_flux_dir, tmp_path_factory.mktemp("tiny_flux_teachers"))
 
 
 @dataclass

@@ -11,7 +11,10 @@ MASTER_PORT=${MASTER_PORT:-29501}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 CONFIG=${CONFIG:-config/opd.py:mopd}
 WORLD=$((NNODES * GPUS_PER_NODE))
+# Check the config in one process first: a user error ends as one line on every node, before
+# accelerate starts its processes (whose failure report would add a traceback).
+WORLD_SIZE="$WORLD" "${PYTHON:-python}" scripts/train.py --config "$CONFIG" expect_world_size="$WORLD" "$@" --validate_only >/dev/null
 exec accelerate launch --config_file scripts/accelerate_configs/multi_gpu.yaml \
   --num_machines "$NNODES" --machine_rank "$NODE_RANK" --num_processes "$WORLD" \
   --main_process_ip "$MASTER_ADDR" --main_process_port "$MASTER_PORT" \
-  scripts/train_opd.py --config "$CONFIG" expect_world_size="$WORLD" "$@"
+  scripts/train.py --config "$CONFIG" expect_world_size="$WORLD" "$@"

@@ -57,3 +57,15 @@ def test_launch_script_runs_two_processes_with_accelerate(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "[opd] world_size: 2" in result.stdout + result.stderr
     assert [r["round"] for r in read_metrics(out)] == [1, 2]
+
+
+@pytest.mark.parametrize("script", ["mopd.sh", "sopd.sh", "nft.sh", "grpo.sh"])
+def test_launch_scripts_print_a_user_error_as_one_line_before_launching(script):
+    """A bad key through any single-node launch script: one line, exit 2, and accelerate never
+    starts (its failure report would add a traceback)."""
+    env = {**os.environ, "NUM_GPUS": "2", "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    result = subprocess.run(["bash", f"scripts/single_node/{script}", "lora.rank=-4"], cwd=ROOT,
+                            capture_output=True, text=True, env=env)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["error: lora.rank: must be > 0, got -4"], result.stderr[-2000:]
+    assert "Traceback" not in result.stdout + result.stderr
