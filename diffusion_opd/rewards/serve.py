@@ -15,30 +15,36 @@ Endpoints: ``GET /health`` -> {"status": "ok", "reward", "options"}; ``POST /sco
   images, an image over ``--max-pixels`` pixels or images over ``--max-total-pixels`` in all
   (checked from the PNG headers before any pixel is decoded, so a 2 MB request of
   decompression bombs cannot allocate gigabytes);
-* 408: a client that stops sending for ``--read-timeout`` seconds (its connection is closed);
-* 503: every one of the ``--workers`` connection threads is busy (retry later);
+* 408: a request that has not arrived completely within ``--request-timeout`` seconds of the
+  connection opening (a whole-request deadline: a client trickling a byte a second is cut too);
+* 503 with ``Retry-After``: busy (more than ``--max-queue`` requests wait for the scorer, more
+  than ``--max-buffered-mb`` of request bytes are held, or more than ``--max-connections``
+  connections are open). Our client waits and retries on it; a server that does not answer
+  at all is "unreachable";
 * 500: the scorer itself failed.
 
-The model loads before the port opens (so /health answering means ready); requests are
-scored one at a time. ``--port 0`` picks a free port; the first stdout line is
-``serving REWARD on http://HOST:PORT``.
+The model loads before the port opens (so /health answering means ready). An asyncio front end
+reads each request completely before it is queued for the one scoring thread, so slow, stalled
+or idle sockets never hold the scorer; requests are scored one at a time, in arrival order.
+``--port 0`` picks a free port; the first stdout line is ``serving REWARD on http://HOST:PORT``.
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import binascii
+import http.client
 import io
 import json
 import socket
 import sys
 import threading
-import time
 import traceback
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http import HTTPStatus
 from typing import Any, Optional
 
 from . import check_reward_name, load_reward, reward_names
@@ -53,8 +59,13 @@ class Limits:
     max_images: int = 256
     max_pixels: int = 4096 * 4096
     max_total_pixels: int = 64 * 1024 * 1024  # all images of one request: ~200 MB of decoded RGB
-    read_timeout: float = 30.0  # seconds without a byte from the client
-    workers: int = 8  # connection threads; more clients at once get 503
+    request_timeout: float = 60.0  # seconds from connecting to the last byte of the request
+    max_queue: int = 64  # requests read and waiting for the scorer; more get 503 (busy)
+    max_buffered_bytes: int = 1024 * 2**20  # request bytes held at once (being read + queued)
+    max_connections: int = 512  # open connections (idle ones cost a file descriptor each)
+
+
+HEADER_BYTES = 64 * 1024  # request line + headers
 
 
 class RequestError(Exception):
@@ -123,70 +134,220 @@ def parse_score_request(body: bytes, limits: Limits) -> tuple[list, list[str], O
     return [_load(im, i) for i, im in enumerate(opened)], prompts, metadata
 
 
-def _lingering_close(sock: socket.socket, seconds: float = 0.25, max_bytes: int = 4 * 2**20) -> None:
-    """Half-close after an early answer and discard what the client is still sending.
+def _score_body(scorer, body: bytes, limits: Limits) -> tuple[int, dict]:
+    """Parse one request body and score it (on the scoring thread): (HTTP status, JSON reply)."""
+    try:
+        images, prompts, metadata = parse_score_request(body, limits)
+    except RequestError as err:
+        return err.status, {"error": f"bad request: {err}"}
+    try:
+        scores = scorer(images, prompts, metadata)
+        stats = dict(scorer.stats)
+    except (ValueError, TypeError) as err:  # the scorer refused the input (lengths, metadata...)
+        return 400, {"error": str(err)}
+    except Exception as err:
+        traceback.print_exc()
+        return 500, {"error": f"{type(err).__name__}: {err}"}
+    return 200, {"scores": encode_arrays(scores), "stats": stats}
 
-    Closing a socket with unread request bytes makes the kernel send a reset, and the client
-    then fails with a broken pipe / connection reset instead of reading our answer (a race the
-    503 path hits whenever the client's body arrives after the refusal). Bounded in time and
-    bytes: the accept loop is held for at most ``seconds``.
+
+class _Answer(Exception):
+    """Ends a request early with this answer (its body may still be arriving)."""
+
+    def __init__(self, status: int, message: str, retry_after: Optional[int] = None):
+        super().__init__(message)
+        self.status, self.retry_after = status, retry_after
+
+
+class _Silent(Exception):
+    """Close the connection without an answer (nothing was asked, or the client left)."""
+
+
+class RewardServer:
+    """The HTTP front end: an asyncio loop reads every request completely (within the whole-
+    request deadline ``limits.request_timeout``) and only then queues it for the one scoring
+    thread. A slow, stalled or idle socket therefore costs a coroutine and a file descriptor,
+    never the scorer; the only refusals for load are a full queue or too many buffered bytes
+    (503 with ``Retry-After``: busy, the client waits) and too many open connections.
+
+    Same surface as ``http.server``'s servers: ``server_address``, ``serve_forever()`` (blocks),
+    ``shutdown()`` (from another thread), ``server_close()``.
     """
-    sock.shutdown(socket.SHUT_WR)
-    deadline = time.monotonic() + seconds
-    received = 0
-    while received < max_bytes:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            break
-        sock.settimeout(left)
+
+    def __init__(self, scorer, host: str, port: int, options: dict | None, limits: Limits):
+        self.scorer, self.options, self.limits = scorer, options or {}, limits
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.socket = socket.create_server((host, port), family=family, backlog=128)
+        self.server_address = self.socket.getsockname()
+        # One scoring thread: models are not thread-safe, and one request at a time keeps memory
+        # at one decoded request whatever the queue holds (queued requests are raw bytes).
+        self._scoring = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward-scorer")
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._stop: Optional[asyncio.Event] = None
+        self._stopped = threading.Event()
+        self._connections: set = set()
+        self._queued = 0  # requests read completely, waiting for or in the scorer
+        self._buffered = 0  # request bytes held in memory (being read + queued)
+
+    # ------------------------------------------------------------------ lifecycle
+    def serve_forever(self, poll_interval: float | None = None) -> None:  # noqa: ARG002 - http.server's signature
         try:
-            chunk = sock.recv(65536)
-        except (socket.timeout, OSError):
-            break
-        if not chunk:
-            break
-        received += len(chunk)
-
-
-class BoundedHTTPServer(HTTPServer):
-    """An HTTP server whose connections run on a fixed pool of ``workers`` threads.
-
-    (``ThreadingHTTPServer`` starts one thread per connection, without bound.) A connection
-    arriving while every worker is busy gets an immediate 503 instead of a thread.
-    """
-
-    daemon_threads = True
-
-    def __init__(self, address, handler, workers: int):
-        super().__init__(address, handler)
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reward-server")
-        self._slots = threading.Semaphore(workers)
-
-    def process_request(self, request, client_address):
-        if not self._slots.acquire(blocking=False):
-            body = json.dumps({"error": "server busy: every worker is handling a request; retry later"}).encode()
-            try:
-                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                                b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-                _lingering_close(request)
-            except OSError:
-                pass
-            self.shutdown_request(request)
-            return
-        self._pool.submit(self._work, request, client_address)
-
-    def _work(self, request, client_address):
-        try:
-            self.finish_request(request, client_address)
-        except Exception:
-            self.handle_error(request, client_address)
+            asyncio.run(self._serve())
         finally:
-            self.shutdown_request(request)
-            self._slots.release()
+            self._stopped.set()
 
-    def server_close(self):
-        super().server_close()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+    def shutdown(self, timeout: float = 10.0) -> None:
+        if self._loop is not None and self._stop is not None and not self._stopped.is_set():
+            self._loop.call_soon_threadsafe(self._stop.set)
+            self._stopped.wait(timeout)
+
+    def server_close(self) -> None:
+        self.socket.close()
+        self._scoring.shutdown(wait=False, cancel_futures=True)
+
+    async def _serve(self) -> None:
+        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        server = await asyncio.start_server(self._connection, sock=self.socket, limit=HEADER_BYTES)
+        try:
+            await self._stop.wait()
+        finally:
+            server.close()
+            for task in list(self._connections):
+                task.cancel()
+            await asyncio.gather(*self._connections, return_exceptions=True)
+
+    # ------------------------------------------------------------------ one connection
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self._connections.add(task)
+        held = [0]  # this request's bytes counted in self._buffered
+        try:
+            if len(self._connections) > self.limits.max_connections:
+                raise _Answer(503, f"server busy: {self.limits.max_connections} connections open "
+                                   "(--max-connections); retry later", retry_after=1)
+            status, payload = await self._request(reader, held)
+            await self._send(writer, status, payload)
+        except _Answer as answer:
+            await self._send(writer, answer.status, {"error": str(answer)}, answer.retry_after)
+        except _Silent:
+            pass
+        finally:
+            self._buffered -= held[0]
+            self._connections.discard(task)
+            await self._close(reader, writer)
+
+    async def _request(self, reader: asyncio.StreamReader, held: list) -> tuple[int, dict]:
+        limits = self.limits
+        deadline = self._loop.time() + limits.request_timeout
+        started = [False]  # a connection that never sent a byte is closed without an answer
+        try:
+            async with asyncio.timeout_at(deadline):
+                method, path, headers = await self._read_head(reader, started)
+                if method == "GET":
+                    if path.rstrip("/") == "/health":
+                        return 200, {"status": "ok", "reward": self.scorer.name, "options": self.options}
+                    raise _Answer(404, f"unknown path {path}; use GET /health or POST /score")
+                if method != "POST":
+                    raise _Answer(405, f"method {method} not allowed; use GET /health or POST /score")
+                if path.rstrip("/") != "/score":
+                    raise _Answer(404, f"unknown path {path}; use POST /score")
+                body = await self._read_body(reader, headers, held)
+        except TimeoutError:
+            if not started[0]:
+                raise _Silent() from None
+            raise _Answer(408, f"the request did not arrive completely within {limits.request_timeout} s "
+                               "(--request-timeout)") from None
+        if self._queued >= limits.max_queue:
+            raise _Answer(503, f"server busy: {self._queued} requests wait for the scorer (--max-queue); "
+                               "retry later", retry_after=1)
+        self._queued += 1
+        try:
+            return await self._loop.run_in_executor(self._scoring, _score_body, self.scorer, body, limits)
+        finally:
+            self._queued -= 1
+
+    async def _read_head(self, reader: asyncio.StreamReader, started: list) -> tuple[str, str, Any]:
+        try:
+            first = await reader.readexactly(1)
+        except asyncio.IncompleteReadError:
+            raise _Silent() from None
+        started[0] = True
+        try:
+            head = first + await reader.readuntil(b"\r\n\r\n")
+        except asyncio.IncompleteReadError:
+            raise _Silent() from None
+        except asyncio.LimitOverrunError:
+            raise _Answer(431, f"request line and headers are over {HEADER_BYTES} bytes") from None
+        line, _, rest = head.partition(b"\r\n")
+        parts = line.decode("latin-1").split()
+        if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+            raise _Answer(400, f"malformed request line {line[:100]!r}")
+        return parts[0], parts[1], http.client.parse_headers(io.BytesIO(rest))
+
+    async def _read_body(self, reader: asyncio.StreamReader, headers, held: list) -> bytes:
+        limits = self.limits
+        length = headers.get("Content-Length")
+        if length is None:
+            raise _Answer(411, "Content-Length header required")
+        try:
+            size = int(length)
+        except ValueError:
+            raise _Answer(400, f"Content-Length {length!r} is not a number") from None
+        if size < 0:
+            raise _Answer(400, f"Content-Length {size} is negative")
+        if size > limits.max_request_bytes:
+            raise _Answer(413, f"request body of {size} bytes is over the server's limit of "
+                               f"{limits.max_request_bytes} (--max-request-mb): send smaller batches")
+        chunks, received = [], 0
+        while received < size:
+            chunk = await reader.read(min(size - received, 2**20))
+            if not chunk:
+                raise _Silent()  # the client hung up mid-body: nobody to answer
+            if self._buffered + len(chunk) > limits.max_buffered_bytes:
+                raise _Answer(503, f"server busy: {self._buffered} request bytes held (--max-buffered-mb); "
+                                   "retry later", retry_after=1)
+            self._buffered += len(chunk)
+            held[0] += len(chunk)
+            received += len(chunk)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    # ------------------------------------------------------------------ answers
+    async def _send(self, writer: asyncio.StreamWriter, status: int, payload: dict,
+                    retry_after: Optional[int] = None) -> None:
+        body = json.dumps(payload).encode("utf-8")
+        head = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", "Content-Type: application/json",
+                f"Content-Length: {len(body)}", "Connection: close"]
+        if retry_after is not None:
+            head.append(f"Retry-After: {retry_after}")
+        try:
+            writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
+            await asyncio.wait_for(writer.drain(), self.limits.request_timeout)
+        except (OSError, TimeoutError):
+            return
+        peer = writer.get_extra_info("peername")
+        sys.stderr.write(f"[reward-server] {peer[0] if peer else '-'} {status}\n")
+
+    async def _close(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     seconds: float = 0.25, max_bytes: int = 4 * 2**20) -> None:
+        """Half-close, discard what the client is still sending, then close. Closing with unread
+        request bytes makes the kernel send a reset, and a client answered early (413, 503)
+        would fail with a broken pipe instead of reading the answer. Bounded in time and bytes."""
+        try:
+            if writer.can_write_eof():
+                writer.write_eof()
+            received = 0
+            async with asyncio.timeout(seconds):
+                while received < max_bytes:
+                    chunk = await reader.read(65536)
+                    if not chunk:
+                        break
+                    received += len(chunk)
+        except (OSError, TimeoutError):
+            pass
+        finally:
+            writer.close()
+
 
 
 def parse_option(text: str) -> tuple[str, Any]:
@@ -202,77 +363,9 @@ def parse_option(text: str) -> tuple[str, Any]:
 
 
 def make_server(scorer, host: str = "127.0.0.1", port: int = 0, options: dict | None = None,
-                limits: Limits = Limits()) -> BoundedHTTPServer:
-    """An HTTP server (not yet serving) that scores with ``scorer`` within ``limits``."""
-    lock = threading.Lock()  # one scoring call at a time: models are not thread-safe
-
-    class Handler(BaseHTTPRequestHandler):
-        timeout = limits.read_timeout  # socket timeout for every read from the client
-
-        def _reply(self, code: int, payload: dict) -> None:
-            body = json.dumps(payload).encode("utf-8")
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            if code >= 400:
-                self.send_header("Connection", "close")
-                self.close_connection = True
-            self.end_headers()
-            self.wfile.write(body)
-
-        def do_GET(self):  # noqa: N802 - http.server naming
-            if self.path.rstrip("/") == "/health":
-                self._reply(200, {"status": "ok", "reward": scorer.name, "options": options or {}})
-            else:
-                self._reply(404, {"error": f"unknown path {self.path}; use GET /health or POST /score"})
-
-        def _read_body(self) -> bytes:
-            length = self.headers.get("Content-Length")
-            if length is None:
-                raise RequestError(411, "Content-Length header required")
-            try:
-                size = int(length)
-            except ValueError:
-                raise RequestError(400, f"Content-Length {length!r} is not a number") from None
-            if size < 0:
-                raise RequestError(400, f"Content-Length {size} is negative")
-            if size > limits.max_request_bytes:
-                raise RequestError(413, f"request body of {size} bytes is over the server's limit of "
-                                        f"{limits.max_request_bytes} (--max-request-mb): send smaller batches")
-            try:
-                body = self.rfile.read(size)
-            except (socket.timeout, TimeoutError):
-                raise RequestError(408, f"no data from the client for {limits.read_timeout} s (--read-timeout)") from None
-            if len(body) != size:
-                raise RequestError(400, f"body ended after {len(body)} of {size} bytes")
-            return body
-
-        def do_POST(self):  # noqa: N802
-            if self.path.rstrip("/") != "/score":
-                self._reply(404, {"error": f"unknown path {self.path}; use POST /score"})
-                return
-            try:
-                images, prompts, metadata = parse_score_request(self._read_body(), limits)
-            except RequestError as err:
-                self._reply(err.status, {"error": f"bad request: {err}"})
-                return
-            try:
-                with lock:
-                    scores = scorer(images, prompts, metadata)
-                    stats = dict(scorer.stats)
-            except (ValueError, TypeError) as err:  # the scorer refused the input (lengths, metadata...)
-                self._reply(400, {"error": str(err)})
-                return
-            except Exception as err:
-                traceback.print_exc()
-                self._reply(500, {"error": f"{type(err).__name__}: {err}"})
-                return
-            self._reply(200, {"scores": encode_arrays(scores), "stats": stats})
-
-        def log_message(self, fmt, *args):  # keep stdout for the "serving" line; log to stderr
-            sys.stderr.write("[reward-server] " + (fmt % args) + "\n")
-
-    return BoundedHTTPServer((host, port), Handler, limits.workers)
+                limits: Limits = Limits()) -> RewardServer:
+    """A server bound to ``host:port`` (not yet serving) that scores with ``scorer`` within ``limits``."""
+    return RewardServer(scorer, host, port, options, limits)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -290,10 +383,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-pixels", type=int, default=defaults.max_pixels, help="pixels per image (413 above)")
     parser.add_argument("--max-total-pixels", type=int, default=defaults.max_total_pixels,
                         help="pixels of all images of one request (413 above)")
-    parser.add_argument("--read-timeout", type=float, default=defaults.read_timeout,
-                        help="seconds a client may stall mid-request before its connection is closed (408)")
-    parser.add_argument("--workers", type=int, default=defaults.workers,
-                        help="connection threads (503 when all are busy); scoring itself is one at a time")
+    parser.add_argument("--request-timeout", "--read-timeout", dest="request_timeout", type=float,
+                        default=defaults.request_timeout,
+                        help="seconds a client has to send its whole request (408 after)")
+    parser.add_argument("--max-queue", type=int, default=defaults.max_queue,
+                        help="requests waiting for the scorer (503 busy above; clients wait and retry)")
+    parser.add_argument("--max-buffered-mb", type=float, default=defaults.max_buffered_bytes / 2**20,
+                        help="request bytes held in memory at once, being read or queued (503 busy above)")
+    parser.add_argument("--max-connections", type=int, default=defaults.max_connections,
+                        help="open connections (503 busy above)")
     parser.add_argument("--option", action="append", type=parse_option, default=[], metavar="KEY=VALUE",
                         help="scorer option, repeatable (e.g. --option backend=paddleocr)")
     args = parser.parse_args(argv)
@@ -307,13 +405,17 @@ def main(argv: list[str] | None = None) -> None:
     options["device"] = args.device
     if args.batch_size:
         options["batch_size"] = args.batch_size
-    for flag in ("max_request_mb", "max_images", "max_pixels", "max_total_pixels", "read_timeout", "workers"):
-        if not getattr(args, flag) > 0:
+    for flag in ("max_request_mb", "max_images", "max_pixels", "max_total_pixels", "request_timeout",
+                 "max_queue", "max_buffered_mb", "max_connections"):
+        if not getattr(args, flag) > 0:  # also refuses NaN
             parser.error(f"--{flag.replace('_', '-')} must be > 0")
+    if args.max_buffered_mb < args.max_request_mb:
+        parser.error("--max-buffered-mb must be at least --max-request-mb (else the largest request never fits)")
     scorer = load_reward(args.reward, **options).load()
     limits = Limits(max_request_bytes=int(args.max_request_mb * 2**20), max_images=args.max_images,
                     max_pixels=args.max_pixels, max_total_pixels=args.max_total_pixels,
-                    read_timeout=args.read_timeout, workers=args.workers)
+                    request_timeout=args.request_timeout, max_queue=args.max_queue,
+                    max_buffered_bytes=int(args.max_buffered_mb * 2**20), max_connections=args.max_connections)
     server = make_server(scorer, args.host, args.port, options, limits)
     host, port = server.server_address[:2]
     print(f"serving {args.reward} on http://{host}:{port}", flush=True)

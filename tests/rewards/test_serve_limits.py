@@ -1,9 +1,14 @@
 """The reward server's limits, each hit by a real client over loopback: request bytes, images per
-request, pixels per image (a PNG bomb), wrong field types, stalled clients, the bounded pool."""
+request, pixels per image (a PNG bomb), wrong field types, stalled / trickling / idle clients
+(which must not hold the scorer), the queue (busy -> the client waits), open connections."""
 import http.client
 import json
+import os
+import select
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -13,7 +18,7 @@ import pytest
 from PIL import Image
 
 from diffusion_opd.rewards.base import Scorer
-from diffusion_opd.rewards.remote import RemoteError, RemoteScorer, encode_image
+from diffusion_opd.rewards.remote import RemoteError, RemoteScorer, ServerBusy, ServerUnavailable, encode_image
 from diffusion_opd.rewards.serve import Limits, make_server
 
 
@@ -95,7 +100,7 @@ def test_request_bytes_limit_is_413_before_reading(serve):
     assert status == 413 and "--max-request-mb" in reply["error"]
     with socket.create_connection(address, timeout=5) as s:  # announced, never sent: answered at once
         s.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999\r\n\r\n")
-        assert s.recv(100).startswith(b"HTTP/1.0 413")
+        assert s.recv(100).startswith(b"HTTP/1.1 413")
 
 
 def test_images_per_request_limit_is_413(serve):
@@ -145,14 +150,43 @@ def test_wrong_types_are_not_retried_by_the_client(serve):
     assert time.perf_counter() - start < 4.5  # a retry would first sleep backoff = 5 s: 400 is final
 
 
+class Slow(Brightness):
+    """Brightness that takes ``seconds`` per call, or waits for ``gate`` to open."""
+
+    def __init__(self, seconds=0.0, gate=None, fail=False):
+        super().__init__()
+        self.seconds, self.gate, self.fail = seconds, gate, fail
+
+    def _score(self, images, prompts, metadata):
+        if self.gate is not None:
+            assert self.gate.wait(30), "test gate never opened"
+        time.sleep(self.seconds)
+        if self.fail:
+            raise RuntimeError("scorer broke")
+        return super()._score(images, prompts, metadata)
+
+
+def start_server(scorer, **limits):
+    server = make_server(scorer, limits=Limits(**limits))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def open_request(address, content_length=100):
+    """A socket that has sent a request's headers and none of its body."""
+    s = socket.create_connection(address, timeout=15)
+    s.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: " + str(content_length).encode() + b"\r\n\r\n")
+    return s
+
+
 def test_stalled_client_gets_408_and_is_closed(serve):
-    address = serve(read_timeout=0.5)
+    address = serve(request_timeout=0.5)
     with socket.create_connection(address, timeout=15) as s:
         s.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"images\"")  # then nothing
         start = time.perf_counter()
         answer = read_until_closed(s)
         waited = time.perf_counter() - start
-    assert answer.startswith(b"HTTP/1.0 408") and b"--read-timeout" in answer
+    assert answer.startswith(b"HTTP/1.1 408") and b"--request-timeout" in answer
     assert 0.4 < waited < 10.0  # the timeout, plus scheduling slack on a loaded machine
     with socket.create_connection(address, timeout=15) as s:  # not even a request line: just closed
         start = time.perf_counter()
@@ -160,32 +194,166 @@ def test_stalled_client_gets_408_and_is_closed(serve):
         assert 0.4 < time.perf_counter() - start < 10.0
 
 
-def test_worker_pool_is_bounded(serve):
-    address = serve(workers=2, read_timeout=1.5)
-    stalled = [socket.create_connection(address, timeout=5) for _ in range(2)]
-    for s in stalled:
-        s.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\n")
-    time.sleep(0.2)  # both workers now wait for bodies that never come
+def test_the_deadline_is_for_the_whole_request_not_per_read(serve):
+    """A client sending one byte every 0.2 s never stalls for a whole per-read timeout; it must
+    still be cut when the request as a whole is late."""
+    address = serve(request_timeout=1.0)
+    with open_request(address, content_length=1000) as s:
+        start = time.perf_counter()
+        for _ in range(100):  # at most 20 s of trickling
+            try:
+                s.sendall(b" ")
+            except OSError:  # the server closed on us
+                break
+            readable, _, _ = select.select([s], [], [], 0.2)
+            if readable:
+                break
+        answer = read_until_closed(s)
+        waited = time.perf_counter() - start
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert waited < 10.0
+
+
+def test_idle_and_trickling_sockets_do_not_starve_a_client():
+    """40 connections that send nothing and 8 that send a byte every 0.5 s (each well inside
+    the deadline) cost the server no scoring worker: a normal client is answered at once."""
+    server = start_server(Brightness(), request_timeout=30.0)
+    address = server.server_address[:2]
+    idle = [socket.create_connection(address, timeout=5) for _ in range(40)]
+    trickling = [open_request(address, content_length=10_000) for _ in range(8)]
+    stop = threading.Event()
+
+    def trickle():
+        for _ in range(60):  # at most 30 s, stopped by the test long before
+            if stop.wait(0.5):
+                return
+            for s in trickling:
+                s.sendall(b" ")
+
+    feeder = threading.Thread(target=trickle, daemon=True)
+    feeder.start()
+    try:
+        time.sleep(1.2)  # every trickler has sent bytes since it connected
+        start = time.perf_counter()
+        status, reply = post(address, payload([Image.new("RGB", (8, 8), (255, 255, 255))]))
+        answered = time.perf_counter() - start
+        assert status == 200 and reply["scores"]["brightness"]["data"] == [1.0]
+        assert answered < 2.0, f"a normal request took {answered:.2f} s"
+        # The connections cost no threads: the event loop and one scoring thread, whatever is open.
+        assert len([t for t in threading.enumerate() if t.name.startswith("reward-scorer")]) == 1
+    finally:
+        stop.set()
+        feeder.join(5)
+        for s in idle + trickling:
+            s.close()
+        server.shutdown()
+        server.server_close()
+
+
+def test_sixteen_clients_on_a_slow_scorer_are_all_answered():
+    """16 threads x 3 requests through the real client on a 20-ms scorer: queued, not refused."""
+    server = start_server(Slow(seconds=0.02))
+    host, port = server.server_address[:2]
+    results, errors = [], []
+
+    def client(k):
+        scorer = RemoteScorer("brightness", f"http://{host}:{port}", retries=0, timeout=60)
+        for j in range(3):
+            level = (16 * j + k) * 4
+            try:
+                got = scorer._score([Image.new("RGB", (8, 8), (level,) * 3)], ["p"], None)
+                results.append((level, float(got["brightness"][0])))
+            except Exception as err:  # noqa: BLE001 - collected and asserted below
+                errors.append(repr(err))
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(16)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert errors == []
+    assert len(results) == 48
+    for level, score in results:  # each client got its own answer
+        assert score == pytest.approx(level / 255, abs=1e-6)
+
+
+def test_full_queue_is_busy_and_the_client_waits_for_it():
+    gate = threading.Event()
+    server = start_server(Slow(gate=gate), max_queue=1)
+    address = server.server_address[:2]
+    url = "http://%s:%d" % address
+    try:
+        first = threading.Thread(target=lambda: post(address, payload([Image.new("RGB", (8, 8))]), timeout=30))
+        first.start()
+        for _ in range(100):  # until the first request holds the only queue place
+            if server._queued == 1:
+                break
+            time.sleep(0.05)
+        assert server._queued == 1
+        conn = http.client.HTTPConnection(*address, timeout=10)
+        conn.request("POST", "/score", body=payload([Image.new("RGB", (8, 8))]))
+        resp = conn.getresponse()
+        assert resp.status == 503 and resp.getheader("Retry-After") == "1" and b"busy" in resp.read()
+        conn.close()
+        # The client tells busy from down: a short busy_wait ends in ServerBusy, not "unreachable".
+        with pytest.raises(ServerBusy) as err:
+            RemoteScorer("brightness", url, busy_wait=0.5, retries=0)._score([Image.new("RGB", (8, 8))], ["p"], None)
+        assert "busy" in str(err.value) and "unreachable" not in str(err.value)
+        # A patient client waits until the queue frees up, with no retry counted.
+        got = []
+        waiter = threading.Thread(target=lambda: got.append(RemoteScorer("brightness", url, retries=0)._score(
+            [Image.new("RGB", (8, 8), (255, 255, 255))], ["p"], None)))
+        waiter.start()
+        time.sleep(1.5)  # at least one busy answer and one wait
+        assert not got
+        gate.set()
+        waiter.join(30)
+        first.join(30)
+        assert got and float(got[0]["brightness"][0]) == 1.0
+    finally:
+        gate.set()
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_server_that_answers_errors_is_not_called_unreachable():
+    server = start_server(Slow(fail=True))
+    url = "http://%s:%d" % server.server_address[:2]
+    try:
+        with pytest.raises(ServerUnavailable) as err:
+            RemoteScorer("brightness", url, retries=1, backoff=0.01)._score([Image.new("RGB", (8, 8))], ["p"], None)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert err.value.answered and "HTTP 500" in str(err.value) and "scorer broke" in str(err.value)
+    assert "unreachable" not in str(err.value)
+
+
+def test_open_connections_are_bounded(serve):
+    address = serve(max_connections=2, request_timeout=1.5)
+    held = [open_request(address) for _ in range(2)]
+    time.sleep(0.2)
     start = time.perf_counter()
     status, reply = post(address, payload([Image.new("RGB", (8, 8))]))
-    assert status == 503 and "busy" in reply["error"]
-    assert time.perf_counter() - start < 1.5  # refused at once; queued, it would wait out the 1.5 s stalls
-    workers = [t for t in threading.enumerate() if t.name.startswith("reward-server")]
-    assert len(workers) == 2
-    for s in stalled:
-        assert s.recv(100).startswith(b"HTTP/1.0 408")  # the stalls time out ...
+    assert status == 503 and "--max-connections" in reply["error"]
+    assert time.perf_counter() - start < 1.5  # refused at once, not after the held ones time out
+    for s in held:
+        assert read_until_closed(s).startswith(b"HTTP/1.1 408")  # the held ones time out ...
         s.close()
     time.sleep(0.1)
-    assert post(address, payload([Image.new("RGB", (8, 8))]))[0] == 200  # ... and the workers are free again
+    assert post(address, payload([Image.new("RGB", (8, 8))]))[0] == 200  # ... and the slots are free again
 
 
 def test_a_refused_client_still_reads_its_503_after_sending_its_body(serve):
     """The 503 goes out on accept; a client whose request arrives after it (here: 0.1 s later, in
     two sends as http.client makes them) must still read the answer, not a broken pipe or a
     connection reset (the server drains what the client sends before closing)."""
-    address = serve(workers=1, read_timeout=2.0)
-    stalled = socket.create_connection(address, timeout=5)
-    stalled.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\n")  # holds the only worker
+    address = serve(max_connections=1, request_timeout=2.0)
+    stalled = open_request(address, content_length=50)  # holds the only connection
     time.sleep(0.2)
     body = payload([Image.new("RGB", (64, 64))] * 8)
     with socket.create_connection(address, timeout=5) as s:
@@ -197,3 +365,17 @@ def test_a_refused_client_still_reads_its_503_after_sending_its_body(serve):
         answer = read_until_closed(s)
     assert answer.startswith(b"HTTP/1.1 503") and b"busy" in answer
     stalled.close()
+
+
+def test_load_script_reports_every_request(tmp_path):
+    """scripts/reward_server_load.py against a real server process, with hostile sockets open."""
+    out = tmp_path / "load.json"
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run([sys.executable, os.path.join(root, "scripts", "reward_server_load.py"), "--reward",
+                           "brightness", "--clients", "4", "--requests", "2", "--idle", "3", "--trickle", "2",
+                           "--output", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["answered"] == 8 and result["failed"] == 0 and len(result["latencies_s"]) == 8
+    assert result["latency_s"]["p50"] <= result["latency_s"]["p99"] <= result["latency_s"]["max"]
+    assert "p99" in proc.stdout
