@@ -9,6 +9,7 @@ with ``python -m diffusion_opd.rewards.serve --reward NAME --port P`` instead.
 from __future__ import annotations
 
 import importlib
+import math
 from typing import Any, Optional
 
 from .base import MissingCheckpointError, Scorer, ckpt_root
@@ -48,20 +49,32 @@ def check_reward_name(name: str) -> None:
 
 def reward_weights(spec: str) -> dict[str, float]:
     """A task's reward spec -> ``{name: weight}``: ``"ocr"`` -> ``{"ocr": 1.0}``;
-    ``"ocr:1.0,pickscore:0.5"`` -> a weighted sum (:class:`MultiReward`). Names are checked."""
+    ``"ocr:1.0,pickscore:0.5"`` -> a weighted sum (:class:`MultiReward`). Names are checked; a
+    name given twice and a weight that is not a finite number are refused (a dict would keep
+    only the last weight, and a NaN weight would turn every total into NaN)."""
     weights: dict[str, float] = {}
     for part in (p.strip() for p in str(spec).split(",")):
         if not part:
             continue
         name, _, weight = part.partition(":")
-        check_reward_name(name.strip())
+        name = name.strip()
+        check_reward_name(name)
+        if name in weights:
+            raise ValueError(f"reward '{name}' appears twice in {spec!r}; give each reward once with its total weight")
         try:
-            weights[name.strip()] = float(weight) if weight else 1.0
-        except ValueError:
-            raise ValueError(f"reward weight of '{name.strip()}' must be a number, got {weight!r}") from None
+            weights[name] = check_weight(name, float(weight) if weight else 1.0)
+        except ValueError as err:
+            raise ValueError(f"reward weight of '{name}' must be a finite number, got {weight!r}") from err
     if not weights:
         raise ValueError(f"no reward in {spec!r}; write 'name' or 'name:weight,name:weight'")
     return weights
+
+
+def check_weight(name: str, weight: Any) -> float:
+    """``weight`` as a float, or ValueError when it is not a finite number (bools refused)."""
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+        raise ValueError(f"weight of '{name}' must be a finite number, got {weight!r}")
+    return float(weight)
 
 
 def reward_class(name: str) -> type:
@@ -100,5 +113,5 @@ def __getattr__(attr: str):
 
 __all__ = [
     "REGISTRY", "MissingCheckpointError", "MultiReward", "Scorer", "ckpt_root", "load_reward",
-    "reward_class", "reward_names", "check_reward_name", "reward_weights",
+    "reward_class", "reward_names", "check_reward_name", "check_weight", "reward_weights",
 ]

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from . import check_reward_name, load_reward
+from . import check_reward_name, check_weight, load_reward
 
 
 class MultiReward:
@@ -34,8 +34,10 @@ class MultiReward:
             raise ValueError("MultiReward needs at least one {reward: weight}")
         for name, weight in weights.items():
             check_reward_name(name)
-            if not isinstance(weight, (int, float)) or isinstance(weight, bool):
-                raise ValueError(f"MultiReward: weight of '{name}' must be a number, got {weight!r}")
+            try:
+                check_weight(name, weight)
+            except ValueError as err:
+                raise ValueError(f"MultiReward: {err}") from None
         remote = dict(remote or {})
         for name, opts in list(per_reward_options.items()) + [(n, {}) for n in remote]:
             if name not in weights:

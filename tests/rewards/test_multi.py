@@ -9,6 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import pytest
 
+from diffusion_opd.rewards import reward_weights
 from diffusion_opd.rewards.multi import MultiReward
 
 try:  # sibling test modules (tests/rewards is on sys.path under pytest's default import mode)
@@ -48,7 +49,26 @@ def test_bad_configuration_is_refused():
         MultiReward({"ocr": 1.0, "nope": 1.0})
     with pytest.raises(ValueError, match="no weight"):
         MultiReward({"ocr": 1.0}, geneval={"device": "cpu"})
-    with pytest.raises(ValueError, match="must be a number"):
-        MultiReward({"ocr": "high"})
+    for weight in ("high", float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match="must be a finite number"):
+            MultiReward({"ocr": weight})
     with pytest.raises(ValueError, match="nan_policy"):
         MultiReward({"ocr": 1.0}, nan_policy="zero")
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("brightness:1.0,brightness:2.0", "'brightness' appears twice"),  # a dict kept only the last weight
+    ("brightness, brightness", "'brightness' appears twice"),
+    ("brightness:nan", "must be a finite number"),  # float('nan') parses; every total would be NaN
+    ("brightness:inf,colorfulness", "must be a finite number"),
+    ("brightness:high", "must be a finite number"),
+    (" , ", "no reward"),
+])
+def test_reward_spec_refusals(spec, message):
+    with pytest.raises(ValueError, match=message):
+        reward_weights(spec)
+
+
+def test_reward_spec_weights():
+    assert reward_weights("brightness") == {"brightness": 1.0}
+    assert reward_weights("brightness:0.5, colorfulness:-2") == {"brightness": 0.5, "colorfulness": -2.0}
