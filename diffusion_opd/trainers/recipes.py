@@ -3,8 +3,8 @@
 ``train(config)`` runs OPD, DiffusionNFT or Flow-GRPO / GRPO-Guard. ``train_cascade`` runs
 single-task stages in sequence, each stage's student starting from the previous stage's final
 student (``model.student_init``): the paper's cascade NFT baseline. A stage whose final
-checkpoint exists is skipped, and a stage that was interrupted resumes from its latest
-checkpoint, so rerunning a killed cascade continues it.
+checkpoint exists is skipped, a stage that was interrupted resumes from its latest checkpoint
+(or starts again when killed before its first one), so rerunning a killed cascade continues it.
 """
 from __future__ import annotations
 
@@ -38,24 +38,37 @@ def cascade_stages(spec: str) -> tuple[str, tuple[str, ...]]:
 
 def train_cascade(spec: str, output_dir: str, overrides: Sequence[str] = ()) -> list[str]:
     """Train the stages of cascade ``spec`` in order under ``output_dir/stage<i>-<name>``;
-    ``overrides`` apply to every stage. Returns each stage's final checkpoint folder."""
+    ``overrides`` apply to every stage. Returns each stage's final checkpoint folder.
+
+    Rerunning continues: a finished stage is skipped, a stage with a checkpoint resumes from its
+    latest one, and a stage killed before its first checkpoint starts again (its partial files
+    moved aside, as ``overwrite=true`` does). ``overwrite=true`` starts every stage again."""
     from ..config import load_config, validate_config
     from .checkpoint import list_checkpoints
+    from .run_dir import describe_previous_run
 
     path, stages = cascade_stages(spec)
     configs = []
     for i, name in enumerate(stages):  # every stage is validated before the first one trains
         config = load_config(f"{path}:{name}", list(overrides))
         config.output_dir = os.path.join(output_dir, f"stage{i + 1}-{name}")
-        config.resume_from = "latest"
+        restart = bool(config.overwrite)  # the user's: start the cascade over
+        if not restart and list_checkpoints(config.output_dir):
+            config.resume_from = "latest"
+        else:
+            config.resume_from = ""
+            config.overwrite = restart or bool(describe_previous_run(config.output_dir))
         validate_config(config, world_size=int(os.environ.get("WORLD_SIZE", "1")))
-        configs.append(config)
+        configs.append((config, restart))
     finals: list[str] = []
-    for config in configs:
+    for config, restart in configs:
         if finals:
             config.model.student_init = finals[-1]  # this stage starts as the last stage's student
         final = os.path.join(config.output_dir, "checkpoints", f"round-{config.train.num_rounds}")
-        if final not in [p for _, p in list_checkpoints(config.output_dir)]:
+        if restart or final not in [p for _, p in list_checkpoints(config.output_dir)]:
+            if config.overwrite and not restart:
+                print(f"[cascade] {config.output_dir} was interrupted before its first checkpoint: "
+                      "training it again from its start")
             train(config)
         finals.append(final)
     return finals

@@ -146,3 +146,31 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path, spec):
     keys = ("round", "loss", "reward/bright", "grad_norm")
     rows_full, rows_killed = ([{k: r.get(k) for k in keys} for r in read_metrics(d)] for d in (full, killed))
     assert rows_full == rows_killed
+
+
+def test_cascade_killed_before_a_stages_first_checkpoint_continues(tmp_path):
+    """A stage with metrics but no checkpoint (SIGKILL after its first round): rerunning the
+    cascade starts that stage again (its partial files moved aside), and overwrite=true is
+    accepted and starts every stage again (both used to fail: rc 2, 'resume_from: latest')."""
+    import signal
+    import subprocess
+    import sys
+
+    from tests.processes import signal_once_written
+
+    out = tmp_path / "cascade"
+    args = [*QUIET, "train.num_rounds=3", "save_every=100", "eval.every=0"]
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "scripts", "train.py"), "--cascade",
+                             f"{NFT}:tiny_cascade", f"output_dir={out}", *args], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    signal_once_written(proc, str(out / "stage1-tiny" / "metrics.jsonl"), signal.SIGKILL)
+    stage1 = out / "stage1-tiny"
+    assert not (stage1 / "checkpoints").exists() or not os.listdir(stage1 / "checkpoints"), \
+        "the kill came after the stage's checkpoint: the test did not reproduce the case"
+    finals = train_cascade(f"{NFT}:tiny_cascade", str(out), args)
+    assert all(os.path.isfile(os.path.join(f, "trainer_state.json")) for f in finals)
+    assert [r["round"] for r in read_metrics(str(stage1))] == [1, 2, 3]
+    assert len(list(tmp_path.glob("cascade/stage1-tiny.previous-*"))) == 1  # the partial run, moved aside
+    before = os.path.getmtime(os.path.join(finals[1], "trainer_state.json"))
+    assert train_cascade(f"{NFT}:tiny_cascade", str(out), [*args, "overwrite=true"]) == finals
+    assert os.path.getmtime(os.path.join(finals[1], "trainer_state.json")) > before  # trained again
