@@ -5,14 +5,8 @@ only the model (``diffusion_opd/models/toy.py``), the prompts and the rewards ar
 Paths point under ``outputs/demo`` where ``scripts/demo.py`` writes the base model and the
 teachers; ``scripts/demo.py --quick`` shortens every run (``QUICK`` below).
 """
-import importlib.util
-import os
-
-from diffusion_opd.demo.world import TASKS
-
-_spec = importlib.util.spec_from_file_location("_demo_base", os.path.join(os.path.dirname(__file__), "base.py"))
-base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(base)
+from diffusion_opd.configs import base
+from diffusion_opd.data.toy_world import TASKS
 
 ROOT = "outputs/demo"
 # Every model of the demo samples CFG-free, as DiffusionNFT trains (its training forwards are

@@ -7,14 +7,7 @@ rollouts with eta 0.7, 10 steps, CFG 4.5; timestep fraction 0.99; PPO clip 1e-4 
 per-element averaged log-densities; KL to the base 0.04 (0.01 for PickScore); groups with zero
 advantage dropped; 48 prompt groups x 24 images per round on 8 GPUs.
 """
-import importlib.util
-import os
-
-
-_spec = importlib.util.spec_from_file_location("_grpo_opd", os.path.join(os.path.dirname(__file__), "opd.py"))
-_opd = importlib.util.module_from_spec(_spec)  # config/opd.py: its base (config/base.py) and tiny prompt sets
-_spec.loader.exec_module(_opd)
-base = _opd.base
+from diffusion_opd.configs import base
 
 
 def _grpo(run_name, guard=True):
@@ -71,7 +64,7 @@ def _tiny(run_name, guard):
     c.sample.guidance_scale = 2.0
     c.rl.updates_per_round = 2
     c.rl.clip_range = 0.2  # tiny LoRA, large steps: a wider trust region than the 1e-4 of 512 px images
-    c.tasks = {"bright": base.task(tuple(_opd._TINY_A[:12]), teacher="", eval_prompts=tuple(_opd._TINY_A[12:]),
+    c.tasks = {"bright": base.task(tuple(base.TINY_OBJECTS[:12]), teacher="", eval_prompts=tuple(base.TINY_OBJECTS[12:]),
                                    reward="brightness")}
     return c
 

@@ -8,14 +8,7 @@ settings (LoRA r 32 / alpha 64, AdamW 3e-4, wd 1e-4, clip 1.0; 48 prompt groups 
 round on 8 GPUs; advantages over the global std, clipped to 5; beta 1.0, 0.1 for OCR; KL 1e-4;
 old policy decay min(0.001 step, 0.5); CFG-free, 10 deterministic steps).
 """
-import importlib.util
-import os
-
-
-_spec = importlib.util.spec_from_file_location("_nft_opd", os.path.join(os.path.dirname(__file__), "opd.py"))
-_opd = importlib.util.module_from_spec(_spec)  # config/opd.py: its base (config/base.py) and tiny prompt sets
-_spec.loader.exec_module(_opd)
-base = _opd.base
+from diffusion_opd.configs import base
 
 
 def _nft(run_name):
@@ -70,7 +63,7 @@ def _tiny(run_name):
     c = _nft(run_name)
     base.tiny_stage1(c)
     c.rl.updates_per_round = 1
-    c.tasks = {"bright": base.task(tuple(_opd._TINY_A[:12]), teacher="", eval_prompts=tuple(_opd._TINY_A[12:]),
+    c.tasks = {"bright": base.task(tuple(base.TINY_OBJECTS[:12]), teacher="", eval_prompts=tuple(base.TINY_OBJECTS[12:]),
                                    reward="brightness")}
     return c
 
@@ -83,7 +76,7 @@ def tiny():
 def tiny_colorful():
     """CI: a second tiny task (colourfulness on sign prompts), the tiny cascade's second stage."""
     c = _tiny("tiny_nft_colorful")
-    c.tasks = {"colorful": base.task(tuple(_opd._TINY_B[:12]), teacher="", eval_prompts=tuple(_opd._TINY_B[12:]),
+    c.tasks = {"colorful": base.task(tuple(base.TINY_SIGNS[:12]), teacher="", eval_prompts=tuple(base.TINY_SIGNS[12:]),
                                      reward="colorfulness")}
     return c
 

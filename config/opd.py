@@ -1,14 +1,11 @@
 """Named OPD configs: ``--config config/opd.py:NAME`` (NAME in ``CONFIGS``).
 
-Each function starts from config/base.py and states only what differs, so a config reads as
-the recipe. Derived quantities (images per round, forwards per round...) are printed at start.
+Each function starts from the schema (diffusion_opd/configs/base.py) and states only what
+differs, so a config reads as the recipe. Derived quantities (images per round, forwards per
+round...) are printed at start.
 """
-import importlib.util
-import os
+from diffusion_opd.configs import base
 
-_spec = importlib.util.spec_from_file_location("_opd_base", os.path.join(os.path.dirname(__file__), "base.py"))
-base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(base)
 DEFAULT_LORA_TARGETS = base.DEFAULT_LORA_TARGETS  # per model family (diffusion_opd/models/specs.py)
 
 HUB_REPO = "quanhaol/DiffusionOPD"  # the released teachers and student (LoRA subfolders)
@@ -97,10 +94,7 @@ def sopd_pickscore():
 
 
 # Two small prompt sets for the CPU run: no download needed.
-_TINY_A = [f"a photo of a {c} {o}" for c in ("red", "blue", "green", "yellow") for o in ("cup", "dog", "car", "bird")]
-_TINY_B = [f'a sign that says "{w}"' for w in (
-    "hello", "world", "open", "closed", "exit", "stop", "sale", "cafe", "shop", "bank", "park", "zoo",
-    "bus", "taxi", "hotel", "bar")]
+_TINY_A, _TINY_B = base.TINY_OBJECTS, base.TINY_SIGNS
 
 
 def tiny_mopd():

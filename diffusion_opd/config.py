@@ -4,7 +4,7 @@ function of the config; what needs files is checked next by ``trainers/preflight
 ``load_config("config/opd.py:mopd", ["train.learning_rate=1e-4", "save_every=5"])``. Overrides
 may also be written the way absl / ml_collections ``config_flags`` users type them
 (``--config.train.learning_rate=1e-4`` or ``--config.train.learning_rate 1e-4``): same keys,
-same parsing, same errors. Every error names the offending key. The schema is config/base.py: a key that is not there (outside
+same parsing, same errors. Every error names the offending key. The schema is diffusion_opd/configs/base.py: a key that is not there (outside
 the user-named ``tasks.*`` / ``teachers.*`` entries) is rejected, with the closest valid key.
 """
 from __future__ import annotations
@@ -23,7 +23,6 @@ from .errors import ConfigError
 from .models.base import BASE, STUDENT
 from .models.specs import LORA_INIT_WORDS, LORA_INITS, TEACHER_KINDS
 
-_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config")
 
 CHOICES = {
     "recipe": ("opd", "nft", "grpo"),
@@ -53,7 +52,10 @@ def _import_file(path: str, module_name: str):
 
 
 def base_config() -> ml_collections.ConfigDict:
-    return _import_file(os.path.join(_CONFIG_DIR, "base.py"), "_diffusion_opd_base_config").get_config()
+    """Every key with its default (the schema, diffusion_opd/configs/base.py)."""
+    from .configs import base
+
+    return base.get_config()
 
 
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
@@ -166,11 +168,12 @@ def _check_schema(config, schema) -> None:
         try:
             _get(config, key)
         except KeyError:
-            raise ConfigError(f"config key '{key}' is missing (default in config/base.py: {default!r})") from None
+            raise ConfigError(f"config key '{key}' is missing (default: {default!r}, diffusion_opd/configs/base.py)") from None
 
 
 def _entry_keys(section: str) -> set[str]:
-    base = _import_file(os.path.join(_CONFIG_DIR, "base.py"), "_diffusion_opd_base_config")
+    from .configs import base
+
     example = base.task("p", "t") if section == "tasks" else base.teacher("p")
     return set(example.keys())
 

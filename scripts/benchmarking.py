@@ -295,7 +295,7 @@ def _random_embeds(policy, batch: int, text_tokens: int, seed: int):
 class RoundRunner:
     """The trainer's own run object (``Run`` + the ``OPD`` recipe) on fixed embeddings.
 
-    ``round`` is ``OPD.round`` itself (draw is replaced by the injected embeddings and seeds):
+    ``round`` is ``OPD.round`` itself on the run's fixed ``embeddings`` (no prompts drawn):
     rollout, teacher queries, backward, ``Run.optimizer_step`` (clip, AdamW, EMA).
     """
 
@@ -303,8 +303,7 @@ class RoundRunner:
         from diffusion_opd.trainers.opd import OPD
         from diffusion_opd.trainers.run import Run
 
-        self.run = Run(config, policy=policy, check_data=False)
-        self.run.timer = timer
+        self.run = Run(config, policy=policy, timer=timer, embeddings=embeds)
         self.recipe = OPD(self.run)
         self.recipe.task_teachers = task_teachers
         self.config, self.policy, self.accelerator, self.timer = config, policy, self.run.accelerator, timer
@@ -313,9 +312,7 @@ class RoundRunner:
 
     def round(self, round_idx: int) -> float:
         """One trainer round on this process; returns the loss."""
-        batches = {task: (e, self.run.seeds(round_idx, t_idx, len(e))) for t_idx, (task, e) in
-                   enumerate(self.embeds.items())}
-        metrics = self.recipe.round(round_idx, batches)
+        metrics = self.recipe.round(round_idx)
         self.nonfinite_rounds += metrics["skipped_nonfinite"]
         return metrics["loss"]
 
@@ -431,7 +428,7 @@ def run_variant(name: str, *, model: str, device: str, paths: dict, rounds: int,
 
 def _measure(row: dict, runner: RoundRunner, settings: Settings, rounds: int, warmup: int) -> None:
     """FLOP-count, warm up, time; fills ``row``."""
-    from diffusion_opd.models.specs import parse_dtype
+    from diffusion_opd.dtypes import parse_dtype
     from diffusion_opd.trainers.metrics import peak_memory_gb
 
     device, timer = runner.accelerator.device, runner.timer

@@ -20,7 +20,6 @@ Writes are atomic: a temporary file in the target folder, verified, then ``os.re
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import urllib.error
@@ -32,6 +31,7 @@ from typing import Optional, Sequence, Union
 from tqdm import tqdm
 
 from ..errors import UserError
+from ..files import sha256_file
 from .prompts import DATASET_FILES
 
 log = logging.getLogger(__name__)
@@ -83,15 +83,6 @@ MANIFEST: dict[str, tuple[RemoteFile, ...]] = {
         _split("drawbench", "train", "f75b1b05b9902dd77c14d986725424b8bccd93dda2dfddc2f4191d0bc37b276b", 111),
     ),
 }
-
-
-def sha256_file(path: Union[str, Path]) -> str:
-    """Hex SHA-256 of a file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def base_urls(base_url: Optional[str] = None) -> tuple[str, ...]:

@@ -14,7 +14,7 @@ import torch
 from ..models.base import Policy
 from ..rewards import load_reward
 from ..rollout import rollout
-from . import world
+from ..data import toy_world as world
 
 
 def eval_seeds(task_index: int, n: int, seed: int) -> list[int]:

@@ -11,7 +11,6 @@ beside it (it is not deterministic, everything else is).
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import platform
 import shutil
@@ -21,10 +20,12 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import ConfigError, load_config
+from ..data import toy_world as world
+from ..files import write_json
 from ..trainers import checkpoint as ckpt
 from ..trainers.loop import NonFiniteError
 from ..trainers.metrics import read_metrics
-from . import report, world
+from . import report
 from .evaluate import gradient_variance, sample_grid, task_rewards
 from .pretrain import pretrain_base
 
@@ -276,8 +277,7 @@ def _machine() -> str:
 
 
 def write_outputs(demo: Demo, results: dict, samples) -> str:
-    with open(demo.path("results.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    write_json(demo.path("results.json"), results, indent=1, sort_keys=False)
     report.plot_convergence(results, demo.path("convergence.png"))
     report.plot_samples(*samples, SAMPLE_PROMPTS, demo.path("samples.png"))
     path = demo.path("report.md")

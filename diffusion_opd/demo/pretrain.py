@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models.toy import EMPTY, UNKNOWN, ToyDenoiser, save_toy_model
-from . import world
+from ..data import toy_world as world
 
 
 def pretrain_base(directory: str, *, steps: int, batch_size: int = 256, dataset_size: int = 20000,

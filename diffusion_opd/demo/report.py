@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-from . import world
+from ..data import toy_world as world
 
 TASKS = list(world.TASKS)
 GAIN_KEPT = 0.95  # claim (a): the OPD student keeps at least this share of each teacher's gain

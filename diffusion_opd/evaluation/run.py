@@ -38,6 +38,7 @@ import numpy as np
 
 from ..data.prompts import DATASET_FILES, PromptDataset, load_task_prompts
 from ..errors import UserError, run_cli
+from ..files import json_safe
 from .summary import summarize, write_summary
 
 __all__ = [
@@ -379,14 +380,6 @@ def _png_bytes(image) -> bytes:
     return buf.getvalue()
 
 
-def _json_value(value):
-    """numpy scalars -> Python; NaN -> None (results.jsonl is strict JSON)."""
-    value = value.item() if hasattr(value, "item") else value
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 # ----------------------------------------------------------------------------- run
 def _build_policy(plan: EvalPlan, device):
     from ..models import build_policy
@@ -409,7 +402,7 @@ def _score_batch(scorers: dict, images, prompts, metadata) -> list[tuple[dict, d
         for key, values in result.items():
             numeric = np.asarray(values).dtype.kind in "biuf"
             for i, value in enumerate(values):
-                out[i][0 if numeric else 1][key] = _json_value(value)
+                out[i][0 if numeric else 1][key] = json_safe(value)
     return out
 
 
@@ -491,7 +484,7 @@ def _write_outputs(plan: EvalPlan, records: list[dict], grid: list[tuple[int, by
     out_dir = Path(plan.output_dir)
     with open(out_dir / "results.jsonl", "w") as f:
         for record in records:
-            f.write(json.dumps(record, allow_nan=False) + "\n")
+            f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
     summary = summarize(plan.args.dataset, records)
     args = plan.args
     summary["run"] = {

@@ -11,13 +11,14 @@ the public metadata); it is reported too, under a name that says it is not the o
 """
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
+
+from ..files import write_json
 
 GENEVAL_TAGS: tuple[str, ...] = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 PER_IMAGE_KEY = "geneval/per_image_mean_NOT_official"
@@ -121,17 +122,6 @@ def summarize(dataset: str, rows: Sequence[Mapping]) -> dict:
     return {"dataset": dataset, "num_rows": len(rows), "metrics": metrics, "headline": headline}
 
 
-def _json_safe(obj):
-    """NaN/inf -> None so that summary.json is strict JSON."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
 def _fmt(value) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "nan"
@@ -145,7 +135,7 @@ def write_summary(summary: Mapping, out_dir: Union[str, Path]) -> tuple[Path, Pa
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out / "summary.json", out / "summary.md"
-    json_path.write_text(json.dumps(_json_safe(dict(summary)), indent=2, allow_nan=False) + "\n")
+    write_json(json_path, dict(summary), sort_keys=False)
     lines = [f"# {summary['dataset']} ({summary['num_rows']} images)", "", "| metric | value |", "|---|---|"]
     lines += [f"| **{k}** | {_fmt(v)} |" for k, v in summary["headline"].items()]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in summary["metrics"].items() if k not in summary["headline"]]

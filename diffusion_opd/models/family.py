@@ -13,7 +13,8 @@ import torch
 from ..errors import ConfigError
 from .hub import ModelNotFoundError, resolve_folder, resolve_pipeline_dir
 from .lora import LoraAdapter, read_lora_adapter
-from .specs import FAMILIES, GUIDANCE_MODES, parse_dtype, parse_lora, parse_teachers
+from ..dtypes import parse_dtype
+from .specs import FAMILIES, GUIDANCE_MODES, parse_lora, parse_teachers
 
 __all__ = ["pipeline_family", "policy_class", "build_policy"]
 

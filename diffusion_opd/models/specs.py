@@ -5,14 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-import torch
 
 from .base import BASE, STUDENT
 
-__all__ = ["DTYPES", "FAMILIES", "DEFAULT_LORA", "DEFAULT_LORA_TARGETS", "GUIDANCE_MODES", "TeacherSpec", "parse_dtype", "parse_lora",
+__all__ = ["FAMILIES", "DEFAULT_LORA", "DEFAULT_LORA_TARGETS", "GUIDANCE_MODES", "TeacherSpec", "parse_lora",
            "parse_teachers"]
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # Model families: the diffusers pipeline class named in a folder's model_index.json -> family.
 FAMILIES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux", "ToyFlowPipeline": "toy"}
@@ -55,15 +53,6 @@ class TeacherSpec:
     weight_name: Optional[str] = None
     kind: str = "lora"
     revision: Optional[str] = None
-
-
-def parse_dtype(dtype) -> torch.dtype:
-    """"fp32" / "fp16" / "bf16" (or a torch dtype among those) -> torch dtype."""
-    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; valid: {list(DTYPES)}")
-    return DTYPES[dtype]
 
 
 def parse_lora(lora: Optional[dict], family: str = "sd3") -> dict:

@@ -109,7 +109,7 @@ def save_toy_model(model: ToyDenoiser, directory: str, shift: float = 1.0, pixel
 
 def build_random_toy(directory: str, seed: int = 0, **architecture) -> str:
     """A randomly initialised toy backbone over the demo world's vocabulary (tests, smoke runs)."""
-    from ..demo.world import vocabulary
+    from ..data.toy_world import vocabulary
 
     torch.manual_seed(seed)
     return save_toy_model(ToyDenoiser([EMPTY, UNKNOWN, *vocabulary()], **architecture), directory)
@@ -187,7 +187,7 @@ class ToyPolicy(Policy):
 
     # ---------------------------------------------------------------- prompts
     def token_ids(self, prompt: str) -> list[int]:
-        from ..demo.world import tokenize
+        from ..data.toy_world import tokenize
 
         words = tokenize(prompt)
         return [self._token.get(w, self._token[UNKNOWN]) for w in words] or [self._token[EMPTY]]

@@ -23,25 +23,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..dtypes import parse_dtype as torch_dtype  # a reward's dtype option -> torch dtype
+
 logger = logging.getLogger(__name__)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-_DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-}
-
-
-def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """``"float32" | "float16" | "bfloat16"`` (or short forms, or a torch dtype) -> torch dtype."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype '{dtype}'; valid: {', '.join(sorted(_DTYPES))}")
-    return _DTYPES[dtype]
 
 
 def to_pil(image: Any):

@@ -28,6 +28,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from ..data.coco import COCO_CLASSES
+from ..dtypes import dtype_name, parse_dtype
 from . import geneval_rules as rules
 from .base import MissingCheckpointError, Scorer, download_command, resolve_dir, resolve_file
 from .base import ckpt_root as root_dir
@@ -80,7 +81,6 @@ def _how_to_get(entry: str, root: Path) -> str:
 
 COLOR_TEMPLATES = ("a photo of a {c} {cls}", "a photo of a {c}-colored {cls}", "a photo of a {c} object")
 GREY = "#999"
-_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 # ----------------------------------------------------------------------------- post-processing
@@ -181,10 +181,9 @@ class TransformersMask2Former:
     """Mask2FormerForUniversalSegmentation + its image processor, from a local folder or Hub id."""
 
     def __init__(self, path: str, device: str, dtype: str = "fp32", image_size: Optional[int] = 800, top_k: int = 100, min_score: float = 0.0):
-        import torch
         from transformers import Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor
 
-        self.torch_dtype = getattr(torch, _DTYPES[dtype])
+        self.torch_dtype = parse_dtype(dtype)
         self.processor = Mask2FormerImageProcessor.from_pretrained(path)
         if image_size:
             # Keep the aspect ratio (the processor's Hub config squashes to 384x384).
@@ -357,8 +356,10 @@ class GenEvalScorer(Scorer):
     ):
         if detector not in ("transformers", "mmdet"):
             raise ValueError(f"geneval: unknown detector '{detector}'; valid: transformers, mmdet")
-        if dtype not in _DTYPES:
-            raise ValueError(f"geneval: dtype must be one of {', '.join(_DTYPES)}, got '{dtype}'")
+        try:
+            dtype_name(dtype)
+        except ValueError as err:
+            raise ValueError(f"geneval: {err}") from None
         super().__init__(device=device, batch_size=batch_size)
         self.detector_kind, self.detector_path, self.image_size = detector, detector_path, int(image_size)
         self.mmdet_config, self.mmdet_checkpoint = mmdet_config, mmdet_checkpoint

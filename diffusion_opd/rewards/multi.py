@@ -72,3 +72,18 @@ class MultiReward:
             total = terms.sum(axis=0)
         out["total"] = total.astype(np.float32)
         return out
+
+
+def task_scorer(spec: str, device: str) -> MultiReward:
+    """The scorer of a task's reward spec (``"ocr"`` or ``"ocr:1.0,pickscore:0.5"``), whose
+    ``"total"`` is the weighted sum. One per process, spec and device: reward models load once
+    and are shared by training, evaluation and the demo."""
+    from . import reward_weights
+
+    key = (spec, device)
+    if key not in _TASK_SCORERS:
+        _TASK_SCORERS[key] = MultiReward(reward_weights(spec), device=device)
+    return _TASK_SCORERS[key]
+
+
+_TASK_SCORERS: dict[tuple, MultiReward] = {}

@@ -1,4 +1,4 @@
-"""Rewards of the demo's toy world (diffusion_opd/demo/world.py): cheap, weight-free, dense.
+"""Rewards of the demo's toy world (diffusion_opd/data/toy_world.py): cheap, weight-free, dense.
 
 Images are read as RGB in [0, 1] and box-averaged to the world's 8x8 grid. The foreground
 weight of a pixel is ``w = clamp((max(r, g, b) - 0.3) / 0.4, 0, 1)`` (bright = object; the
@@ -22,8 +22,8 @@ from typing import Optional
 
 import numpy as np
 
-from ..demo.world import GLYPHS, GOLD, IMAGE_SIZE, PALETTE
-from ..demo.world import tokenize as _tokenize
+from ..data.toy_world import GLYPHS, GOLD, IMAGE_SIZE, PALETTE
+from ..data.toy_world import tokenize as _tokenize
 from .base import Scorer
 
 # Same schema as the other rewards; nothing to download.

@@ -9,7 +9,6 @@ file was wrong. Only the last ``keep_last`` checkpoints OF THIS RUN (its ``run_i
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..files import sha256_file, write_json
 
 _ROUND_DIR = re.compile(r"^round-(\d+)$")
 MANIFEST = "manifest.json"
@@ -66,14 +66,6 @@ def run_id_of(ckpt_dir: str) -> Optional[str]:
         return None
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_manifest(ckpt_dir: str) -> None:
     """Size and SHA-256 of every file under ``ckpt_dir`` (written last, before the rename)."""
     files = {}
@@ -82,7 +74,7 @@ def write_manifest(ckpt_dir: str) -> None:
             path = os.path.join(folder, name)
             rel = os.path.relpath(path, ckpt_dir)
             if rel != MANIFEST:
-                files[rel] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
+                files[rel] = {"bytes": os.path.getsize(path), "sha256": sha256_file(path)}
     write_json(os.path.join(ckpt_dir, MANIFEST), {"files": files})
 
 
@@ -107,7 +99,7 @@ def verify(ckpt_dir: str) -> None:
         size = os.path.getsize(path)
         if size != meta["bytes"]:
             raise CheckpointError(f"{path}: {size} bytes, {meta['bytes']} written (truncated or overwritten)")
-        if _sha256(path) != meta["sha256"]:
+        if sha256_file(path) != meta["sha256"]:
             raise CheckpointError(f"{path}: content differs from what was written (SHA-256 mismatch)")
 
 
@@ -184,13 +176,6 @@ def load_rank_rng(ckpt_dir: str, rank: int) -> bool:
         return False
     set_rng_state(torch.load(path, weights_only=False))  # our own file
     return True
-
-
-def write_json(path: str, data: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
 
 
 def publish(output_dir: str, round_idx: int, keep_last: int, run_id: Optional[str] = None) -> str:

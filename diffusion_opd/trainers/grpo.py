@@ -29,7 +29,7 @@ from ..models.base import BASE
 from ..rl_losses import clipped_surrogate, guard_ratio, guard_step_weight, importance_ratio
 from ..rollout import Sampling, Step, replay_steps
 from ..sampling import gaussian_log_prob, transition_mean_std
-from .opd import train_step_indices
+from ..seeds import train_step_indices
 from .rl import Groups, evaluate_rewards, sample_groups, score_groups, updates
 from .run import Run
 

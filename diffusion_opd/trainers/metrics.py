@@ -6,7 +6,6 @@ A run killed while appending leaves a half-written last line: readers drop it wi
 from __future__ import annotations
 
 import json
-import math
 import os
 import resource
 import time
@@ -17,14 +16,7 @@ from typing import Optional
 import torch
 
 from ..errors import UserError
-
-
-def _jsonable(value):
-    if isinstance(value, torch.Tensor):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)  # JSON has no NaN / inf
-    return value
+from ..files import json_line
 
 
 class MetricsLog:
@@ -50,15 +42,15 @@ class MetricsLog:
         rows = [r for r in _read_rows(self.path) if r["round"] <= round_idx]
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
-            f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+            f.writelines(json_line(r) for r in rows)
         os.replace(tmp, self.path)
 
     def log(self, row: dict) -> None:
         if not self.is_main:
             return
-        row = {k: _jsonable(v) for k, v in row.items()}
+        line = json_line(row)  # NaN / inf -> null (diffusion_opd/files.py)
         with open(self.path, "a") as f:
-            f.write(json.dumps(row, sort_keys=True) + "\n")
+            f.write(line)
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=row["round"])
 

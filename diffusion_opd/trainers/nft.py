@@ -26,10 +26,10 @@ from ..models.base import BASE, STUDENT
 from ..rl_losses import forward_process, nft_loss, velocity_kl
 from ..rollout import Sampling
 from ..sampling import randn
+from ..seeds import sample_seed, train_step_indices
 from .ema import ema_update_, old_policy_decay
-from .opd import train_step_indices
 from .rl import Groups, evaluate_rewards, sample_groups, score_groups, updates
-from .run import Run, sample_seed
+from .run import Run
 
 OLD = "old"  # the sampling policy's adapter
 

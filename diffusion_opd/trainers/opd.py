@@ -12,9 +12,8 @@ gradient, same loop body.
 """
 from __future__ import annotations
 
-import random
 from contextlib import nullcontext
-from typing import Callable, Iterator, Optional, Sequence, Union
+from typing import Callable, Iterator, Sequence, Union
 
 import torch
 
@@ -22,7 +21,8 @@ from ..losses import opd_kl, opd_l2, opd_ppo_surrogate
 from ..models.base import Policy, PromptEmbeds
 from ..rollout import Sampling, Step, replay_steps, rollout_steps, sample, timed
 from ..sampling import StepResult, transition_mean_std
-from .run import Run, sample_seed
+from ..seeds import train_step_indices
+from .run import Run
 
 StepLoss = Callable[[StepResult, torch.Tensor, float], torch.Tensor]
 
@@ -41,14 +41,6 @@ def make_step_loss(train, noise_level: float) -> StepLoss:
         return opd_kl(step.mean, mean_teacher, step.std, red, released_code_dt=released_dt)
 
     return loss
-
-
-def train_step_indices(train, num_steps: int, round_idx: int, seed: int) -> list[int]:
-    """Which steps of the trajectory are trained this round (the same on every process)."""
-    if train.step_selection == "first":
-        return list(range(train.num_train_steps))
-    rng = random.Random(sample_seed(seed, round_idx, -1))
-    return sorted(rng.sample(range(num_steps), train.num_train_steps))
 
 
 def teacher_mean(policy: Policy, step: Step, embeds: PromptEmbeds, teacher: Union[str, Sequence[str]],
@@ -83,21 +75,24 @@ class OPD:
         self.images_per_round = run.prompts_per_round * len(c.tasks) * run.world
 
     # -- one round ---------------------------------------------------------------------------
-    def round(self, round_idx: int, batches: Optional[dict] = None) -> dict:
-        """The round's backward for every task, then ONE optimizer step. ``batches`` (the
-        benchmark's fixed embeddings) replaces drawing prompts."""
-        metrics = self.backward(round_idx, batches if batches is not None else self.draw(round_idx))
+    def round(self, round_idx: int) -> dict:
+        """The round's backward for every task, then ONE optimizer step."""
+        metrics = self.backward(round_idx, self.draw(round_idx))
         metrics.update(self.run.optimizer_step(round_idx, metrics["loss"]))
         return metrics
 
     def draw(self, round_idx: int) -> dict[str, tuple[PromptEmbeds, list[int]]]:
-        """Each task's prompts (encoded) and per-sample seeds for this round on this process."""
+        """Each task's prompts (encoded) and per-sample seeds for this round on this process (the
+        run's fixed ``embeddings`` instead of drawn prompts when it was given some)."""
         batches = {}
         for t_idx, task in enumerate(self.config.tasks):
-            rows = self.run.draw_prompts(task, round_idx)
-            with self.run.timer("encode"):
-                embeds = self.policy.encode_prompts([r["prompt"] for r in rows])
-            batches[task] = (embeds, self.run.seeds(round_idx, t_idx, len(rows)))
+            if self.run.embeddings is not None:
+                embeds = self.run.embeddings[task]
+            else:
+                rows = self.run.draw_prompts(task, round_idx)
+                with self.run.timer("encode"):
+                    embeds = self.policy.encode_prompts([r["prompt"] for r in rows])
+            batches[task] = (embeds, self.run.seeds(round_idx, t_idx, len(embeds)))
         return batches
 
     def student_steps(self, embeds: PromptEmbeds, seeds: list[int], steps: list[int]) -> Iterator[Step]:

@@ -18,8 +18,9 @@ import torch
 
 from ..advantages import group_advantages, nonzero_advantage_mask
 from ..models.base import PromptEmbeds
+from ..rewards.multi import task_scorer
 from ..rollout import Sampling, Trajectory, sample
-from .run import Run, task_scorer
+from .run import Run
 
 __all__ = ["Groups", "sample_groups", "score_groups", "micro_batches", "updates", "evaluate_rewards"]
 

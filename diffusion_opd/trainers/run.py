@@ -17,7 +17,6 @@ optionally ``state_dict`` / ``load_state_dict`` for what it must carry across a 
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from contextlib import nullcontext
@@ -30,7 +29,9 @@ from tqdm.auto import tqdm
 from ..config import derived_geometry, prompts_per_round, to_dict, validate_config
 from ..data.sampler import PromptSampler
 from ..models.base import STUDENT, Policy, PromptEmbeds
+from ..rewards.multi import task_scorer
 from ..rollout import Sampling, sample
+from ..seeds import sample_seed
 from . import checkpoint as ckpt
 from .ema import EMA
 from .loop import (NonFiniteGuard, RunState, all_reduce_gradients, broadcast_parameters, build_optimizer,
@@ -41,28 +42,7 @@ from .run_dir import claim_output_dir
 from .stop import RunStopped, StopRequest
 from .visuals import CURVES_FILE, SampleGrids, log_images, plot_curves, quiet_progress_bars
 
-__all__ = ["Recipe", "Run", "sample_seed", "task_scorer"]
-
-
-def sample_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (run seed, round, task, global sample index): a sample's noise
-    depends on what it is, never on which batch or process it landed in."""
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
-
-
-def task_scorer(reward: str, device: str):
-    """The scorer of a task's reward spec (``"ocr"`` or ``"ocr:1.0,pickscore:0.5"``): a
-    :class:`~diffusion_opd.rewards.MultiReward` whose ``"total"`` is the weighted sum. One per
-    process and spec (reward models load once)."""
-    from ..rewards import MultiReward, reward_weights
-
-    key = (reward, device)
-    if key not in _SCORERS:
-        _SCORERS[key] = MultiReward(reward_weights(reward), device=device)
-    return _SCORERS[key]
-
-
-_SCORERS: dict[tuple, object] = {}
+__all__ = ["Recipe", "Run"]
 
 
 class Recipe(Protocol):
@@ -77,22 +57,28 @@ class Recipe(Protocol):
 class Run:
     """State of one training run (built from a config; ``train(recipe)`` drives it).
 
-    ``policy``: pass an already built policy (the benchmark does, with random weights and no
-    prompt files: ``check_data=False``); by default it is built from ``config.model`` /
-    ``config.teachers``.
+    ``policy``: an already built policy; by default it is built from ``config.model`` /
+    ``config.teachers``. ``timer``: what times the phases of a round (default: a
+    :class:`PhaseTimer` as ``logging.phase_times`` says; the benchmark passes its own).
+    ``embeddings``: fixed encoded prompts per task (``{task: PromptEmbeds}``) that every round
+    trains on instead of drawing prompts; such a run reads no prompt files and writes nothing
+    (no output folder, no checkpoint, no resume): the benchmark's random-weight rounds.
     """
 
-    def __init__(self, config, *, policy: Optional[Policy] = None, check_data: bool = True):
+    def __init__(self, config, *, policy: Optional[Policy] = None, timer: Optional[PhaseTimer] = None,
+                 embeddings: Optional[dict[str, PromptEmbeds]] = None):
         self.config = config
         self.accelerator = acc = make_accelerator(config)
         self.rank, self.world = acc.process_index, acc.num_processes
         if not config.logging.progress:  # also the loading bars of diffusers / transformers / the Hub
             quiet_progress_bars()
         tag = f"[{config.recipe}]"
+        self.embeddings = embeddings
+        check_data = embeddings is None
         if check_data:  # every check a real run makes, before any model loads (--validate_only runs it too)
             checked = preflight(config, self.world, backbone=policy is None, output_dir=False)
             self.prompts, self.eval_prompts = checked.prompts, checked.eval_prompts
-        else:  # the benchmark: a given policy, no prompt files, nothing written
+        else:  # fixed embeddings: no prompt files, nothing written
             validate_config(config, world_size=self.world)
             self.prompts, self.eval_prompts = {}, {}
         self.geometry = derived_geometry(config, self.world)
@@ -114,7 +100,7 @@ class Run:
             task: PromptSampler(len(rows), self.prompts_per_round, self.rank, self.world, seed=config.seed + 1000 * i)
             for i, (task, rows) in enumerate(self.prompts.items())
         }
-        self.timer = PhaseTimer(acc.device, enabled=config.logging.phase_times)
+        self.timer = timer if timer is not None else PhaseTimer(acc.device, enabled=config.logging.phase_times)
         self.seen_prompts: list[tuple[int, str, list[int]]] = []  # (round, task, indices) on this process
         self.state = RunState()
         self.guard = NonFiniteGuard(config.train.nan_patience)

@@ -6,7 +6,7 @@ import pytest
 
 from diffusion_opd.config import load_config, validate_config
 from diffusion_opd.data.prompts import run_prompts
-from diffusion_opd.demo import world
+from diffusion_opd.data import toy_world as world
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEMO = os.path.join(ROOT, "config", "demo.py")

@@ -31,7 +31,7 @@ def test_metrics_log_truncates_rows_after_the_resumed_round(tmp_path):
     log.truncate_after(2)
     rows = read_metrics(str(tmp_path))
     assert [r["round"] for r in rows] == [1, 2]
-    assert rows[0]["bad"] == "nan"  # valid JSON even for non-finite values
+    assert rows[0]["bad"] is None  # valid JSON even for non-finite values (null, diffusion_opd/files.py)
     json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
 
 

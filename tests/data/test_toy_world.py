@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion_opd.demo import world
+from diffusion_opd.data import toy_world as world
 from diffusion_opd.rewards import load_reward
 
 

@@ -1,0 +1,210 @@
+"""The schema: every key of every run with its default. Named configs (config/opd.py) start from
+here (``from diffusion_opd.configs import base``) and change what differs.
+
+Keys that external scripts rely on: ``output_dir``, ``train.num_rounds``, ``save_every``,
+``resume_from``. Every key is validated (diffusion_opd/config.py) before any model loads.
+"""
+import ml_collections
+
+from ..models.specs import DEFAULT_LORA, DEFAULT_LORA_TARGETS  # noqa: F401 (the configs' name for the targets)
+
+# Two small prompt sets of the CPU configs (tiny_mopd, the tiny stage-1 configs): no download.
+TINY_OBJECTS = [f"a photo of a {c} {o}" for c in ("red", "blue", "green", "yellow") for o in ("cup", "dog", "car", "bird")]
+TINY_SIGNS = [f'a sign that says "{w}"' for w in (
+    "hello", "world", "open", "closed", "exit", "stop", "sale", "cafe", "shop", "bank", "park", "zoo",
+    "bus", "taxi", "hotel", "bar")]
+
+
+def get_config():
+    c = ml_collections.ConfigDict()
+    c.recipe = "opd"  # which trainer runs this config: opd | nft | grpo (scripts/train.py dispatches)
+    c.run_name = "run"
+    c.output_dir = "outputs/run"
+    c.seed = 42
+    c.device = "auto"  # auto = cuda when available, else cpu
+    c.cpu_threads = 0  # >0: torch.set_num_threads on the CPU (1 is fastest for tiny models)
+    c.mixed_precision = "no"  # no | fp16 | bf16 (autocast around the transformer)
+    c.expect_world_size = 0  # >0: refuse to run unless exactly this many processes started
+    c.data_root = "dataset"  # where scripts/download_data.py puts the public prompt files
+    c.save_every = 10  # rounds between checkpoints (one is always written at the end)
+    c.keep_last = 3  # checkpoints kept on disk
+    c.resume_from = ""  # "" | "latest" | path to a checkpoints/round-N folder
+    c.overwrite = False  # True: a new run in a used output_dir moves the old files aside (never deletes)
+
+    # The backbone: a Hub id or a local diffusers pipeline folder.
+    c.model = ml_collections.ConfigDict()
+    c.model.path = "stabilityai/stable-diffusion-3.5-medium"
+    c.model.revision = ""
+    c.model.dtype = "fp32"  # weights of the frozen backbone: fp32 | fp16 | bf16
+    c.model.gradient_checkpointing = False
+    c.model.max_sequence_length = 128
+    c.model.student_init = ""  # "" = a fresh LoRA; else a LoRA folder or Hub repo (PEFT or diffusers format)
+    c.model.student_init_subfolder = ""  # the student starts as exactly that adapter (its rank / alpha / targets)
+    c.model.offload_text_encoders = False  # True: text encoders back to the CPU after each encode (-11 GB, slower)
+    # What sample.guidance_scale / teachers.*.guidance_scale drive: auto = the guidance embedding of a
+    # guidance-distilled model (FLUX.1-dev), classifier-free guidance otherwise (SD3); true_cfg = CFG
+    # with the empty prompt (FLUX: the embedding then gets embedded_guidance); embedded = demand it.
+    c.model.guidance = "auto"
+    c.model.embedded_guidance = 1.0
+
+    # The student LoRA (DiffusionNFT / released recipe defaults).
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = DEFAULT_LORA["rank"]
+    c.lora.alpha = DEFAULT_LORA["alpha"]
+    c.lora.init = DEFAULT_LORA["init"]
+    c.lora.target_modules = DEFAULT_LORA["target_modules"]  # the 8 joint-attention projections of SD3
+
+    # How the student rolls out (and is trained on its own states).
+    c.sample = ml_collections.ConfigDict()
+    c.sample.num_steps = 10
+    c.sample.noise_level = 0.0  # 0 = ODE (loss: opd_l2); > 0 = SDE (loss: opd_kl)
+    c.sample.guidance_scale = 4.5  # student CFG for rollout and training
+    c.sample.resolution = 512
+    c.sample.shift = 0.0  # 0 = the pipeline scheduler's own shift (3.0 for SD3.5)
+
+    c.train = ml_collections.ConfigDict()
+    c.train.num_rounds = 1000
+    c.train.batch_size = 3  # images per process per task per micro-batch
+    c.train.grad_accum = 1  # micro-batches per task per round (images/task/process = batch * accum)
+    c.train.num_train_steps = 9  # trained steps per trajectory (first k of sample.num_steps)
+    c.train.step_selection = "first"  # first | random (a random subset per round)
+    c.train.mode = "fused"  # fused (student grad forward inside the rollout) | two_pass (rollout, then replay)
+    c.train.loss = "auto"  # auto (l2 for ODE, kl for SDE) | l2 | kl | ppo
+    c.train.loss_reduction = "mean"  # mean over C*H*W (peers' scale) | sum (exact KL)
+    c.train.kl_denominator = "true"  # true (s^2, the paper) | released (std_dev_t^2, the released code)
+    c.train.learning_rate = 3e-4
+    c.train.adam_beta1 = 0.9
+    c.train.adam_beta2 = 0.999
+    c.train.adam_eps = 1e-8
+    c.train.weight_decay = 1e-4
+    c.train.max_grad_norm = 1.0
+    c.train.lr_schedule = "constant"  # constant | cosine
+    c.train.warmup_rounds = 0
+    c.train.ema_decay = 0.9  # 0 disables the EMA; one EMA update per optimizer step (per round)
+    c.train.ema_warmup = False  # True: decay min(ema_decay, (1 + n) / (10 + n)) at step n (diffusers' ramp)
+    c.train.nan_patience = 3  # stop after this many non-finite rounds in a row
+    c.train.stop_after_round = 0  # >0: exit cleanly after this round (scripted pauses, tests)
+
+    # Teachers: name -> {path, subfolder, weight_name, kind (lora | transformer), guidance_scale}.
+    c.teachers = ml_collections.ConfigDict()
+    # Tasks: name -> {prompts (dataset name | file path | list of prompts), eval_prompts, teacher, reward}.
+    c.tasks = ml_collections.ConfigDict()
+
+    # Stage 1 (recipe nft | grpo): k images per prompt, rewards, group-relative advantages.
+    # The task's reward is tasks.<name>.reward: "ocr" or weighted "ocr:1.0,pickscore:0.5".
+    c.rl = ml_collections.ConfigDict()
+    c.rl.group_size = 8  # images per prompt (k); a sample's advantage is relative to its prompt's group
+    c.rl.groups_per_round = 2  # prompts per task per process per round
+    c.rl.updates_per_round = 1  # optimizer steps per pass over the round's samples
+    c.rl.inner_epochs = 1  # passes over the round's samples (grpo); the ratio is 1 only in the first
+    c.rl.advantage_std = "group"  # group (Flow-GRPO) | global (DiffusionNFT: std of the whole gathered batch) | none
+    c.rl.advantage_clip = 5.0  # advantages clamped to +-this
+    c.rl.drop_zero_advantage = False  # Flow-GRPO: groups whose rewards are all equal carry no signal
+    c.rl.kl_beta = 0.0  # KL to the base model (Flow-GRPO 0.04, 0.01 for PickScore; DiffusionNFT 1e-4)
+    c.rl.nft_beta = 1.0  # DiffusionNFT's branch strength beta (0.1 for OCR)
+    c.rl.old_decay_rate = 0.001  # DiffusionNFT old policy <- EMA of the student, decay min(rate * step, max)
+    c.rl.old_decay_max = 0.5
+    c.rl.old_decay_delay = 0
+    c.rl.clip_range = 1e-4  # Flow-GRPO's PPO clip on ratios of per-element averaged log-densities
+    c.rl.guard = False  # GRPO-Guard: normalised ratio and 1/(-dt) step weights
+    c.rl.reward_device = "auto"
+
+    # Periodic evaluation on held-out prompts: student-vs-teacher KL/L2 always, rewards if set.
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every = 30  # rounds; 0 disables
+    c.eval.num_prompts = 8  # per task per process
+    c.eval.num_steps = 10
+    c.eval.rewards = False  # also decode images and score them with each task's reward
+    c.eval.reward_device = "auto"
+    c.eval.sample_images = 4  # per task: PNG grids under <output_dir>/samples/ at every eval (0: none)
+
+    # Speed levers (docs/benchmarks.md): the same maths and gradients, run differently.
+    c.perf = ml_collections.ConfigDict()
+    c.perf.compile = "auto"  # auto (on for CUDA, off on the CPU; not yet measured on a GPU) | on | off: torch.compile per block
+    c.perf.compile_backend = "inductor"  # inductor fuses; eager / aot_eager only trace (CPU tests)
+    c.perf.lockstep_tasks = False  # all tasks of a round in one batch (one student forward, one mixed-teacher forward per step)
+    c.perf.merge_teachers = False  # each LoRA teacher merged into its own frozen backbone copy (+1 backbone of memory each)
+
+    c.logging = ml_collections.ConfigDict()
+    c.logging.wandb_mode = "disabled"  # online | offline | disabled
+    c.logging.wandb_project = "diffusion_opd"
+    c.logging.progress = True  # tqdm bar over rounds
+    c.logging.phase_times = False  # log seconds/<phase>; syncs CUDA at every phase boundary (profiling only)
+    return c
+
+
+def stage1(recipe, run_name):
+    """What the published DiffusionNFT and Flow-GRPO SD3.5-M recipes share: fp16, 10 steps at
+    512 px of which 9 are trained (timestep fraction 0.99), AdamW 3e-4 with clip 1.0, 48 prompt
+    groups x 24 images per round on 8 GPUs, evaluation with the task rewards every 30 rounds."""
+    c = get_config()
+    c.recipe = recipe
+    c.run_name, c.output_dir = run_name, f"outputs/{run_name}"
+    c.mixed_precision = "fp16"
+    c.model.dtype = "fp16"
+    c.sample.num_steps = 10
+    c.sample.resolution = 512
+    c.train.batch_size = 8
+    c.train.num_train_steps = 9
+    c.train.learning_rate = 3e-4
+    c.train.max_grad_norm = 1.0
+    c.train.ema_decay = 0.0
+    c.train.num_rounds = 1000
+    c.rl.group_size = 24
+    c.rl.groups_per_round = 6  # 48 groups on 8 GPUs
+    c.rl.updates_per_round = 2
+    c.eval.every = 30
+    c.eval.rewards = True
+    return c
+
+
+def tiny_sd3_cpu(c):
+    """A tiny random SD3 built offline in seconds (``builtin:tiny-sd3``), run on the CPU."""
+    c.device = "cpu"
+    c.cpu_threads = 1  # tiny matrices: threading overhead exceeds the work
+    c.model.path = "builtin:tiny-sd3"
+    c.model.max_sequence_length = 16
+    c.lora.rank = 8
+    c.lora.alpha = 8
+    return c
+
+
+def reward_task(prompts, reward):
+    """A stage-1 task: prompts (also held out for evaluation) and the reward that trains on them."""
+    return task(prompts, teacher="", eval_prompts=prompts, reward=reward)
+
+
+def tiny_stage1(c):
+    """The CPU settings of the tiny stage-1 configs (config/nft.py, config/grpo.py): a tiny random
+    SD3 built offline, 32 px (16 x 4 x 4 latents: few dimensions, so a few samples per round
+    already show the reward rising), 4 steps, 2 prompts x 8 images per round, 10 rounds, and the
+    reward on fixed held-out prompts and seeds at the start and the end."""
+    tiny_sd3_cpu(c)
+    c.mixed_precision = "no"
+    c.model.dtype = "fp32"
+    c.sample.num_steps = 4
+    c.sample.resolution = 32
+    c.train.batch_size = 8
+    c.train.num_train_steps = 3
+    c.train.num_rounds = 10
+    c.train.learning_rate = 5e-2
+    c.rl.group_size = 8
+    c.rl.groups_per_round = 2
+    c.rl.kl_beta = 0.0
+    c.save_every = 5
+    c.eval.every = 10
+    c.eval.num_prompts = 4
+    c.eval.num_steps = 4
+    return c
+
+
+def teacher(path, subfolder="", kind="lora", guidance_scale=1.0, weight_name=""):
+    """One teacher entry (see c.teachers)."""
+    return ml_collections.ConfigDict(
+        dict(path=path, subfolder=subfolder, kind=kind, guidance_scale=guidance_scale, weight_name=weight_name)
+    )
+
+
+def task(prompts, teacher, eval_prompts="", reward=""):
+    """One task entry (see c.tasks)."""
+    return ml_collections.ConfigDict(dict(prompts=prompts, eval_prompts=eval_prompts, teacher=teacher, reward=reward))
