@@ -2,10 +2,27 @@
 
 The paper trains its OCR and aesthetic teachers with GRPO-Guard (``ocr``, ``aesthetic``) and
 compares with multi-task GRPO-Guard (``multitask``: every prompt scored by its own task's
-reward). ``flow_grpo_ocr`` is plain Flow-GRPO (no ratio normalisation). Recipe facts: SDE
-rollouts with eta 0.7, 10 steps, CFG 4.5; timestep fraction 0.99; PPO clip 1e-4 on ratios of
-per-element averaged log-densities; KL to the base 0.04 (0.01 for PickScore); groups with zero
-advantage dropped; 48 prompt groups x 24 images per round on 8 GPUs.
+reward). ``flow_grpo_ocr`` is plain Flow-GRPO (no ratio normalisation).
+
+What Flow-GRPO's released code runs (``config/grpo.py`` ``general_ocr_sd3`` / ``pickscore_sd3``,
+``scripts/train_sd3.py``), and so do these: SDE rollouts with eta 0.7, 10 steps, CFG 4.5 whose
+training gradient stops at the unconditional branch (``rl.cfg_grad=detach_uncond``); the first 9
+steps trained (timestep fraction 0.99); advantages over the GLOBAL std (``global_std=True``; the
+paper's formula is per group: ``rl.advantage_std=group``); PPO clip 1e-4 on ratios of
+per-element averaged log-densities; KL to the base 0.04 (0.01 for PickScore); zero-advantage
+samples dropped and the loss averaged over the kept ones; 2 optimizer steps per round; 48 prompt
+groups x 24 images per round on 8 GPUs; EMA 0.9 with the ramp, evaluated and saved; evaluation
+on 40-step ODE samples at CFG 4.5.
+
+GRPO-Guard has no official code. What each of its values here rests on:
+
+- the normalised ratio ``exp((log rho + ||mu - mu_old||^2 / (2 s^2)) s)``: the paper's formula;
+- the ``1 / (-dt)`` step weight (``rl_losses.guard_step_weight``): the paper's reweighting; one
+  third-party implementation applies it, the other does not;
+- the clip range 1e-4: Flow-GRPO's value, kept as no GRPO-Guard value is published (one
+  third-party example uses 2e-6);
+- KL 0.04 (0.01 aesthetic): Flow-GRPO's values, kept; the paper only says "without heavy KL";
+- everything else: Flow-GRPO's values above.
 """
 from diffusion_opd.configs import base
 
@@ -14,7 +31,8 @@ def _grpo(run_name, guard=True):
     c = base.stage1("grpo", run_name)
     c.sample.noise_level = 0.7
     c.sample.guidance_scale = 4.5
-    c.rl.advantage_std = "group"
+    c.rl.advantage_std = "global"
+    c.rl.cfg_grad = "detach_uncond"
     c.rl.drop_zero_advantage = True
     c.rl.clip_range = 1e-4
     c.rl.kl_beta = 0.04

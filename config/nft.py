@@ -2,24 +2,34 @@
 
 The paper trains its GenEval teacher with DiffusionNFT (``geneval``); its baselines are multi-task
 NFT (``multitask``: every prompt scored by its own task's reward) and cascade NFT (``CASCADES``:
-single-task stages in sequence, each starting from the last stage's student; run with
-``scripts/train.py --cascade config/nft.py:cascade``). Recipe facts: DiffusionNFT's published
-settings (LoRA r 32 / alpha 64, AdamW 3e-4, wd 1e-4, clip 1.0; 48 prompt groups x 24 images per
-round on 8 GPUs; advantages over the global std, clipped to 5; beta 1.0, 0.1 for OCR; KL 1e-4;
-old policy decay min(0.001 step, 0.5); CFG-free, 10 deterministic steps).
+single-task stages in sequence, each starting from the last stage's EMA student; run with
+``scripts/train.py --cascade config/nft.py:cascade``).
+
+Every value is what DiffusionNFT's released code runs (``config/nft.py`` ``sd3_geneval`` /
+``sd3_ocr`` / ``sd3_pickscore`` and ``scripts/train_nft_sd3.py``): LoRA r 32 / alpha 64, AdamW 3e-4,
+wd 1e-4, clip 1.0; 48 prompt groups x 24 images per round (epoch) on 8 GPUs; advantages over the
+global std, clipped to 5; beta 1.0 (0.1 for OCR); KL to the base 1e-4; CFG-free; the old policy
+samples 10 deterministic ``dpm2`` steps (``rl.nft_sampler``) and each sample trains on its own
+random 9 of the 10 noise levels (``rl.nft_step_sampling``); the loss is the mean over samples and
+levels; ONE optimizer step per round for GenEval and PickScore, two for OCR; old-policy decay
+type 1 (``min(0.001 step, 0.5)``), type 2 for OCR (0 for 75 steps, then ``0.0075`` per step up
+to 0.999); EMA 0.9 with the ramp, evaluated and saved (``ema/`` in each checkpoint); evaluation
+on 40-step ODE samples, CFG 1. The multi-task baseline has no reference recipe: it takes the
+GenEval recipe's settings with a third of the groups per task.
 """
 from diffusion_opd.configs import base
 
 
 def _nft(run_name):
     c = base.stage1("nft", run_name)
-    c.sample.noise_level = 0.0  # deterministic sampling of the clean samples (the reference uses dpm2)
-    c.sample.guidance_scale = 1.0  # CFG-free
+    c.sample.noise_level = 0.0  # deterministic sampling of the clean samples (rl.nft_sampler=dpm2)
+    c.sample.guidance_scale = 1.0  # CFG-free sampling, training and evaluation
     c.train.weight_decay = 1e-4
     c.rl.advantage_std = "global"
     c.rl.advantage_clip = 5.0
     c.rl.kl_beta = 1e-4
     c.rl.nft_beta = 1.0
+    c.rl.updates_per_round = 1  # gradient_step_per_epoch 1 (GenEval, PickScore)
     return c
 
 
@@ -30,8 +40,10 @@ def _tasks():
 def _single(task):
     c = _nft(f"nft_{task}")
     c.tasks = {task: _tasks()[task]}
-    if task == "ocr":
+    if task == "ocr":  # the reference's sd3_ocr
         c.rl.nft_beta = 0.1
+        c.rl.updates_per_round = 2
+        c.rl.old_decay_rate, c.rl.old_decay_max, c.rl.old_decay_delay = 0.0075, 0.999, 75  # decay_type 2
     return c
 
 
@@ -41,7 +53,7 @@ def geneval():
 
 
 def ocr():
-    """DiffusionNFT on OCR prompts (beta 0.1): a cascade stage."""
+    """DiffusionNFT on OCR prompts (beta 0.1, 2 steps per round, old-policy decay type 2): a cascade stage."""
     return _single("ocr")
 
 

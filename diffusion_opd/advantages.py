@@ -5,8 +5,9 @@ its own group::
 
     A_i = (R_i - mean_{j in g(i)} R_j) / (std + eps)
 
-with ``std`` either the group's own standard deviation (Flow-GRPO's default) or the standard
-deviation of the WHOLE batch (``std="global"``, DiffusionNFT: ``eps = 1e-4``). Standard
+with ``std`` either the standard deviation of the WHOLE batch (``std="global"``: what both
+DiffusionNFT's and Flow-GRPO's released configs run, ``global_std=True``) or the group's own
+(``std="group"``: the Flow-GRPO paper's formula); ``eps = 1e-4`` in both. Standard
 deviations are population ones (``ddof = 0``), as the peers compute them with ``np.std``.
 The batch must be the gathered one (every process's samples) so that groups split across
 processes see all their members; gathering is the caller's job, this module is pure.
@@ -48,7 +49,7 @@ def group_advantages(
         groups: one label per sample; samples with equal labels form a group (the prompt string
             or index; groups need not be contiguous).
         std: ``"group"`` divides by each group's own std, ``"global"`` by the std of all
-            ``rewards`` (DiffusionNFT), ``"none"`` only centres (no division).
+            ``rewards`` (both references' released configs), ``"none"`` only centres.
         eps: added to the std (1e-4 in both references).
         clip: clamp the result to ``[-clip, clip]`` (both references train with 5).
 

@@ -36,6 +36,10 @@ CHOICES = {
     "train.kl_denominator": ("true", "released"),
     "train.step_selection": ("first", "random"),
     "train.lr_schedule": ("constant", "cosine"),
+    "rl.advantage_std": ("group", "global", "none"),
+    "rl.cfg_grad": ("detach_uncond", "both"),
+    "rl.nft_sampler": ("dpm2", "euler"),
+    "rl.nft_step_sampling": ("per_sample", "first"),
     "logging.wandb_mode": ("online", "offline", "disabled"),
     "perf.compile": ("auto", "on", "off"),
 }
@@ -362,8 +366,6 @@ def _check_rl(config) -> None:
             raise ConfigError(f"rl.{key}: must be >= 1, got {rl[key]}")
     if rl.group_size < 2:
         raise ConfigError(f"rl.group_size: {rl.group_size}; group-relative advantages need >= 2 images per prompt")
-    if rl.advantage_std not in ("group", "global", "none"):
-        raise ConfigError(f"rl.advantage_std: {rl.advantage_std!r} is not one of group, global, none")
     images = rl.groups_per_round * rl.group_size
     if images % t.batch_size:
         raise ConfigError(f"train.batch_size: {t.batch_size} does not divide the {images} images a task samples "
@@ -375,6 +377,9 @@ def _check_rl(config) -> None:
         raise ConfigError("rl.kl_beta and rl.clip_range must be >= 0, rl.advantage_clip and rl.nft_beta > 0")
     if config.recipe == "grpo" and s.noise_level <= 0:
         raise ConfigError("sample.noise_level: GRPO needs SDE rollouts (log-probabilities); use e.g. 0.7")
+    if config.recipe == "nft" and rl.nft_sampler == "dpm2" and s.noise_level != 0:
+        raise ConfigError(f"sample.noise_level: {s.noise_level}, but rl.nft_sampler=dpm2 is deterministic; set "
+                          "sample.noise_level=0 or rl.nft_sampler=euler")
     if config.recipe == "nft" and rl.inner_epochs != 1:
         raise ConfigError("rl.inner_epochs: DiffusionNFT makes one pass per round; use rl.updates_per_round")
 

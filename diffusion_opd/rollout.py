@@ -24,7 +24,9 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 from .models.base import STUDENT, Policy, PromptEmbeds
-from .sampling import StepResult, gaussian_log_prob, randn, sde_step, transition_mean_std
+from .sampling import StepResult, dpm2_step, gaussian_log_prob, randn, sde_step, transition_mean_std
+
+SOLVERS = ("euler", "dpm2")
 
 __all__ = ["Sampling", "Step", "Trajectory", "rollout", "rollout_steps", "replay_steps", "sample", "timed"]
 
@@ -38,6 +40,10 @@ class Sampling:
     guidance_scale: float  # CFG of the sampling adapter
     resolution: int  # image side in pixels
     shift: Optional[float] = None
+    # euler: the Euler(-Maruyama) step of sampling.sde_step (ODE at noise level 0), the kernel every
+    # loss is defined on; dpm2: deterministic DPM-Solver++(2M) (sampling.dpm2_step), DiffusionNFT's
+    # sampler of its clean samples (no kernel, no log-probabilities: ODE, nothing trained in the rollout)
+    solver: str = "euler"
 
     @classmethod
     def from_config(cls, sample, **changes) -> "Sampling":
@@ -132,6 +138,10 @@ def _check(spec: Sampling, embeds: PromptEmbeds, seeds: Sequence[int]) -> None:
         raise ValueError(f"{len(seeds)} seeds for {len(embeds)} prompts: pass one seed per sample")
     if spec.noise_level < 0:
         raise ValueError(f"noise_level must be >= 0, got {spec.noise_level}")
+    if spec.solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {spec.solver!r}")
+    if spec.solver == "dpm2" and spec.noise_level != 0:
+        raise ValueError(f"the dpm2 solver is deterministic: noise_level must be 0, got {spec.noise_level}")
 
 
 def rollout_steps(policy: Policy, embeds: PromptEmbeds, seeds: Sequence[int], spec: Sampling, *,
@@ -149,10 +159,13 @@ def rollout_steps(policy: Policy, embeds: PromptEmbeds, seeds: Sequence[int], sp
         raise ValueError(f"train_steps must lie in [0, {spec.num_steps}), got {list(grad_steps)}")
     if grad and adapter != STUDENT:
         raise ValueError(f"training steps need the student as the sampling adapter, got {adapter!r}")
+    if grad and spec.solver != "euler":
+        raise ValueError(f"training steps need the Euler kernel, got solver {spec.solver!r}")
     traj = out if out is not None else Trajectory()
     traj.sigmas = sigmas = spec.sigmas(policy)
     generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
     x = randn((len(seeds), *policy.latent_shape(spec.resolution)), generators, policy.device)
+    prev_x0 = None  # dpm2: the previous step's data prediction
     for j in range(spec.num_steps):
         sigma, sigma_next = sigmas[j].item(), sigmas[j + 1].item()
         # Noise is drawn at every SDE step whether or not it trains, so trajectories are
@@ -160,7 +173,13 @@ def rollout_steps(policy: Policy, embeds: PromptEmbeds, seeds: Sequence[int], sp
         noise = randn(x.shape, generators, policy.device) if spec.noise_level > 0 else None
         with torch.set_grad_enabled(j in grad):
             v = policy.velocity(x, sigma, embeds, adapter=adapter, guidance_scale=spec.guidance_scale)
-            result = sde_step(v, x, sigma, sigma_next, spec.noise_level, noise=noise)
+            if spec.solver == "dpm2":
+                x0 = x.float() - sigma * v.float()
+                nxt = dpm2_step(x, x0, sigma, sigma_next, prev_x0, sigmas[j - 1].item() if j else None)
+                result = StepResult(prev_sample=nxt.to(x.dtype), mean=nxt, std=nxt.new_zeros([1] * nxt.ndim), log_prob=None)
+                prev_x0 = x0
+            else:
+                result = sde_step(v, x, sigma, sigma_next, spec.noise_level, noise=noise)
         if j in grad:
             yield Step(j, x, sigma, sigma_next, result)
         if keep_states:
@@ -173,16 +192,17 @@ def rollout_steps(policy: Policy, embeds: PromptEmbeds, seeds: Sequence[int], sp
 
 
 def replay_steps(policy: Policy, traj: Trajectory, embeds: PromptEmbeds, spec: Sampling,
-                 steps: Sequence[int]) -> Iterator[Step]:
+                 steps: Sequence[int], detach_uncond: bool = False) -> Iterator[Step]:
     """Yield steps ``steps`` of a stored trajectory with a fresh student forward (grad mode as
     the caller's): ``result.mean`` / ``std`` are the student's kernel at the saved state,
     ``result.prev_sample`` the next state the trajectory took and ``result.log_prob`` its exact
-    log density under that kernel (None for the ODE)."""
+    log density under that kernel (None for the ODE). ``detach_uncond``: CFG's gradient flows
+    through the conditional branch only (:func:`~diffusion_opd.models.base.cfg_combine`)."""
     if not traj.states:
         raise ValueError("replay needs the states: sample with keep_states=True")
     for j in steps:
         x, sigma, sigma_next = traj.states[j], float(traj.sigmas[j]), float(traj.sigmas[j + 1])
-        v = policy.velocity(x, sigma, embeds, STUDENT, spec.guidance_scale)
+        v = policy.velocity(x, sigma, embeds, STUDENT, spec.guidance_scale, detach_uncond=detach_uncond)
         mean, std = transition_mean_std(v, x, sigma, sigma_next, spec.noise_level)
         taken = traj.next_state(j)
         log_prob = gaussian_log_prob(taken, mean, std) if spec.noise_level > 0 else None

@@ -31,6 +31,7 @@ __all__ = [
     "std_dev_t",
     "transition_mean_std",
     "sde_step",
+    "dpm2_step",
     "gaussian_log_prob",
     "reduce_per_sample",
     "randn",
@@ -235,3 +236,37 @@ def sde_step(
     prev = mean + std * noise.float()
     log_prob = gaussian_log_prob(prev.detach(), mean, std, reduction=log_prob_reduction)
     return StepResult(prev_sample=prev.to(sample.dtype), mean=mean, std=std, log_prob=log_prob)
+
+
+def dpm2_step(sample: torch.Tensor, x0: torch.Tensor, sigma: float, sigma_next: float,
+              prev_x0: Optional[torch.Tensor] = None, sigma_prev: Optional[float] = None) -> torch.Tensor:
+    """One step of the deterministic multistep DPM-Solver++(2M) (Lu et al., 2022) on the
+    flow-matching ODE, DiffusionNFT's ``dpm2`` sampler.
+
+    Written from the solver's definition: with ``alpha = 1 - sigma`` (signal) and ``sigma``
+    (noise), ``lambda = log(alpha / sigma)`` and the data prediction ``x0 = x - sigma v``, the
+    exact solution of the ODE from ``sigma`` to ``sigma_next`` with ``x0`` held at ``D`` is::
+
+        x_next = (sigma_next / sigma) (x - alpha D) + alpha_next D
+
+    (= ``(sigma_next / sigma) x - alpha_next (e^-h - 1) D``, ``h = lambda_next - lambda``, written
+    so that ``sigma = 1``, where ``lambda = -inf``, is finite). First order: ``D = x0``. Second
+    order (multistep): ``D = x0 + (x0 - prev_x0) / (2 r)`` with ``r = (lambda - lambda_prev) / h``,
+    the previous step's data prediction ``prev_x0`` made at ``sigma_prev``. The correction
+    vanishes when the previous step started at ``sigma = 1`` (``lambda_prev = -inf``) and the
+    final step to ``sigma_next = 0`` returns ``x0`` itself — as the reference runs it: its
+    first and last steps are first-order DDIM, all others second order.
+    """
+    if not 0 <= sigma_next < sigma <= 1:
+        raise ValueError(f"dpm2_step: need 0 <= sigma_next < sigma <= 1, got sigma={sigma}, sigma_next={sigma_next}")
+    dtype = torch.promote_types(sample.dtype, torch.float32)  # float32, or float64 when given
+    x, x0 = sample.to(dtype), x0.to(dtype)
+    if sigma_next == 0:
+        return x0
+    d = x0
+    if prev_x0 is not None and sigma_prev is not None and sigma_prev < 1 and sigma < 1:
+        lam = lambda s: math.log((1 - s) / s)
+        h = lam(sigma_next) - lam(sigma)
+        r = (lam(sigma) - lam(sigma_prev)) / h
+        d = x0 + (x0 - prev_x0.to(dtype)) / (2 * r)
+    return (sigma_next / sigma) * (x - (1 - sigma) * d) + (1 - sigma_next) * d

@@ -124,3 +124,72 @@ def test_per_sample_generators_make_samples_batch_independent():
 def test_gaussian_log_prob_rejects_bad_reduction():
     with pytest.raises(ValueError, match="reduction"):
         gaussian_log_prob(torch.zeros(1, 2), torch.zeros(1, 2), torch.tensor(1.0), reduction="max")
+
+
+# -- dpm2 (DiffusionNFT's sampler) against an independent high-step solution of the same ODE ---------
+# Gaussian data x0 ~ N(mu, tau^2) per element: the flow-matching velocity E[eps - x0 | x_sigma] is
+# linear in x and finite at sigma = 0, and the ODE's exact end point is mu + tau * eps.
+_MU = torch.linspace(-1.0, 1.0, 64, dtype=torch.float64)
+_TAU = torch.linspace(0.5, 1.0, 64, dtype=torch.float64)  # latent-like spreads
+
+
+def _gauss_velocity(x, s):
+    d = (1 - s) ** 2 * _TAU**2 + s**2
+    return (x * (s - (1 - s) * _TAU**2) - _MU * s) / d
+
+
+def _solve(x, sigmas, method):
+    from diffusion_opd.sampling import dpm2_step
+
+    prev = None
+    for i in range(len(sigmas) - 1):
+        s, n = float(sigmas[i]), float(sigmas[i + 1])
+        if method == "rk4":  # classic Runge-Kutta in sigma: the independent reference
+            h = n - s
+            k1 = _gauss_velocity(x, s)
+            k2 = _gauss_velocity(x + h / 2 * k1, s + h / 2)
+            k3 = _gauss_velocity(x + h / 2 * k2, s + h / 2)
+            k4 = _gauss_velocity(x + h * k3, n)
+            x = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+        elif method == "euler":
+            x = x + (n - s) * _gauss_velocity(x, s)
+        else:
+            x0 = x - s * _gauss_velocity(x, s)
+            x = dpm2_step(x, x0, s, n, prev, float(sigmas[i - 1]) if i else None)
+            prev = x0
+    return x
+
+
+def test_dpm2_is_a_second_order_solver_of_the_flow_ode():
+    eps = torch.randn(64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ref = _solve(eps, torch.linspace(1, 0, 4001, dtype=torch.float64), "rk4")
+    assert (ref - (_MU + _TAU * eps)).abs().max() < 1e-10  # the reference is the exact solution
+
+    def error(n, method, schedule):
+        sigmas = sd3_sigmas(n) if schedule == "sd3" else torch.linspace(1, 0, n + 1, dtype=torch.float64)
+        return (_solve(eps, sigmas, method) - ref).abs().max().item()
+
+    # Order p: halving every step divides the global error by 2^p; second order -> 4 (measured 4.6 on
+    # SD3's shifted schedule, 80 -> 160 steps), Euler (first order) -> 2 (measured 2.0).
+    ratio = error(80, "dpm2", "sd3") / error(160, "dpm2", "sd3")
+    euler_ratio = error(80, "euler", "sd3") / error(160, "euler", "sd3")
+    assert 2 ** 1.5 < ratio < 2 ** 2.5 and 1.8 < euler_ratio < 2.2, (ratio, euler_ratio)
+    # At 10 evenly spaced steps it is 40x closer than Euler (measured 0.0073 vs 0.34). (On SD3's
+    # shift-3 schedule at 10 steps, the reference's setting, it is not: 1.08 vs 0.54 on this
+    # problem, whose large steps near sigma = 1 are far from the asymptotic regime.)
+    assert error(10, "dpm2", "linear") < 0.02 < 0.3 < error(10, "euler", "linear")
+
+
+def test_dpm2_first_and_last_steps():
+    from diffusion_opd.sampling import dpm2_step
+
+    x, x0, prev = torch.randn(3, 4, dtype=torch.float64).unbind(0)
+    # from sigma = 1 (lambda = -inf) the step is first order whatever came before: DDIM = Euler
+    v = x - x0
+    torch.testing.assert_close(dpm2_step(x, x0, 1.0, 0.6), x + (0.6 - 1.0) * v)
+    torch.testing.assert_close(dpm2_step(x, x0, 0.9, 0.6, prev, 1.0), dpm2_step(x, x0, 0.9, 0.6))
+    # later steps correct with the previous prediction; the last step returns the data prediction
+    assert not torch.allclose(dpm2_step(x, x0, 0.6, 0.3, prev, 0.9), dpm2_step(x, x0, 0.6, 0.3))
+    torch.testing.assert_close(dpm2_step(x, x0, 0.3, 0.0, prev, 0.6), x0)
+    with pytest.raises(ValueError, match="sigma_next < sigma"):
+        dpm2_step(x, x0, 0.3, 0.5)

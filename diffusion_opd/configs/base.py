@@ -81,7 +81,7 @@ def get_config():
     c.train.lr_schedule = "constant"  # constant | cosine
     c.train.warmup_rounds = 0
     c.train.ema_decay = 0.9  # 0 disables the EMA; one EMA update per optimizer step (per round)
-    c.train.ema_warmup = False  # True: decay min(ema_decay, (1 + n) / (10 + n)) at step n (diffusers' ramp)
+    c.train.ema_warmup = False  # True: decay min(ema_decay, (1 + n) / (10 + n)) at the n-th step, n from 1 (the peers' ramp)
     c.train.nan_patience = 3  # stop after this many non-finite rounds in a row
     c.train.stop_after_round = 0  # >0: exit cleanly after this round (scripted pauses, tests)
 
@@ -97,12 +97,23 @@ def get_config():
     c.rl.groups_per_round = 2  # prompts per task per process per round
     c.rl.updates_per_round = 1  # optimizer steps per pass over the round's samples
     c.rl.inner_epochs = 1  # passes over the round's samples (grpo); the ratio is 1 only in the first
-    c.rl.advantage_std = "group"  # group (Flow-GRPO) | global (DiffusionNFT: std of the whole gathered batch) | none
+    # std: global (both references' released code: std of the whole gathered task batch) | group (the
+    # Flow-GRPO paper's formula, per prompt group) | none
+    c.rl.advantage_std = "global"
     c.rl.advantage_clip = 5.0  # advantages clamped to +-this
     c.rl.drop_zero_advantage = False  # Flow-GRPO: groups whose rewards are all equal carry no signal
     c.rl.kl_beta = 0.0  # KL to the base model (Flow-GRPO 0.04, 0.01 for PickScore; DiffusionNFT 1e-4)
+    # grpo with CFG: detach_uncond (Flow-GRPO's code: gradient g dv_cond) | both (through both branches:
+    # g dv_cond + (1 - g) dv_uncond, which pushes the unconditional prediction against the reward)
+    c.rl.cfg_grad = "detach_uncond"
     c.rl.nft_beta = 1.0  # DiffusionNFT's branch strength beta (0.1 for OCR)
-    c.rl.old_decay_rate = 0.001  # DiffusionNFT old policy <- EMA of the student, decay min(rate * step, max)
+    c.rl.nft_sampler = "dpm2"  # nft's clean samples: dpm2 (DiffusionNFT, DPM-Solver++(2M)) | euler (the ODE)
+    # nft's trained noise levels: per_sample (DiffusionNFT: each sample its own random train.num_train_steps of
+    # the sample.num_steps levels) | first (the first train.num_train_steps, train.step_selection applies)
+    c.rl.nft_step_sampling = "per_sample"
+    # DiffusionNFT old policy <- EMA of the student, decay 0 before `delay` optimizer steps, then
+    # min(rate * (step - delay), max): its decay_type 1 (0.001, 0.5, 0; GenEval, PickScore) or 2 (OCR)
+    c.rl.old_decay_rate = 0.001
     c.rl.old_decay_max = 0.5
     c.rl.old_decay_delay = 0
     c.rl.clip_range = 1e-4  # Flow-GRPO's PPO clip on ratios of per-element averaged log-densities
@@ -136,7 +147,10 @@ def get_config():
 def stage1(recipe, run_name):
     """What the published DiffusionNFT and Flow-GRPO SD3.5-M recipes share: fp16, 10 steps at
     512 px of which 9 are trained (timestep fraction 0.99), AdamW 3e-4 with clip 1.0, 48 prompt
-    groups x 24 images per round on 8 GPUs, evaluation with the task rewards every 30 rounds."""
+    groups x 24 images per round on 8 GPUs, advantages over the global std, an EMA of the
+    student (decay 0.9 with the (1 + n) / (10 + n) ramp) that evaluation and the checkpoint's
+    ``ema/`` folder use (the weights a teacher is), evaluation with the task rewards every 30
+    rounds on 40-step ODE samples with the sampling CFG."""
     c = get_config()
     c.recipe = recipe
     c.run_name, c.output_dir = run_name, f"outputs/{run_name}"
@@ -148,12 +162,15 @@ def stage1(recipe, run_name):
     c.train.num_train_steps = 9
     c.train.learning_rate = 3e-4
     c.train.max_grad_norm = 1.0
-    c.train.ema_decay = 0.0
+    c.train.ema_decay = 0.9
+    c.train.ema_warmup = True
     c.train.num_rounds = 1000
     c.rl.group_size = 24
     c.rl.groups_per_round = 6  # 48 groups on 8 GPUs
     c.rl.updates_per_round = 2
+    c.rl.advantage_std = "global"
     c.eval.every = 30
+    c.eval.num_steps = 40
     c.eval.rewards = True
     return c
 

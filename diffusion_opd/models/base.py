@@ -21,6 +21,19 @@ BASE = "base"
 STUDENT = "student"
 
 
+def cfg_combine(out: torch.Tensor, guidance_scale: float, detach_uncond: bool = False) -> torch.Tensor:
+    """Classifier-free guidance from one batched forward ``out = [v_u; v_c]`` (2B rows):
+    ``v_u + g (v_c - v_u)`` in float32.
+
+    ``detach_uncond=True`` stops the gradient at the unconditional branch, so the value is the
+    same but the gradient is ``g dv_c`` instead of ``g dv_c + (1 - g) dv_u``: how Flow-GRPO (and
+    GRPO-Guard after it) trains its CFG policy (``rl.cfg_grad=detach_uncond``).
+    """
+    v_u, v_c = out.float().chunk(2)
+    if detach_uncond:
+        v_u = v_u.detach()
+    return v_u + guidance_scale * (v_c - v_u)
+
 
 def check_prompts(prompts: Sequence[str]) -> list[str]:
     """The prompts as a list, refused if empty or not all strings (every back end's
@@ -101,6 +114,7 @@ class Policy(ABC):
         embeds: PromptEmbeds,
         adapter: str = STUDENT,
         guidance_scale: float = 1.0,
+        detach_uncond: bool = False,
     ) -> torch.Tensor:
         """Velocity at (latents, sigma) under ``adapter`` with classifier-free guidance.
 
@@ -108,7 +122,8 @@ class Policy(ABC):
         ``guidance="true_cfg"``): ``> 1`` runs uncond + cond in ONE batched forward and returns
         ``v_u + g (v_c - v_u)``, ``<= 1`` the conditional branch only. A guidance-distilled
         model (FLUX.1-dev) feeds it to its guidance embedding instead: one forward. Gradients flow
-        only for ``adapter == "student"`` under grad mode; the student stays the active,
+        only for ``adapter == "student"`` under grad mode (``detach_uncond``: not through the
+        unconditional branch, see :func:`cfg_combine`); the student stays the active,
         trainable adapter after every call whatever ``adapter`` was.
         """
 

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .base import BASE, STUDENT, Policy, PromptEmbeds, check_prompts
+from .base import BASE, STUDENT, Policy, PromptEmbeds, cfg_combine, check_prompts
 from .hub import resolve_folder
 from .lora import (AdapterMismatchError, AdapterSwitch, LoraAdapter, add_lora_adapter, add_student_adapter,
                    read_lora_adapter)
@@ -233,7 +233,7 @@ class DiffusersPolicy(Policy):
             self._switch.back()
 
     def velocity(self, latents: torch.Tensor, sigma, embeds: PromptEmbeds, adapter: str = STUDENT,
-                 guidance_scale: float = 1.0) -> torch.Tensor:
+                 guidance_scale: float = 1.0, detach_uncond: bool = False) -> torch.Tensor:
         """Velocity at (latents, sigma) under ``adapter`` (see :meth:`Policy.velocity`).
 
         ``sigma``: float or per-sample (B,) tensor. When ``guidance_scale`` means CFG
@@ -253,8 +253,7 @@ class DiffusersPolicy(Policy):
         with self._active(adapter), torch.set_grad_enabled(grad):
             out = self._forward(module, x, t, cond, guidance_scale)
         if cfg:
-            v_u, v_c = out.float().chunk(2)
-            out = v_u + guidance_scale * (v_c - v_u)
+            out = cfg_combine(out, guidance_scale, detach_uncond)
         return out.to(latents.dtype)
 
     def velocity_mixed(self, latents: torch.Tensor, sigma, embeds: PromptEmbeds, adapters: Sequence[str],

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import BASE, STUDENT, Policy, PromptEmbeds, check_prompts
+from .base import BASE, STUDENT, Policy, PromptEmbeds, cfg_combine, check_prompts
 from .lora import AdapterSwitch, LoraAdapter, add_lora_adapter, read_lora_adapter
 from .specs import DEFAULT_LORA_TARGETS, TeacherSpec
 
@@ -202,7 +202,7 @@ class ToyPolicy(Policy):
 
     # ---------------------------------------------------------------- denoiser
     def velocity(self, latents: torch.Tensor, sigma, embeds: PromptEmbeds, adapter: str = STUDENT,
-                 guidance_scale: float = 1.0) -> torch.Tensor:
+                 guidance_scale: float = 1.0, detach_uncond: bool = False) -> torch.Tensor:
         """Velocity under ``adapter`` with CFG in one batched forward (see :meth:`Policy.velocity`)."""
         t = self.per_sample_sigma(latents, sigma, embeds, adapter)
         b = latents.shape[0]
@@ -222,8 +222,7 @@ class ToyPolicy(Policy):
             if adapter != STUDENT:
                 self._switch.back()
         if cfg:
-            v_u, v_c = out.float().chunk(2)
-            out = v_u + guidance_scale * (v_c - v_u)
+            out = cfg_combine(out, guidance_scale, detach_uncond)
         return out.to(latents.dtype)
 
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:

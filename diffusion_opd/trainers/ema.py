@@ -15,13 +15,15 @@ import torch
 
 
 class EMA:
-    """``shadow <- d_n * shadow + (1 - d_n) * param`` once per optimizer step (n = steps so far).
+    """``shadow <- d_n * shadow + (1 - d_n) * param`` once per optimizer step.
 
     Without warm-up ``d_n = decay`` from the very first step, so the shadow starts at the
-    initial weights and forgets them at rate ``decay`` per step (the release's behaviour and the
-    default). With ``warmup=True``, ``d_n = min(decay, (1 + n) / (10 + n))``: the ramp of
-    diffusers' ``EMAModel`` (use_ema_warmup=False) and the peers' trainers, which lets the early
-    steps through almost unaveraged (d_0 = 0.1) so the shadow is not dragged by the init.
+    initial weights and forgets them at rate ``decay`` per step. With ``warmup=True`` (the
+    stage-1 configs, as both DiffusionNFT and Flow-GRPO train), ``d_n = min(decay, (1 + n) /
+    (10 + n))`` with ``n`` the number of optimizer steps INCLUDING the one just taken (n = 1 at
+    the first update: d = 2/11, then 3/12, 4/13, ...): the peers call their EMA with the step
+    counter after incrementing it, as diffusers' ``EMAModel`` increments before computing its
+    decay. The early steps pass almost unaveraged, so the shadow is not dragged by the init.
 
     The release stepped its EMA once per micro-batch; stepping per optimizer step makes the
     decay mean the same thing whatever the accumulation.
@@ -35,8 +37,8 @@ class EMA:
         self.num_updates = 0
 
     def current_decay(self) -> float:
-        """The decay the next update uses."""
-        n = self.num_updates
+        """The decay the next update uses (``n`` = that update's number, counted from 1)."""
+        n = self.num_updates + 1
         return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
 
     @torch.no_grad()
@@ -78,9 +80,10 @@ def old_policy_decay(step: int, rate: float = 0.001, max_decay: float = 0.5, del
 
     ``step`` is the number of optimizer steps taken so far. Decay 0 copies the student into the
     old policy (fully on-policy sampling); the ramp lets the sampler lag more and more behind
-    the student as training settles. Reference schedules: ``rate 0.001, max 0.5, delay 0``
-    (the default, the published GenEval/OCR/PickScore recipes) and
-    ``rate 0.0075, max 0.999, delay 75``.
+    the student as training settles. DiffusionNFT's schedules (its ``decay_type``): 1 =
+    ``rate 0.001, max 0.5, delay 0`` (the default; its GenEval and PickScore recipes) and 2 =
+    ``rate 0.0075, max 0.999, delay 75`` (its OCR recipe). The reference applies it once per
+    round (epoch) with ``step`` = optimizer steps taken so far, as trainers/nft.py does.
     """
     if step < 0 or rate < 0 or delay < 0 or not 0 <= max_decay <= 1:
         raise ValueError(f"old_policy_decay: need step, rate, delay >= 0 and max_decay in [0, 1]; "

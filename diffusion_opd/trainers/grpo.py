@@ -6,7 +6,9 @@ One round:
 1. Sample ``rl.group_size`` images per prompt with the student's SDE (``sample.noise_level`` >
    0), keeping every state ``x_j``, the kernel means ``mu_old`` and the per-step std ``s``.
 2. Score them with the task's reward; group-relative advantages ``A`` (trainers/rl.py); with
-   ``rl.drop_zero_advantage`` samples of all-equal groups carry weight 0.
+   ``rl.drop_zero_advantage`` samples of all-equal groups are dropped: the loss of an update is
+   the mean over the KEPT samples (as the reference re-batches them), so the step size does not
+   shrink as groups saturate.
 3. ``rl.inner_epochs`` passes of ``rl.updates_per_round`` optimizer steps over the samples: at
    every trained step ``j`` (``train.num_train_steps`` of them, the timestep fraction) the
    student's kernel at the stored state gives ``log pi_theta(x_{j+1})`` (per-element average,
@@ -16,6 +18,9 @@ One round:
        rho  = exp((log pi_theta - log pi_old + ||mu_theta - mu_old||^2 / (2 s^2)) s)
               and the step's loss weighted by 1 / (-dt)           (GRPO-Guard, rl.guard)
        loss = max(-A rho, -A clip(rho, 1 - eps, 1 + eps)) + rl.kl_beta KL(pi_theta || pi_base)
+
+   With CFG the student's velocity is ``v_u + g (v_c - v_u)`` with the gradient stopped at
+   ``v_u`` (``rl.cfg_grad=detach_uncond``, Flow-GRPO's code).
 
    The first optimizer step of a round replays exactly the sampling forwards (same micro-batches),
    so its ratio is exactly 1: the samples are on-policy.
@@ -30,7 +35,7 @@ from ..rl_losses import clipped_surrogate, guard_ratio, guard_step_weight, impor
 from ..rollout import Sampling, Step, replay_steps
 from ..sampling import gaussian_log_prob, transition_mean_std
 from ..seeds import train_step_indices
-from .rl import Groups, evaluate_rewards, sample_groups, score_groups, updates
+from .rl import Groups, evaluate_rewards, global_loss, sample_groups, score_groups, update_scale, updates
 from .run import Run
 
 
@@ -53,9 +58,9 @@ class GRPO:
         losses, first, later = [], [], []
         for epoch in range(c.rl.inner_epochs):
             for part in updates(groups, c.train.batch_size, c.rl.updates_per_round):
-                scale = 1.0 / (len(part) * c.train.batch_size * len(steps))
+                scale, _ = update_scale(run, part, len(steps))
                 sums = [self.backward(g, idx, steps, scale) for g, idx in part]
-                loss = sum(s["loss"] for s in sums).item()  # the mean per sample and step
+                loss = global_loss(run, sum(s["loss"] for s in sums))  # the mean per kept sample and step
                 metrics.update(run.optimizer_step(round_idx, loss))
                 losses.append(loss)
                 (later if first else first).extend(sums)
@@ -86,7 +91,8 @@ class GRPO:
         zero = torch.zeros((), device=acc.device)
         out = {"loss": zero, "ratio_sum": zero, "ratio_dev_max": zero, "clipped": zero, "count": 0}
         with acc.autocast():
-            for step in replay_steps(policy, traj, embeds, self.sampling, steps):
+            detach = c.rl.cfg_grad == "detach_uncond"
+            for step in replay_steps(policy, traj, embeds, self.sampling, steps, detach_uncond=detach):
                 ratio, weight = self.step_ratio(step, traj.means[step.index])
                 losses = clipped_surrogate(ratio, adv, c.rl.clip_range) * weight
                 if c.rl.kl_beta > 0:

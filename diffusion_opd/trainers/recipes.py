@@ -2,7 +2,8 @@
 
 ``train(config)`` runs OPD, DiffusionNFT or Flow-GRPO / GRPO-Guard. ``train_cascade`` runs
 single-task stages in sequence, each stage's student starting from the previous stage's final
-student (``model.student_init``): the paper's cascade NFT baseline. A stage whose final
+student (``model.student_init``; its EMA weights when the stage kept an EMA, the weights the
+references evaluate and save): the paper's cascade NFT baseline. A stage whose final
 checkpoint exists is skipped, a stage that was interrupted resumes from its latest checkpoint
 (or starts again when killed before its first one), so rerunning a killed cascade continues it.
 """
@@ -38,7 +39,8 @@ def cascade_stages(spec: str) -> tuple[str, tuple[str, ...]]:
 
 def train_cascade(spec: str, output_dir: str, overrides: Sequence[str] = ()) -> list[str]:
     """Train the stages of cascade ``spec`` in order under ``output_dir/stage<i>-<name>``;
-    ``overrides`` apply to every stage. Returns each stage's final checkpoint folder.
+    ``overrides`` apply to every stage. Returns each stage's final checkpoint folder (the next
+    stage starts from its ``ema/`` subfolder when there is one).
 
     Rerunning continues: a finished stage is skipped, a stage with a checkpoint resumes from its
     latest one, and a stage killed before its first checkpoint starts again (its partial files
@@ -62,8 +64,9 @@ def train_cascade(spec: str, output_dir: str, overrides: Sequence[str] = ()) -> 
         configs.append((config, restart))
     finals: list[str] = []
     for config, restart in configs:
-        if finals:
-            config.model.student_init = finals[-1]  # this stage starts as the last stage's student
+        if finals:  # this stage starts as the last stage's student (its EMA weights when it kept one)
+            ema = os.path.join(finals[-1], "ema")
+            config.model.student_init = ema if os.path.isdir(ema) else finals[-1]
         final = os.path.join(config.output_dir, "checkpoints", f"round-{config.train.num_rounds}")
         if restart or final not in [p for _, p in list_checkpoints(config.output_dir)]:
             if config.overwrite and not restart:

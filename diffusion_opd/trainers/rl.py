@@ -6,8 +6,14 @@ Per round and task, each process draws ``rl.groups_per_round`` prompts and sampl
 ``rl.group_size`` times (a *group*; each image has its own seed). The decoded images are scored
 by the task's reward (``tasks.<task>.reward``: one registered reward or a weighted sum), the
 rewards of ALL processes are gathered, and each image's advantage is its reward relative to its
-group (``rl.advantage_std``: divided by the group's std, the whole task batch's, or nothing),
-clipped to ``+-rl.advantage_clip``.
+group (``rl.advantage_std``: divided by the whole task batch's std as both references' released
+code does, the group's own as the Flow-GRPO paper writes, or nothing), clipped to
+``+-rl.advantage_clip``.
+
+Every stage-1 loss of an optimizer step is the MEAN over the samples it keeps (all of them, or
+those with a non-zero advantage when ``rl.drop_zero_advantage``) and their trained steps, over
+all processes (:func:`update_scale`): what the references get by re-batching the kept samples
+and averaging, and the same whatever the number of processes or the micro-batch size.
 """
 from __future__ import annotations
 
@@ -22,7 +28,8 @@ from ..rewards.multi import task_scorer
 from ..rollout import Sampling, Trajectory, sample
 from .run import Run
 
-__all__ = ["Groups", "sample_groups", "score_groups", "micro_batches", "updates", "evaluate_rewards"]
+__all__ = ["Groups", "sample_groups", "score_groups", "micro_batches", "updates", "update_scale", "global_loss",
+           "evaluate_rewards"]
 
 
 @dataclass
@@ -56,6 +63,29 @@ def updates(groups: list[Groups], batch_size: int, count: int) -> list[list[tupl
     ordered = [b for same_position in zip(*per_task) for b in same_position]
     size = len(ordered) // count
     return [ordered[u * size:(u + 1) * size] for u in range(count)]
+
+
+def update_scale(run: Run, part: list[tuple[Groups, list[int]]], num_steps: int) -> tuple[float, float]:
+    """``(scale, count)`` for one optimizer step over ``part``: backpropagating ``scale x`` this
+    process's SUM of per-sample, per-step losses makes the step's gradient, after the
+    processes' gradients are averaged (trainers/loop.py), the mean over the ``count`` kept
+    samples of ALL processes and ``num_steps`` steps. ``scale = world / (count x num_steps)``;
+    one all-reduce of the kept count."""
+    acc = run.accelerator
+    kept = torch.stack([g.keep[idx].sum() for g, idx in part]).sum().float()
+    if run.world > 1:
+        kept = acc.reduce(kept.to(acc.device), reduction="sum")
+    count = max(float(kept), 1.0)  # nothing kept: every loss is 0 and so is the gradient
+    return run.world / (count * num_steps), count
+
+
+def global_loss(run: Run, local: torch.Tensor) -> float:
+    """The logged loss of an update: the sum over processes of each one's scaled sum, divided by
+    the number of processes (each scale carries ``world``, :func:`update_scale`); the same number
+    on every process."""
+    if run.world > 1:
+        local = run.accelerator.reduce(local.detach().float().to(run.accelerator.device), reduction="sum")
+    return float(local) / run.world
 
 
 def sample_groups(run: Run, round_idx: int, spec: Sampling, *, adapter: str, keep_states: bool) -> list[Groups]:

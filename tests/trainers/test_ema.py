@@ -26,17 +26,18 @@ def test_no_warmup_is_the_plain_recursion():
 
 
 def test_warmup_ramp_matches_min_decay_1_plus_n_over_10_plus_n():
+    """n counts the update being made, from 1 (the peers pass their step counter after incrementing it)."""
     values = [1.0, 2.0, 4.0, 8.0] + [1.0] * 80
     expected, decays = 0.0, []
-    for n, v in enumerate(values):
+    for n, v in enumerate(values, start=1):
         d = min(0.9, (1 + n) / (10 + n))
         decays.append(d)
         expected = d * expected + (1 - d) * v
     ema = _run(True, values)
     assert ema.shadow[0][0].item() == pytest.approx(expected, rel=1e-6)
-    assert decays[0] == pytest.approx(0.1) and decays[-1] == 0.9  # the ramp reaches decay 0.9 at n = 80
-    # After one step the warmed-up shadow is 90% of the way to the weights; without warm-up 10%.
-    assert _run(True, [1.0]).shadow[0][0].item() == pytest.approx(0.9)
+    assert decays[0] == pytest.approx(2 / 11) and decays[-1] == 0.9  # the ramp reaches decay 0.9 at n = 80
+    # After one step the warmed-up shadow is 9/11 of the way to the weights; without warm-up 10%.
+    assert _run(True, [1.0]).shadow[0][0].item() == pytest.approx(9 / 11)
     assert _run(False, [1.0]).shadow[0][0].item() == pytest.approx(0.1)
 
 
@@ -44,7 +45,7 @@ def test_warmup_state_round_trips():
     ema = _run(True, [1.0, 2.0])
     fresh = EMA([torch.nn.Parameter(torch.zeros(3))], 0.9, warmup=True)
     fresh.load_state_dict(ema.state_dict())
-    assert fresh.current_decay() == ema.current_decay() == pytest.approx(3 / 12)
+    assert fresh.current_decay() == ema.current_decay() == pytest.approx(4 / 13)
 
 
 def test_old_policy_decay_reference_schedules():

@@ -70,9 +70,10 @@ def test_guard_ratio_centred_where_plain_ratio_drifts(runs):
 
 
 def test_a_teacher_trained_here_distils_with_opd(runs, tmp_path):
-    """The NFT run's final checkpoint folder is an OPD teacher as is (no conversion)."""
+    """The NFT run's final checkpoint's EMA weights (what the references evaluate and save) are an
+    OPD teacher as is (no conversion)."""
     config, _ = runs["nft"]
-    teacher = os.path.join(config.output_dir, "checkpoints", f"round-{config.train.num_rounds}")
+    teacher = os.path.join(config.output_dir, "checkpoints", f"round-{config.train.num_rounds}", "ema")
     opd = load_config(f"{ROOT}/config/opd.py:tiny_mopd", [
         f"output_dir={tmp_path}/opd", *QUIET, "train.num_rounds=6", "eval.every=6", "sample.resolution=32",
         "sample.num_steps=4", "train.num_train_steps=3", "eval.num_steps=4", "save_every=6"])
@@ -90,7 +91,8 @@ def test_cascade_runs_stages_in_order_each_from_the_last(tmp_path):
     assert [os.path.basename(os.path.dirname(os.path.dirname(f))) for f in finals] == \
         ["stage1-tiny", "stage2-tiny_colorful"]
     saved = [json.load(open(os.path.join(f, "config.json"))) for f in finals]
-    assert saved[0]["model"]["student_init"] == "" and saved[1]["model"]["student_init"] == finals[0]
+    assert saved[0]["model"]["student_init"] == ""
+    assert saved[1]["model"]["student_init"] == os.path.join(finals[0], "ema")  # the EMA weights
     assert saved[1]["tasks"].keys() == {"colorful"}
     # (model.student_init makes a run start as exactly that adapter: tests/trainers/test_peers_formats.py)
     # rerunning a finished cascade trains nothing
