@@ -98,26 +98,29 @@ def _rl(name, recipe, tasks):
     c.rl.group_size = 8
     c.rl.groups_per_round = 4  # 32 images per task per round
     c.rl.updates_per_round = 2
+    # the EMA both references evaluate and save: teachers are exported and baselines scored from it
+    c.train.ema_decay = 0.9
+    c.train.ema_warmup = True
     return c
 
 
 def _nft(name, tasks):
-    """DiffusionNFT: CFG-free deterministic sampling by the old policy, forward-process training,
-    advantages over the global std (DiffusionNFT's settings; KL to the base off on the toy)."""
+    """DiffusionNFT: CFG-free deterministic sampling (dpm2) by the old policy, forward-process
+    training on per-sample random noise levels, advantages over the global std (the library's
+    reference defaults; KL to the base off on the toy)."""
     c = _rl(name, "nft", tasks)
     c.train.learning_rate = 3e-3
-    c.rl.advantage_std = "global"
     c.rl.old_decay_rate = 0.01  # the old policy follows the student faster on a 40-round run
     return c
 
 
 def _guard(name, tasks):
     """GRPO-Guard: SDE rollouts (noise level 0.7), clipped ratio with the normalised ratio and the
-    1/(-dt) step weights, zero-advantage groups dropped."""
+    1/(-dt) step weights, advantages over the global std, zero-advantage groups dropped (the loss
+    averaged over the kept samples)."""
     c = _rl(name, "grpo", tasks)
     c.sample.noise_level = 0.7
     c.train.learning_rate = 3e-3
-    c.rl.advantage_std = "group"
     c.rl.drop_zero_advantage = True
     c.rl.guard = True
     return c
@@ -144,6 +147,12 @@ def multitask():
     return _nft("multitask", list(TASKS))
 
 
+def multitask_guard():
+    """Baseline: multi-task GRPO-Guard (the paper's other multi-task baseline), one student on all
+    three tasks, each prompt scored by its own reward; rounds set to the OPD pipeline's images."""
+    return _guard("multitask_guard", list(TASKS))
+
+
 def cascade_colour():
     """Baseline, cascade NFT stage 1 of 3 (the demo chains the stages with model.student_init)."""
     return _nft("cascade_colour", ["colour"])
@@ -161,10 +170,10 @@ def cascade_aesthetic():
 
 CASCADES = {"cascade": ("cascade_colour", "cascade_glyph", "cascade_aesthetic")}
 CONFIGS = {f.__name__: f for f in (teacher_colour, teacher_glyph, teacher_aesthetic, opd, opd_sde, opd_ppo, multitask,
-                                    cascade_colour, cascade_glyph, cascade_aesthetic)}
+                                    multitask_guard, cascade_colour, cascade_glyph, cascade_aesthetic)}
 # The shortened run (scripts/demo.py --quick, the test suite): rounds per config, checkpoint spacing.
 QUICK = {"teacher_colour": 16, "teacher_glyph": 16, "teacher_aesthetic": 16, "opd": 32, "opd_sde": 6, "opd_ppo": 6,
-         "multitask": 8, "cascade_colour": 8, "cascade_glyph": 8, "cascade_aesthetic": 8}
+         "multitask": 8, "multitask_guard": 8, "cascade_colour": 8, "cascade_glyph": 8, "cascade_aesthetic": 8}
 QUICK_SAVE_EVERY = 4
 
 

@@ -147,11 +147,19 @@ def final_checkpoint(run_dir: str) -> str:
     return ckpt.list_checkpoints(run_dir)[-1][1]
 
 
+def evaluated_weights(checkpoint: str) -> str:
+    """The folder of the weights a run evaluates and a teacher is: the checkpoint's ``ema/`` when
+    the run kept an EMA (the stage-1 runs, as the references), else the checkpoint itself."""
+    ema = os.path.join(checkpoint, "ema")
+    return ema if os.path.isdir(ema) else checkpoint
+
+
 def export_teacher(demo: Demo, task: str, method: dict) -> None:
-    """The teacher run's last student LoRA -> ``teachers/<task>`` (the path OPD's config reads)."""
+    """The teacher run's last (EMA) student LoRA -> ``teachers/<task>`` (the path OPD's config reads)."""
     out = demo.path("teachers", task)
     os.makedirs(out, exist_ok=True)
-    shutil.copy(os.path.join(final_checkpoint(method["runs"][-1]), "pytorch_lora_weights.safetensors"), out)
+    shutil.copy(os.path.join(evaluated_weights(final_checkpoint(method["runs"][-1])),
+                             "pytorch_lora_weights.safetensors"), out)
 
 
 # ----------------------------------------------------------------------------------- stages
@@ -168,8 +176,9 @@ def stage2_students(demo: Demo) -> None:
 
 
 def baselines(demo: Demo) -> None:
-    """Multi-task NFT and cascade NFT from the same base, each given the OPD pipeline's training
-    images (cascade: a third per stage, each stage starting from the last one's student)."""
+    """Multi-task NFT, multi-task GRPO-Guard and cascade NFT from the same base, each given the
+    OPD pipeline's training images (cascade: a third per stage, each stage starting from the last
+    one's EMA student)."""
     budget = sum(m["images"] for k, m in demo.methods.items() if m["kind"] == "teacher" or k == "opd")
 
     def rounds(name: str, images: float) -> int:
@@ -177,12 +186,14 @@ def baselines(demo: Demo) -> None:
         return max(1, round(images / (training_images(config) / config.train.num_rounds)))
 
     demo.train("multitask", "baseline", "multi-task NFT", **{"train.num_rounds": rounds("multitask", budget)})
+    demo.train("multitask_guard", "baseline", "multi-task GRPO-Guard",
+               **{"train.num_rounds": rounds("multitask_guard", budget)})
     stages = _demo_configs().CASCADES["cascade"]
     init = ""
     for i, stage in enumerate(stages):
         m = demo.train(stage, "baseline", "cascade NFT", method="cascade", **{
             "train.num_rounds": rounds(stage, budget / len(stages)), "model.student_init": init})
-        init = final_checkpoint(m["runs"][-1])
+        init = evaluated_weights(final_checkpoint(m["runs"][-1]))
         demo.timings[f"cascade NFT stage {i + 1} ({stage})"] = demo.timings.pop("cascade NFT")
 
 
@@ -231,7 +242,8 @@ def measure(demo: Demo) -> tuple[dict, tuple]:
             load_student(policy, m["final_checkpoint"])
             m["rewards"] = rewards("student", m["guidance"])
     demo.timings["evaluation"] = time.perf_counter() - start
-    order = ["base", *(f"teacher_{t}" for t in world.TASKS), "opd", "multitask", "cascade", "opd_sde", "opd_ppo"]
+    order = ["base", *(f"teacher_{t}" for t in world.TASKS), "opd", "multitask", "multitask_guard", "cascade",
+             "opd_sde", "opd_ppo"]
     methods = {k: methods[k] for k in order if k in methods}
     samples = sample_grid_images(demo, policy, methods, config.sample.num_steps)
     for m in methods.values():
@@ -246,9 +258,21 @@ def measure(demo: Demo) -> tuple[dict, tuple]:
 
 
 def load_student(policy, checkpoint: str) -> None:
-    """The student weights a trainer checkpoint holds, into the policy's student adapter."""
+    """The student weights a trainer checkpoint's run evaluates, into the policy's student adapter:
+    the EMA when the run kept one (``ema_state.pt``: the shadow in the order of the student's
+    trainable parameters), else the raw student."""
     from safetensors.torch import load_file
 
+    ema = os.path.join(checkpoint, "ema_state.pt")
+    if os.path.isfile(ema):
+        shadow = torch.load(ema, map_location="cpu", weights_only=False)["shadow"]
+        params = policy.trainable_parameters()
+        if len(shadow) != len(params):
+            raise ValueError(f"{ema}: {len(shadow)} EMA tensors for {len(params)} student parameters")
+        with torch.no_grad():
+            for p, s in zip(params, shadow):
+                p.copy_(s.to(p.dtype))
+        return
     policy.load_student_state_dict(load_file(os.path.join(checkpoint, "student_raw.safetensors")))
 
 

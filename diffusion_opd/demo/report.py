@@ -121,8 +121,10 @@ def report_markdown(results: dict) -> str:
         "stage 2 only; stage 1 (the three teachers) took "
         f"{_fmt_seconds(sum(m[f'teacher_{t}']['seconds'] for t in TASKS))} more. The baselines got the "
         "same training images as the whole OPD pipeline (teachers + student): equal compute, "
-        "counted in images rolled out for training (cascade: a third per stage, each stage starting "
-        "from the previous stage's student).",
+        "counted in images rolled out for training (multi-task NFT and multi-task GRPO-Guard: one "
+        "student on all three tasks; cascade NFT: a third per stage, each stage starting from the "
+        "previous stage's student). Stage-1 runs (teachers, baselines) are scored with the EMA of "
+        "their weights, as DiffusionNFT and Flow-GRPO evaluate and save them.",
         "",
         "Share of each teacher's gain over the base kept by the OPD student: "
         + ", ".join(f"{t} {kept[t]:.1%}" for t in TASKS) + ".",
@@ -173,7 +175,7 @@ def plot_convergence(results: dict, path: str) -> None:
     m = results["methods"]
     fig, axes = plt.subplots(1, len(TASKS) + 1, figsize=(4 * (len(TASKS) + 1), 3.4), sharex=True)
     styles = {"opd": ("C0", "-"), "opd_sde": ("C0", "--"), "opd_ppo": ("C0", ":"), "multitask": ("C1", "-"),
-              "cascade": ("C2", "-")}
+              "multitask_guard": ("C3", "-"), "cascade": ("C2", "-")}
     for i, ax in enumerate(axes):
         task = TASKS[i] if i < len(TASKS) else None
         for name, x in m.items():

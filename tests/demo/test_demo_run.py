@@ -30,7 +30,7 @@ def test_report_structure(quick):
         assert heading in text
     methods = results["methods"]
     assert list(methods)[:4] == ["base", "teacher_colour", "teacher_glyph", "teacher_aesthetic"]
-    assert {"opd", "opd_sde", "opd_ppo", "multitask", "cascade"} <= set(methods)
+    assert {"opd", "opd_sde", "opd_ppo", "multitask", "multitask_guard", "cascade"} <= set(methods)
     rows = [line.replace("**", "") for line in text.splitlines() if line.startswith("| ")]
     for m in methods.values():  # every model has its row, with its measured rewards
         cells = " | ".join(f"{m['rewards'][t]:.3f}" for t in report.TASKS)
@@ -38,7 +38,7 @@ def test_report_structure(quick):
     assert json.load(open(os.path.join(out, "results.json")))["methods"]["opd"]["rewards"] == methods["opd"]["rewards"]
     # equal compute: each baseline got (about) the images of teachers + OPD student
     budget = sum(methods[f"teacher_{t}"]["images"] for t in report.TASKS) + methods["opd"]["images"]
-    for name in ("multitask", "cascade"):
+    for name in ("multitask", "multitask_guard", "cascade"):
         assert abs(methods[name]["images"] - budget) <= 0.1 * budget, name
     assert Image.open(os.path.join(out, "samples.png")).size[1] > 8 * 16  # one row per model
     assert Image.open(os.path.join(out, "convergence.png")).size[0] > 400
