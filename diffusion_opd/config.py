@@ -35,7 +35,7 @@ CHOICES = {
     "train.loss_reduction": ("mean", "sum"),
     "train.kl_denominator": ("true", "released"),
     "train.step_selection": ("first", "random"),
-    "train.lr_schedule": ("constant", "cosine"),
+    "train.lr_schedule": ("constant", "cosine", "linear"),
     "rl.advantage_std": ("group", "global", "none"),
     "rl.cfg_grad": ("detach_uncond", "both"),
     "rl.nft_sampler": ("dpm2", "euler"),
@@ -308,7 +308,7 @@ def validate_config(config, *, world_size: int = 1) -> None:
     for key, value in non_negative.items():
         if not value >= 0:
             raise ConfigError(f"{key}: must be >= 0, got {value}")
-    for key in ("train.adam_beta1", "train.adam_beta2", "train.ema_decay"):
+    for key in ("train.adam_beta1", "train.adam_beta2", "train.ema_decay", "logging.curve_smoothing"):
         if not 0 <= _get(config, key) < 1:
             raise ConfigError(f"{key}: must be in [0, 1), got {_get(config, key)}")
     if not (s.shift == 0 or s.shift > 0):
@@ -337,6 +337,7 @@ def validate_config(config, *, world_size: int = 1) -> None:
         raise ConfigError("train.loss: 'ppo' needs train.mode='fused' (it uses the sampled action of the rollout)")
     if config.device == "cpu" and config.mixed_precision == "fp16":
         raise ConfigError("mixed_precision: fp16 autocast is not available on the CPU; use 'no' or 'bf16'")
+    _check_trackers(config)
     if config.expect_world_size and config.expect_world_size != world_size:
         raise ConfigError(
             f"expect_world_size: {config.expect_world_size} processes expected but {world_size} started "
@@ -348,6 +349,26 @@ def validate_config(config, *, world_size: int = 1) -> None:
     _check_entries(config)
     if config.recipe != "opd":
         _check_rl(config)
+
+
+def _check_trackers(config) -> None:
+    """``logging.trackers``: names accelerate knows, each installed (accelerate drops a missing one
+    silently)."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+
+    raw = config.logging.trackers
+    if not isinstance(raw, str):
+        raise ConfigError(f"logging.trackers: a comma-separated string (e.g. 'wandb,tensorboard'), got {raw!r}")
+    available = {str(t) for t in get_available_trackers()}
+    for name in (n.strip() for n in raw.split(",") if n.strip()):
+        if name not in LOGGER_TYPE_TO_CLASS:
+            raise ConfigError(f"logging.trackers: unknown tracker {name!r}; valid: {', '.join(sorted(LOGGER_TYPE_TO_CLASS))}")
+        if name not in available:
+            extra = f"'diffusion_opd[{name}]'" if name in ("wandb", "tensorboard") else name
+            raise ConfigError(f"logging.trackers: {name} is not installed; pip install {extra}, or drop it")
+    if config.logging.wandb_mode in ("online", "offline") and "wandb" not in available:
+        raise ConfigError(f"logging.wandb_mode: {config.logging.wandb_mode} needs wandb, which is not installed; "
+                          "pip install 'diffusion_opd[wandb]', or set logging.wandb_mode=disabled")
 
 
 def prompts_per_round(config) -> int:

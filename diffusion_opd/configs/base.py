@@ -78,8 +78,8 @@ def get_config():
     c.train.adam_eps = 1e-8
     c.train.weight_decay = 1e-4
     c.train.max_grad_norm = 1.0
-    c.train.lr_schedule = "constant"  # constant | cosine
-    c.train.warmup_rounds = 0
+    c.train.lr_schedule = "constant"  # constant | cosine | linear (diffusers' schedulers, trainers/schedule.py)
+    c.train.warmup_rounds = 0  # linear warm-up: round W+1 is the first at the peak rate
     c.train.ema_decay = 0.9  # 0 disables the EMA; one EMA update per optimizer step (per round)
     c.train.ema_warmup = False  # True: decay min(ema_decay, (1 + n) / (10 + n)) at the n-th step, n from 1 (the peers' ramp)
     c.train.nan_patience = 3  # stop after this many non-finite rounds in a row
@@ -122,12 +122,12 @@ def get_config():
 
     # Periodic evaluation on held-out prompts: student-vs-teacher KL/L2 always, rewards if set.
     c.eval = ml_collections.ConfigDict()
-    c.eval.every = 30  # rounds; 0 disables
+    c.eval.every = 30  # rounds, and always at the last round; 0 disables
     c.eval.num_prompts = 8  # per task per process
     c.eval.num_steps = 10
     c.eval.rewards = False  # also decode images and score them with each task's reward
     c.eval.reward_device = "auto"
-    c.eval.sample_images = 4  # per task: PNG grids under <output_dir>/samples/ at every eval (0: none)
+    c.eval.sample_images = 4  # per task: a teacher-vs-student picture under <output_dir>/samples/ at every eval (0: none)
 
     # Speed levers (docs/benchmarks.md): the same maths and gradients, run differently.
     c.perf = ml_collections.ConfigDict()
@@ -137,9 +137,15 @@ def get_config():
     c.perf.merge_teachers = False  # each LoRA teacher merged into its own frozen backbone copy (+1 backbone of memory each)
 
     c.logging = ml_collections.ConfigDict()
-    c.logging.wandb_mode = "disabled"  # online | offline | disabled
-    c.logging.wandb_project = "diffusion_opd"
+    # Experiment trackers through accelerate (comma-separated): wandb, tensorboard, mlflow, comet_ml,
+    # aim... (installed separately: pip install 'diffusion_opd[wandb]' / '[tensorboard]'). metrics.jsonl
+    # is always written and is the source of truth; trackers get a copy (trainers/trackers.py).
+    c.logging.trackers = ""
+    c.logging.wandb_mode = "disabled"  # online | offline: also adds wandb to logging.trackers, in that mode
+    c.logging.wandb_project = "diffusion_opd"  # the project of every tracker (tensorboard: logs/<project>/)
     c.logging.progress = True  # tqdm bar over rounds
+    c.logging.curve_smoothing = 0.6  # curves.png: TensorBoard-style smoothing in [0, 1) over the faint raw values
+    c.logging.curve_log_scale = False  # curves.png: log y axis (panels with values <= 0 stay linear)
     c.logging.phase_times = False  # log seconds/<phase>; syncs CUDA at every phase boundary (profiling only)
     return c
 

@@ -40,7 +40,14 @@ def make_accelerator(config) -> Accelerator:
     cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
     if cpu and config.cpu_threads > 0:
         torch.set_num_threads(config.cpu_threads)
-    accelerator = Accelerator(cpu=cpu, mixed_precision=config.mixed_precision)
+    from accelerate.utils import ProjectConfiguration
+
+    from .trackers import logging_dir, tracker_names
+
+    trackers = tracker_names(config)
+    accelerator = Accelerator(cpu=cpu, mixed_precision=config.mixed_precision, log_with=trackers or None,
+                              project_config=ProjectConfiguration(project_dir=config.output_dir,
+                                                                  logging_dir=logging_dir(config.output_dir)))
     if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
         # The student is a LoRA of a few MB: sharding it buys nothing, and the frozen backbone is
         # shared with the teachers through peft adapters, which ZeRO-3/FSDP would shard apart.
@@ -139,18 +146,14 @@ def compile_enabled(config, device: torch.device) -> bool:
     return config.perf.compile == "on" or (config.perf.compile == "auto" and device.type == "cuda")
 
 
-def build_optimizer(params, train) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+def build_optimizer(params, config) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW on the student's parameters and its learning-rate schedule (trainers/schedule.py)."""
+    from .schedule import build_scheduler
+
+    train = config.train
     optimizer = torch.optim.AdamW(params, lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2),
                                   eps=train.adam_eps, weight_decay=train.weight_decay)
-
-    def factor(step: int) -> float:  # step = optimizer steps taken so far
-        warm = min(1.0, (step + 1) / train.warmup_rounds) if train.warmup_rounds else 1.0
-        if train.lr_schedule == "cosine":
-            progress = min(1.0, step / max(1, train.num_rounds - 1))
-            return warm * 0.5 * (1 + math.cos(math.pi * progress))
-        return warm
-
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return optimizer, build_scheduler(optimizer, config)
 
 
 def all_reduce_gradients(params: list[torch.nn.Parameter], accelerator: Accelerator) -> None:

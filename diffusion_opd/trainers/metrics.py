@@ -1,4 +1,5 @@
-"""Round metrics: always ``<output_dir>/metrics.jsonl`` (one JSON object per round), plus wandb.
+"""Round metrics: always ``<output_dir>/metrics.jsonl`` (one JSON object per round), the source of
+truth; experiment trackers (trainers/trackers.py) get a copy.
 
 A run killed while appending leaves a half-written last line: readers drop it with a warning
 (and a resumed run rewrites the file without it); a bad line anywhere else is an error naming it.
@@ -21,20 +22,13 @@ from ..files import json_line
 
 class MetricsLog:
     """Writes on the main process only. On resume the rows after the resumed round are dropped,
-    so a resumed run's file reads exactly like an uninterrupted one."""
+    so a resumed run's file reads exactly like an uninterrupted one. ``trackers``
+    (trainers/trackers.py) get a copy of each row's numbers after the row is on disk."""
 
-    def __init__(self, output_dir: str, is_main: bool, wandb_mode: str = "disabled", wandb_project: str = "",
-                 run_name: str = "", config: Optional[dict] = None, wandb_id: Optional[str] = None):
+    def __init__(self, output_dir: str, is_main: bool, trackers=None):
         self.path = os.path.join(output_dir, "metrics.jsonl")
         self.is_main = is_main
-        self.wandb = None
-        self.wandb_id = wandb_id
-        if is_main and wandb_mode != "disabled":
-            import wandb
-
-            self.wandb = wandb.init(project=wandb_project, name=run_name, config=config, mode=wandb_mode,
-                                    dir=output_dir, id=wandb_id, resume="allow")
-            self.wandb_id = self.wandb.id
+        self.trackers = trackers
 
     def truncate_after(self, round_idx: int) -> None:
         if not self.is_main or not os.path.isfile(self.path):
@@ -51,12 +45,12 @@ class MetricsLog:
         line = json_line(row)  # NaN / inf -> null (diffusion_opd/files.py)
         with open(self.path, "a") as f:
             f.write(line)
-        if self.wandb is not None:
-            self.wandb.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=row["round"])
+        if self.trackers is not None:
+            self.trackers.log(row)
 
     def close(self) -> None:
-        if self.wandb is not None:
-            self.wandb.finish()
+        if self.trackers is not None:
+            self.trackers.finish()
 
 
 def _read_rows(path: str) -> list[dict]:

@@ -40,7 +40,8 @@ from .metrics import MetricsLog, PhaseTimer, peak_memory_gb, read_metrics, synch
 from .preflight import preflight
 from .run_dir import claim_output_dir
 from .stop import RunStopped, StopRequest
-from .visuals import CURVES_FILE, SampleGrids, log_images, plot_curves, quiet_progress_bars
+from .trackers import Trackers
+from .visuals import CURVES_FILE, SampleGrids, plot_curves, quiet_progress_bars
 
 __all__ = ["Recipe", "Run"]
 
@@ -92,7 +93,7 @@ class Run:
         self.policy = policy if policy is not None else build_policy_from_config(config, acc)
         self.params = self.policy.trainable_parameters()
         broadcast_parameters(self.params, acc)
-        optimizer, self.scheduler = build_optimizer(self.params, config.train)
+        optimizer, self.scheduler = build_optimizer(self.params, config)
         self.optimizer = acc.prepare_optimizer(optimizer)  # fp16: loss scaling + skipped inf steps
         self.ema = EMA(self.params, config.train.ema_decay, config.train.ema_warmup) if config.train.ema_decay > 0 else None
         self.prompts_per_round = prompts_per_round(config)
@@ -111,7 +112,8 @@ class Run:
                         for t, spec in config.tasks.items() if spec.teacher}
             self.grids = SampleGrids(config.output_dir, {t: [r["prompt"] for r in rows] for t, rows in
                                                          self.eval_prompts.items()},
-                                     teachers, config.eval.sample_images, config.seed)
+                                     teachers, config.eval.sample_images, config.seed,
+                                     sampler=f"ODE, {config.eval.num_steps} steps")
         self.saved_round = -1
 
     # -- what recipes call ----------------------------------------------------------------------
@@ -178,7 +180,8 @@ class Run:
 
     def draw_samples(self, round_idx: int) -> None:
         """The sample grids of this evaluation (student with the weights evaluation uses: the EMA
-        when it is on; the teachers once), written under ``samples/`` and logged to wandb."""
+        when it is on; the teachers' rows sampled once), written under ``samples/`` and logged to
+        the trackers."""
         if self.grids is None:
             return
         c = self.config
@@ -190,16 +193,19 @@ class Run:
                                              adapter=adapter).latents)
 
         with self.ema.swapped_in() if self.ema is not None else nullcontext(), self.accelerator.autocast():
-            written = self.grids.draw(round_idx, images, STUDENT, c.sample.guidance_scale)
-        log_images(self.log.wandb, written, round_idx)
+            written = self.grids.draw(round_idx, images, STUDENT, c.sample.guidance_scale,
+                                      "student (EMA)" if self.ema is not None else "student")
+        self.log.trackers.log_images(written, round_idx)
 
     def draw_curves(self) -> None:
-        """``curves.png`` from metrics.jsonl (main process), also logged to wandb."""
+        """``curves.png`` from metrics.jsonl (main process), also logged to the trackers."""
         out = self.config.output_dir
         if self.accelerator.is_main_process and os.path.isfile(os.path.join(out, "metrics.jsonl")):
-            path = plot_curves(read_metrics(out), list(self.config.tasks), os.path.join(out, CURVES_FILE))
+            log = self.config.logging
+            path = plot_curves(read_metrics(out), list(self.config.tasks), os.path.join(out, CURVES_FILE),
+                               smoothing=log.curve_smoothing, log_scale=log.curve_log_scale)
             if path:
-                log_images(self.log.wandb, {"curves": path}, self.state.round)
+                self.log.trackers.log_images({"curves": path}, self.state.round)
 
     # -- the rounds loop ---------------------------------------------------------------------------
     def timed_round(self, recipe: Recipe, round_idx: int) -> dict:
@@ -229,9 +235,9 @@ class Run:
                 s.load_state_dict(self.state.samplers[task])
             self.guard.streak = self.state.nan_streak
             acc.print(f"[{c.recipe}] resumed from {path} at round {self.state.round}")
-        self.log = MetricsLog(c.output_dir, acc.is_main_process, c.logging.wandb_mode, c.logging.wandb_project,
-                              c.run_name, to_dict(c), self.state.wandb_id)
-        self.state.wandb_id = self.log.wandb_id
+        trackers = Trackers(acc, c, to_dict(c), self.state.wandb_id)
+        self.log = MetricsLog(c.output_dir, acc.is_main_process, trackers)
+        self.state.wandb_id = trackers.wandb_id
         self.log.truncate_after(self.state.round)
 
     def save(self, recipe: Optional[Recipe] = None) -> None:
@@ -252,8 +258,8 @@ class Run:
             self.lock.release()
 
     def train(self, recipe: Recipe) -> "Run":
-        """Resume if asked, then round after round: train, evaluate every ``eval.every`` rounds,
-        log, checkpoint every ``save_every`` rounds and at the end."""
+        """Resume if asked, then round after round: train, evaluate every ``eval.every`` rounds and
+        at the last round, log, checkpoint every ``save_every`` rounds and at the end."""
         c, acc = self.config, self.accelerator
         self.resume(recipe)
         if self.state.round == 0 and c.eval.every:
@@ -267,7 +273,8 @@ class Run:
                 for round_idx in bar:
                     metrics = self.timed_round(recipe, round_idx)
                     self.state.round = round_idx
-                    if c.eval.every and round_idx % c.eval.every == 0:
+                    # every eval.every rounds, and always at the end: the run's final numbers and pictures
+                    if c.eval.every and (round_idx % c.eval.every == 0 or round_idx == c.train.num_rounds):
                         metrics.update(recipe.evaluate(round_idx))
                         self.draw_samples(round_idx)
                     self.log.log(metrics)

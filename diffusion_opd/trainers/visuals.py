@@ -1,25 +1,29 @@
-"""What a researcher looks at while a run goes: sample grids and the curves of the run.
+"""What a researcher looks at while a run goes: sample pictures and the curves of the run.
 
-* Every ``eval.every`` rounds, ``<output_dir>/samples/<task>/round-<N>.png``: the student's
-  images for the first ``eval.sample_images`` held-out prompts of each task, always on the same
-  seeds (so grids of different rounds differ only by the weights), captioned with the prompts.
-  Once per run, ``samples/<task>/teacher.png``: the task's teacher on the same prompts and seeds,
-  the target to compare with. Both are logged to wandb as images too.
+* At every evaluation (every ``eval.every`` rounds, and always at the last round),
+  ``<output_dir>/samples/<task>/round-<N>.png``: ONE picture per task, a teacher row and a
+  student row on the same held-out prompts and the same seeds (column by column, so the rows
+  differ only by the model; the seeds are fixed for the whole run, so pictures of different
+  rounds differ only by the weights). Captioned with the task, round, sampler, each row's model
+  and CFG scale and each column's prompt, in DejaVu Sans (the TrueType font matplotlib ships),
+  sized to the cells: small samples are enlarged (nearest neighbour) to stay readable. Logged to
+  the trackers as images too.
 * At the end of the run, ``<output_dir>/curves.png``: the training loss and the held-out
-  distance / reward of every task over rounds, from ``metrics.jsonl``.
+  distance / reward of every task over rounds, from ``metrics.jsonl`` (smoothed like
+  TensorBoard's slider, ``logging.curve_smoothing``, the raw values faint behind; a log scale
+  with ``logging.curve_log_scale``).
 """
 from __future__ import annotations
 
 import os
-import textwrap
 from typing import Callable, Optional, Sequence
 
 SAMPLES_DIR = "samples"
 CURVES_FILE = "curves.png"
-TEACHER_LABEL = "teacher"
 # (panel title, metric key prefix): one line per task in each panel that has any data
 CURVE_PANELS = (("training loss", "loss/"), ("training reward", "reward/"),
                 ("held-out distance to the teacher", "eval/distance/"), ("held-out reward", "eval/reward/"))
+MIN_CELL, MAX_CELL = 256, 512  # sample cells in pixels: small samples are enlarged, large ones reduced
 
 # (prompts, seeds, adapter, guidance_scale) -> PIL images: the recipe's own sampler
 SampleFn = Callable[[Sequence[str], Sequence[int], str, float], list]
@@ -37,84 +41,140 @@ def quiet_progress_bars() -> None:
     hub_utils.disable_progress_bars()
 
 
-def captioned_grid(images: Sequence, captions: Sequence[str], columns: Optional[int] = None, width_chars: int = 28):
-    """Images side by side (``columns`` per row, default all in one row), each with its caption
-    (wrapped, at most 3 lines) in a white strip underneath."""
-    from PIL import Image, ImageDraw, ImageFont
+def font(size: int, bold: bool = False):
+    """DejaVu Sans at ``size`` pixels: the TrueType font shipped inside matplotlib (a dependency),
+    so captions look the same on every machine."""
+    import matplotlib
+    from PIL import ImageFont
 
-    if not images or len(images) != len(captions):
-        raise ValueError(f"captioned_grid: {len(images)} images for {len(captions)} captions")
-    columns = columns or len(images)
-    rows = -(-len(images) // columns)
-    w, h = images[0].size
-    cell_w = max(w, 6 * width_chars)  # captions stay legible under small images
-    font = ImageFont.load_default()
-    line_h, strip = 12, 3 * 12 + 4
-    grid = Image.new("RGB", (columns * cell_w, rows * (h + strip)), "white")
-    draw = ImageDraw.Draw(grid)
-    for i, (image, caption) in enumerate(zip(images, captions)):
-        x, y = (i % columns) * cell_w, (i // columns) * (h + strip)
-        grid.paste(image.convert("RGB").resize((w, h)), (x + (cell_w - w) // 2, y))
-        lines = textwrap.wrap(caption, width_chars)[:3]
-        for j, line in enumerate(lines):
-            draw.text((x + 2, y + h + 2 + j * line_h), line, fill="black", font=font)
-    return grid
+    name = "DejaVuSans-Bold.ttf" if bold else "DejaVuSans.ttf"
+    return ImageFont.truetype(os.path.join(matplotlib.get_data_path(), "fonts", "ttf", name), size)
+
+
+def _wrap(text: str, face, width: int, max_lines: int) -> list[str]:
+    """Greedy word wrap to ``width`` pixels; the last kept line ends with an ellipsis if cut."""
+    lines, line = [], ""
+    for word in text.split():
+        trial = f"{line} {word}".strip()
+        if line and face.getlength(trial) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = trial
+    if line:
+        lines.append(line)
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        while lines[-1] and face.getlength(lines[-1] + "…") > width:
+            lines[-1] = lines[-1][:-1]
+        lines[-1] += "…"
+    return lines
+
+
+def comparison_picture(title: str, rows: Sequence[tuple[str, Sequence]], prompts: Sequence[str]):
+    """One picture: a title line, then one row of images per ``(label, images)`` (the label, e.g.
+    "teacher\nCFG 4.5", in a column on the left), then each column's prompt under the last row."""
+    from PIL import Image, ImageDraw
+
+    if not rows or any(len(images) != len(prompts) for _, images in rows) or not prompts:
+        raise ValueError(f"comparison_picture: rows of {[len(i) for _, i in rows]} images for {len(prompts)} prompts")
+    w, h = rows[0][1][0].size
+    scale = min(max(1.0, MIN_CELL / max(w, h)), MAX_CELL / max(w, h))
+    cw, ch = round(w * scale), round(h * scale)
+    size = max(14, cw // 16)
+    face, bold = font(size), font(round(size * 1.2), bold=True)
+    pad, line = size // 2, round(size * 1.25)
+    label_w = max(max(face.getlength(part) for label, _ in rows for part in label.split("\n")) + 3 * pad, 4 * size)
+    label_w = int(label_w)
+    title_lines = _wrap(title, bold, label_w + len(prompts) * (cw + pad) - 2 * pad, 2)
+    top = pad + len(title_lines) * round(size * 1.5) + pad
+    captions = [_wrap(prompt, face, cw, 4) for prompt in prompts]
+    caption_h = max(len(c) for c in captions) * line + 2 * pad
+    width = label_w + len(prompts) * (cw + pad)
+    height = top + len(rows) * (ch + pad) + caption_h
+    picture = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(picture)
+    for i, text in enumerate(title_lines):
+        draw.text((pad, pad + i * round(size * 1.5)), text, fill="black", font=bold)
+    resample = Image.NEAREST if scale >= 1 else Image.LANCZOS
+    for r, (label, images) in enumerate(rows):
+        y = top + r * (ch + pad)
+        for j, part in enumerate(label.split("\n")):
+            draw.text((pad, y + ch // 2 - line + j * line), part, fill="black", font=face)
+        for c, image in enumerate(images):
+            picture.paste(image.convert("RGB").resize((cw, ch), resample), (label_w + c * (cw + pad), y))
+    y = top + len(rows) * (ch + pad)
+    for c, lines in enumerate(captions):
+        for j, text in enumerate(lines):
+            draw.text((label_w + c * (cw + pad), y + j * line), text, fill=(40, 40, 40), font=face)
+    return picture
 
 
 class SampleGrids:
-    """The per-task sample grids of one run (main process only; see the module docstring).
+    """The per-task sample pictures of one run (main process only; see the module docstring).
 
     ``prompts[task]``: the held-out prompt strings (the first ``num_images`` are used);
     ``teachers[task]``: (adapter name, guidance scale) of the task's teacher (absent or None: no
-    teacher grid, e.g. for the reward-driven recipes).
+    teacher row, e.g. for the reward-driven recipes). ``sampler``: how the images are sampled,
+    for the title (e.g. "ODE, 10 steps"). The teachers are frozen: their images are sampled once
+    per process and reused.
     """
 
     def __init__(self, output_dir: str, prompts: dict[str, Sequence[str]], teachers: dict[str, tuple[str, float]],
-                 num_images: int, seed: int):
+                 num_images: int, seed: int, sampler: str = ""):
         self.root = os.path.join(output_dir, SAMPLES_DIR)
         self.prompts = {task: list(rows[:num_images]) for task, rows in prompts.items()}
         self.teachers = teachers
+        self.sampler = sampler
         self.seeds = {task: [seed * 1000 + 100 * t + i for i in range(len(rows))]  # fixed for the whole run
                       for t, (task, rows) in enumerate(self.prompts.items())}
+        self._teacher_images: dict[str, list] = {}
 
-    def path(self, task: str, label: str) -> str:
-        return os.path.join(self.root, task, f"{label}.png")
+    def path(self, task: str, round_idx: int) -> str:
+        return os.path.join(self.root, task, f"round-{round_idx}.png")
 
-    def _save(self, task: str, label: str, images: list) -> str:
-        path = self.path(task, label)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        captioned_grid(images, self.prompts[task]).save(path)
-        return path
-
-    def draw(self, round_idx: int, sample: SampleFn, student: str, student_guidance: float) -> dict[str, str]:
-        """Write this round's student grids (and the teachers' grids the first time); returns
-        ``{wandb key: png path}`` of what was written."""
+    def draw(self, round_idx: int, sample: SampleFn, student: str, student_guidance: float,
+             student_label: str = "student") -> dict[str, str]:
+        """Write this round's picture of every task; returns ``{tracker key: png path}``."""
         written = {}
         for task, prompts in self.prompts.items():
             if not prompts:
                 continue
+            rows = []
             teacher, guidance = self.teachers.get(task) or (None, 0.0)  # reward-only tasks have no teacher
-            if teacher and not os.path.isfile(self.path(task, TEACHER_LABEL)):  # once per run, also across resumes
-                images = sample(prompts, self.seeds[task], teacher, guidance)
-                written[f"samples/{task}/teacher"] = self._save(task, TEACHER_LABEL, images)
-            images = sample(prompts, self.seeds[task], student, student_guidance)
-            written[f"samples/{task}"] = self._save(task, f"round-{round_idx}", images)
+            if teacher:
+                if task not in self._teacher_images:
+                    self._teacher_images[task] = sample(prompts, self.seeds[task], teacher, guidance)
+                rows.append((f"teacher\n{teacher}\nCFG {guidance:g}", self._teacher_images[task]))
+            rows.append((f"{student_label}\nround {round_idx}\nCFG {student_guidance:g}",
+                         sample(prompts, self.seeds[task], student, student_guidance)))
+            title = f"task {task} · round {round_idx}" + (f" · {self.sampler}" if self.sampler else "") + \
+                " · same seed in each column"
+            path = self.path(task, round_idx)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            comparison_picture(title, rows, prompts).save(path)
+            written[f"samples/{task}"] = path
         return written
 
 
-def log_images(wandb_run, images: dict[str, str], round_idx: int) -> None:
-    """Log PNG files to a wandb run (online or offline) as images at step ``round_idx``."""
-    if wandb_run is None or not images:
-        return
-    import wandb
+def smooth(values: Sequence[float], weight: float) -> list[float]:
+    """TensorBoard's smoothing: an exponential moving average with debiasing (the first point is
+    the first value, not ``(1 - weight) * value``). ``weight`` 0 returns the values unchanged."""
+    out, last, n = [], 0.0, 0
+    for value in values:
+        n += 1
+        last = weight * last + (1 - weight) * value
+        out.append(last / (1 - weight ** n) if weight else value)
+    return out
 
-    wandb_run.log({key: wandb.Image(path, caption=os.path.basename(path)) for key, path in images.items()},
-                  step=round_idx)
 
-
-def plot_curves(rows: Sequence[dict], tasks: Sequence[str], path: str) -> Optional[str]:
+def plot_curves(rows: Sequence[dict], tasks: Sequence[str], path: str, smoothing: float = 0.0,
+                log_scale: bool = False) -> Optional[str]:
     """``curves.png``: one panel per metric family of :data:`CURVE_PANELS` that has data, one line
-    per task over rounds (plus the mean loss). Returns the path, or None when nothing to plot."""
+    per task over rounds (plus the mean loss). ``smoothing`` in [0, 1): the lines are smoothed
+    (:func:`smooth`) over the faint raw values; ``log_scale``: a log y axis on the panels whose
+    values are all positive (a panel with values <= 0 stays linear and says so). Returns the
+    path, or None when nothing to plot."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -137,10 +197,17 @@ def plot_curves(rows: Sequence[dict], tasks: Sequence[str], path: str) -> Option
     for ax, (title, series) in zip(axes[0], panels):
         for label, points in series:
             xs, ys = zip(*points)
-            ax.plot(xs, ys, marker="o" if len(xs) < 20 else None, markersize=3, label=label,
-                    linestyle="--" if label == "mean" else "-")
-        ax.set_title(title)
-        ax.set_xlabel("round")
+            style = dict(marker="o" if len(xs) < 20 else None, markersize=3, linestyle="--" if label == "mean" else "-")
+            if smoothing and len(xs) > 1:
+                (raw,) = ax.plot(xs, ys, alpha=0.25, linewidth=1, linestyle=style["linestyle"])
+                ax.plot(xs, smooth(ys, smoothing), label=label, color=raw.get_color(), **style)
+            else:
+                ax.plot(xs, ys, label=label, **style)
+        positive = all(y > 0 for _, points in series for _, y in points)
+        if log_scale and positive:
+            ax.set_yscale("log")
+        ax.set_title(title + (" (linear: values <= 0)" if log_scale and not positive else ""))
+        ax.set_xlabel("round" + (f" (smoothing {smoothing:g})" if smoothing else ""))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()

@@ -1,27 +1,64 @@
 """Sample grids and curves: what they contain, drawn from real images and real metric rows."""
 import numpy as np
+import pytest
 from PIL import Image
 
-from diffusion_opd.trainers.visuals import SampleGrids, captioned_grid, plot_curves
+from diffusion_opd.trainers.visuals import SampleGrids, comparison_picture, plot_curves, smooth
 
 
 def _solid(value, size=16):
     return Image.new("RGB", (size, size), (value, value, value))
 
 
-def test_captioned_grid_places_each_image_above_its_caption():
-    grid = captioned_grid([_solid(0), _solid(255), _solid(128)], ["black", "white", "a much longer caption " * 4],
-                          columns=2)
-    cell_w, strip = 6 * 28, 40
-    assert grid.size == (2 * cell_w, 2 * (16 + strip))
-    px = np.asarray(grid)
-    left = (cell_w - 16) // 2
-    assert (px[:16, left:left + 16] == 0).all()  # first image, top-left cell
-    assert (px[16 + strip:16 + strip + 16, left:left + 16] == 128).all()  # third: second row
-    assert (px[17:16 + strip, :cell_w] < 128).any()  # caption text drawn in the strip
+def _ink_rows(px, x0, x1):
+    """Rows (y) of ``px`` between columns x0:x1 with dark pixels (drawn text)."""
+    return np.where((px[:, x0:x1] < 100).any(axis=(1, 2)))[0]
 
 
-def test_sample_grids_fixed_seeds_and_teacher_once(tmp_path):
+def _colour(rgb, size=16):
+    return Image.new("RGB", (size, size), rgb)
+
+
+def _cells(px, rgb):
+    """(rows, columns) of pixels of exactly ``rgb`` (text is grey: never a pure colour)."""
+    return np.where((px == rgb).all(axis=2))
+
+
+def test_comparison_picture_rows_cells_and_truetype_captions():
+    from diffusion_opd.trainers.visuals import MIN_CELL
+
+    blue, red = (0, 0, 255), (255, 0, 0)
+    prompts = ["black", "a much longer caption that has to wrap over several lines " * 2]
+    picture = comparison_picture("task ocr · round 6", [("teacher\nCFG 4.5", [_colour(blue), _colour(blue)]),
+                                                        ("student\nCFG 1", [_colour(red), _colour(red)])], prompts)
+    px = np.asarray(picture)
+    # 16-px samples are enlarged to MIN_CELL-px cells (nearest neighbour: a solid stays solid)
+    ys, xs = _cells(px, blue)
+    assert len(ys) == 2 * MIN_CELL * MIN_CELL and ys.max() - ys.min() + 1 == MIN_CELL
+    ry, rx = _cells(px, red)  # the student row: below the teacher row, same columns
+    assert len(ry) == 2 * MIN_CELL * MIN_CELL and ry.min() > ys.max() and (rx.min(), rx.max()) == (xs.min(), xs.max())
+    # captions: a title above the cells, the row labels left of them, the prompts below (wrapped)
+    assert len(_ink_rows(px[: ys.min()], 0, px.shape[1])) > 10  # title text
+    assert len(_ink_rows(px, 0, xs.min())) > 2 * 10  # two label lines of each row
+    second_column = xs.min() + MIN_CELL + 1, px.shape[1]
+    assert len(_ink_rows(px[ry.max() + 1:], *second_column)) > 3 * 10  # several lines of the wrapped prompt
+    with pytest.raises(ValueError):
+        comparison_picture("t", [("a", [_solid(0)])], ["p1", "p2"])
+
+
+def test_caption_font_grows_with_the_samples():
+    """Large samples get a larger font (readable at any resolution): the title's ink is taller."""
+    def title_height(size):
+        picture = comparison_picture("task ocr · round 6", [("student", [_colour((0, 0, 255), size)])], ["a prompt"])
+        px = np.asarray(picture)
+        top = _cells(px, (0, 0, 255))[0].min()  # first row of the sample
+        rows = _ink_rows(px[:top], 0, px.shape[1])
+        return rows.max() - rows.min()
+
+    assert title_height(512) > 1.7 * title_height(64)
+
+
+def test_sample_grids_teacher_and_student_rows_on_the_same_seeds(tmp_path):
     calls = []
 
     def sample(prompts, seeds, adapter, guidance):  # a real sampler stand-in: images from the seed
@@ -29,15 +66,17 @@ def test_sample_grids_fixed_seeds_and_teacher_once(tmp_path):
         return [_solid(s % 256) for s in seeds]
 
     grids = SampleGrids(str(tmp_path), {"ocr": ["p1", "p2", "p3"], "objects": ["q1"]},
-                        {"ocr": ("teacher_ocr", 4.5), "objects": ("teacher_obj", 1.0)}, num_images=2, seed=7)
+                        {"ocr": ("teacher_ocr", 4.5)}, num_images=2, seed=7, sampler="ODE, 4 steps")
     first = grids.draw(0, sample, "student", 2.0)
     second = grids.draw(10, sample, "student", 2.0)
-    assert set(first) == {"samples/ocr", "samples/ocr/teacher", "samples/objects", "samples/objects/teacher"}
-    assert set(second) == {"samples/ocr", "samples/objects"}  # teachers drawn once
-    assert (tmp_path / "samples" / "ocr" / "round-10.png").is_file()
-    assert (tmp_path / "samples" / "objects" / "teacher.png").is_file()
+    assert set(first) == set(second) == {"samples/ocr", "samples/objects"}  # one picture per task
+    assert first["samples/ocr"] == str(tmp_path / "samples" / "ocr" / "round-0.png")
+    with_teacher = Image.open(second["samples/ocr"])
+    alone = Image.open(second["samples/objects"])  # no teacher for this task: the student row only
+    assert with_teacher.size[1] > alone.size[1]
     ocr_calls = [c for c in calls if c[0] == ("p1", "p2")]
     assert len({c[1] for c in ocr_calls}) == 1  # the same seeds for teacher and every round
+    # the frozen teacher is sampled once, the student at every evaluation
     assert [c[2:] for c in ocr_calls] == [("teacher_ocr", 4.5), ("student", 2.0), ("student", 2.0)]
 
 
@@ -52,37 +91,70 @@ def test_curves_plot_loss_distance_and_reward_per_task(tmp_path):
     assert Image.open(plot_curves(rows[:11], ["a", "b"], str(tmp_path / "two.png"))).size == (1000, 360)
 
 
-def test_tiny_run_writes_sample_grids_and_curves_and_logs_them_to_offline_wandb(tmp_path, capfd):
+def test_smoothing_is_tensorboards_debiased_ema_and_log_scale_applies_to_positive_panels(tmp_path):
+    assert smooth([1.0, 3.0, 3.0], 0.0) == [1.0, 3.0, 3.0]
+    # debiased EMA with weight 0.5: 1, (0.25 + 0.75*... ) -> exact values from the definition
+    assert smooth([1.0, 3.0], 0.5) == pytest.approx([1.0, (0.5 * 0.5 + 0.5 * 3.0) / 0.75])
+    rows = [{"round": r, "loss": 10.0 / r, "loss/a": 10.0 / r, "reward/a": r - 5.0} for r in range(1, 30)]
+    import matplotlib.pyplot as plt
+
+    seen = {}
+    original = plt.Figure.savefig
+
+    def keep(fig, *args, **kwargs):  # read the real axes matplotlib drew before they are closed
+        seen.update({ax.get_title(): (ax.get_yscale(), len(ax.lines)) for ax in fig.axes})
+        return original(fig, *args, **kwargs)
+
+    plt.Figure.savefig = keep
+    try:
+        plot_curves(rows, ["a"], str(tmp_path / "c.png"), smoothing=0.6, log_scale=True)
+    finally:
+        plt.Figure.savefig = original
+    assert seen["training loss"] == ("log", 4)  # mean + task: a raw and a smoothed line each
+    assert seen["training reward (linear: values <= 0)"] == ("linear", 2)
+
+
+def test_six_round_run_ends_with_a_final_eval_and_picture_logged_to_trackers(tmp_path, capfd):
+    """eval.every=10 > num_rounds=6: the run still evaluates and draws at its last round; the
+    pictures and numbers go to wandb (offline) and tensorboard through accelerate."""
     import glob
     import os
 
     import diffusers.utils.logging as diffusers_logging
 
     from diffusion_opd.config import load_config
+    from diffusion_opd.trainers.metrics import read_metrics
     from diffusion_opd.trainers.opd import train
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     out = tmp_path / "run"
     config = load_config(os.path.join(root, "config", "opd.py") + ":tiny_mopd", [
-        f"output_dir={out}", "logging.progress=false", "logging.wandb_mode=offline", "train.num_rounds=2",
-        "eval.every=2", "eval.num_prompts=2", "eval.sample_images=2", "save_every=2"])
+        f"output_dir={out}", "logging.progress=false", "logging.trackers=wandb,tensorboard",
+        "logging.wandb_mode=offline", "train.num_rounds=6", "eval.every=10", "eval.num_prompts=2",
+        "eval.sample_images=2", "save_every=6"])
     train(config)
+    evals = [r["round"] for r in read_metrics(str(out)) if "eval/distance/objects" in r]
+    assert evals == [0, 6]
     for task in config.tasks:
-        for label in ("teacher", "round-0", "round-2"):
-            image = Image.open(out / "samples" / task / f"{label}.png")
-            assert image.size[1] == 64 + 40  # one row of 64 px samples + the caption strip
-    student0, student2 = (np.asarray(Image.open(out / "samples" / "objects" / f"round-{r}.png")) for r in (0, 2))
-    assert (student0 != student2).any()  # the grids follow the training
+        for r in (0, 6):
+            picture = Image.open(out / "samples" / task / f"round-{r}.png")
+            assert picture.size[1] > 2 * 256  # a teacher row and a student row of enlarged 64-px samples
+    student0, student6 = (np.asarray(Image.open(out / "samples" / "objects" / f"round-{r}.png")) for r in (0, 6))
+    assert (student0 != student6).any()  # the pictures follow the training
     assert Image.open(out / "curves.png").size[0] >= 1000  # loss + held-out distance panels
-    media = glob.glob(str(out / "wandb" / "offline-run-*" / "files" / "media" / "images" / "**" / "*.png"),
-                      recursive=True)
-    names = sorted(os.path.relpath(m, glob.glob(str(out / "wandb" / "offline-run-*"))[0]) for m in media)
+    run_dir = glob.glob(str(out / "wandb" / "offline-run-*"))[0]
+    media = glob.glob(os.path.join(run_dir, "files", "media", "images", "**", "*.png"), recursive=True)
+    names = sorted(os.path.relpath(m, run_dir) for m in media)
+
     def logged(key):  # wandb names media files <key>_<its own counter>_<hash>.png
         return [n for n in names if n.startswith(f"files/media/images/{key}_")]
 
-    assert len(logged("samples/objects")) == len(logged("samples/signs")) == 2  # rounds 0 and 2
-    assert len(logged("samples/objects/teacher")) == len(logged("samples/signs/teacher")) == 1
+    assert len(logged("samples/objects")) == len(logged("samples/signs")) == 2  # rounds 0 and 6
     assert len(logged("curves")) == 1
+    events = b"".join(open(f, "rb").read() for f in glob.glob(str(out / "logs" / "**" / "events.out.*"),
+                                                                  recursive=True))
+    for tag in (b"loss/objects", b"eval/distance/signs", b"samples/objects", b"curves"):
+        assert tag in events  # scalars and images reached tensorboard's event files
     # logging.progress=false: no progress bar from us, diffusers, transformers or the Hub
     assert not diffusers_logging.is_progress_bar_enabled()
     assert "%|" not in capfd.readouterr().err
