@@ -24,6 +24,25 @@ from .models.base import BASE, STUDENT
 from .models.specs import LORA_INIT_WORDS, LORA_INITS, TEACHER_KINDS
 
 
+
+def _configs_dir() -> str:
+    """The named configs' folder: the repo's config/, installed as the package diffusion_opd.named_configs
+    (setup.py), so a wheel finds them as well as a clone."""
+    spec = importlib.util.find_spec("diffusion_opd.named_configs")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("the named configs (package diffusion_opd.named_configs) are not installed; reinstall diffusion_opd")
+    return list(spec.submodule_search_locations)[0]
+
+
+def config_file(path: str) -> str:
+    """``path`` when it is a file; else a named config shipped with the package: ``opd`` or
+    ``opd.py`` -> ``<configs>/opd.py`` (so ``--config opd:mopd`` works from any folder)."""
+    if os.path.isfile(path) or os.sep in path or "/" in path:
+        return path
+    name = path if path.endswith(".py") else f"{path}.py"
+    shipped = os.path.join(_configs_dir(), name)
+    return shipped if os.path.isfile(shipped) else path
+
 CHOICES = {
     "recipe": ("opd", "nft", "grpo"),
     "device": ("auto", "cpu", "cuda"),
@@ -63,10 +82,13 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-    """``spec`` is ``path/to/file.py[:NAME]``; ``overrides`` are ``key.sub=value`` strings."""
+    """``spec`` is ``path/to/file.py[:NAME]`` or a shipped config ``opd[:NAME]`` (:func:`config_file`);
+    ``overrides`` are ``key.sub=value`` strings."""
     path, _, name = spec.partition(":")
+    path = config_file(path)
     if not os.path.isfile(path):
-        raise ConfigError(f"--config: file {path!r} not found")
+        shipped = sorted(f[:-3] for f in os.listdir(_configs_dir()) if f.endswith(".py") and not f.startswith("_"))
+        raise ConfigError(f"--config: file {path!r} not found (a file path, or a shipped config: {', '.join(shipped)})")
     module = _import_file(path, "_diffusion_opd_user_config")
     config = module.get_config(name) if name else module.get_config()
     for item in normalise_overrides(overrides):

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..config import ConfigError, load_config
+from ..config import ConfigError, config_file, load_config
 from ..data import toy_world as world
 from ..files import write_json
 from ..trainers import checkpoint as ckpt
@@ -29,8 +29,7 @@ from . import report
 from .evaluate import gradient_variance, sample_grid, task_rewards
 from .pretrain import pretrain_base
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CONFIG_FILE = os.path.join(REPO, "config", "demo.py")
+CONFIG_FILE = config_file("demo.py")  # config/demo.py (diffusion_opd.named_configs in a wheel)
 MARKER = ".written_by_demo"  # the demo replaces only a folder it wrote itself
 SETUP = world.__doc__.split("(the report repeats it):", 1)[1].split("Pixels live", 1)[0].strip()
 SAMPLE_PROMPTS = ["a red square", "a blue ring", "a green plus", 'a sign that says "T"', 'a sign that says "H"',

@@ -62,7 +62,7 @@ DATASET_REWARDS: dict[str, tuple[str, ...]] = {
 OPTIONAL_REWARD = "unifiedreward"  # joins the model-based set when a server URL / option is given
 GRID_IMAGES = 16
 PRECISIONS = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/[\w.-]+)*(@[\w./-]+)?$")  # owner/repo[/sub...][@rev]
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -81,9 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a training checkpoint <output_dir>/checkpoints/round-N (or the output_dir: newest round), "
                         "or a Flow-GRPO / DiffusionNFT checkpoint-N/ (or checkpoint-N/lora, or their save_dir)")
     p.add_argument("--use_ema", action="store_true", help="evaluate the checkpoint's EMA weights")
-    p.add_argument("--lora_path", default=None, help="a LoRA folder or Hub repo (PEFT or diffusers format)")
+    p.add_argument("--lora_path", "--lora_hf_path", dest="lora_path", default=None,
+                   help="a LoRA folder (also a Flow-GRPO / DiffusionNFT checkpoint-N) or Hub repo, PEFT or diffusers "
+                        "format; owner/repo/subfolder[@revision] works too (--lora_hf_path: DiffusionNFT's name)")
     p.add_argument("--lora_subfolder", default=None)
-    p.add_argument("--num_steps", type=int, default=40)
+    p.add_argument("--num_steps", "--num_inference_steps", dest="num_steps", type=int, default=40,
+                   help="sampling steps (--num_inference_steps: the peers' / diffusers' name)")
     p.add_argument("--guidance_scale", type=float, default=4.5,
                    help="CFG scale (SD3); for a guidance-distilled FLUX.1-dev the value of its guidance embedding "
                         "(FluxPipeline's default is 3.5)")
@@ -238,14 +241,16 @@ def _model_from_checkpoint(config: dict, checkpoint: str) -> Optional[str]:
 
 def _check_lora_source(path: str, subfolder: Optional[str]) -> None:
     """A local LoRA folder must hold weights; anything else must look like a Hub repo id."""
+    from ..models.hub import adapter_folder
+
     if os.path.isdir(path):
         folder = Path(path) / (subfolder or "")
-        if not any((folder / name).is_file() for name in _LORA_FILES):
-            raise FileNotFoundError(
-                f"--lora_path: no LoRA weights in {folder.resolve()} (looked for {', '.join(_LORA_FILES)})")
+        if adapter_folder(str(folder)) is None:
+            raise FileNotFoundError(f"--lora_path: no LoRA weights in {folder.resolve()} or its lora/ "
+                                    f"(looked for {', '.join(_LORA_FILES)})")
     elif not _HUB_ID.match(path):
         raise FileNotFoundError(f"--lora_path: {Path(path).resolve()} does not exist and {path!r} is not a Hub "
-                                f"repo id (namespace/name)")
+                                f"repo id (owner/repo[/subfolder][@revision])")
 
 
 # ----------------------------------------------------------------------------- plan

@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import torch
 
 from .base import BASE, STUDENT, Policy, PromptEmbeds, cfg_combine, check_prompts
-from .hub import resolve_folder
+from .hub import resolve_adapter, resolve_folder
 from .lora import (AdapterMismatchError, AdapterSwitch, LoraAdapter, add_lora_adapter, add_student_adapter,
                    read_lora_adapter)
 from .specs import TeacherSpec
@@ -122,15 +122,17 @@ class DiffusersPolicy(Policy):
 
     # ---------------------------------------------------------------- teachers
     def _load_teacher(self, spec: TeacherSpec) -> None:
-        folder = resolve_folder(spec.path, subfolder=spec.subfolder, revision=spec.revision,
-                                what=f"teacher '{spec.name}'")
         if spec.kind == "lora":
+            folder = resolve_adapter(spec.path, subfolder=spec.subfolder, revision=spec.revision,
+                                     weight_name=spec.weight_name, what=f"teacher '{spec.name}'")
             adapter = read_lora_adapter(folder, spec.weight_name)
             if self._merge_teachers:
                 self._full_teachers[spec.name] = self._merged_copy(adapter, spec.name)
             else:
                 add_lora_adapter(self.transformer, adapter, spec.name, label=f"teacher '{spec.name}'")
             return
+        folder = resolve_folder(spec.path, subfolder=spec.subfolder, revision=spec.revision,
+                                what=f"teacher '{spec.name}'")
         sub = "transformer" if os.path.isfile(os.path.join(folder, "transformer", "config.json")) else None
         model = _diffusers_class(self.transformer_class).from_pretrained(folder, subfolder=sub, torch_dtype=self.dtype)
         for key in self.teacher_config_keys:

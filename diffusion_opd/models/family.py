@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..errors import ConfigError
-from .hub import ModelNotFoundError, resolve_folder, resolve_pipeline_dir
+from .hub import ModelNotFoundError, resolve_adapter, resolve_pipeline_dir
 from .lora import LoraAdapter, read_lora_adapter
 from ..dtypes import parse_dtype
 from .specs import FAMILIES, GUIDANCE_MODES, parse_lora, parse_teachers
@@ -117,6 +117,7 @@ def read_student_init(spec: dict) -> LoraAdapter:
     unknown = sorted(set(spec) - {"path", "subfolder", "revision", "weight_name"})
     if unknown or not spec.get("path"):
         raise ValueError(f"student_init needs 'path' (+ optional subfolder, revision, weight_name), got {spec}")
-    folder = resolve_folder(spec["path"], subfolder=spec.get("subfolder") or None,
-                            revision=spec.get("revision") or None, what="model.student_init")
+    folder = resolve_adapter(spec["path"], subfolder=spec.get("subfolder") or None,
+                             revision=spec.get("revision") or None, weight_name=spec.get("weight_name") or None,
+                             what="model.student_init")
     return read_lora_adapter(folder, spec.get("weight_name") or None)

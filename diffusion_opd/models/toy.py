@@ -140,7 +140,7 @@ class ToyPolicy(Policy):
                  **_not_applicable):
         from peft import LoraConfig, inject_adapter_in_model
 
-        from .hub import resolve_folder
+        from .hub import resolve_adapter
 
         self.model_dir, self.dtype, self.device = model_dir, dtype, torch.device(device)
         model, config = load_toy_model(model_dir)
@@ -162,8 +162,8 @@ class ToyPolicy(Policy):
         for spec in teachers:
             if spec.kind != "lora":
                 raise ValueError(f"teacher '{spec.name}': the toy model takes LoRA teachers only, got kind {spec.kind!r}")
-            folder = resolve_folder(spec.path, subfolder=spec.subfolder, revision=spec.revision,
-                                    what=f"teacher '{spec.name}'")
+            folder = resolve_adapter(spec.path, subfolder=spec.subfolder, revision=spec.revision,
+                                     weight_name=spec.weight_name, what=f"teacher '{spec.name}'")
             add_lora_adapter(self.transformer, read_lora_adapter(folder, spec.weight_name), spec.name,
                              label=f"teacher '{spec.name}'")
         self.transformer.to(self.device, dtype)

@@ -26,9 +26,10 @@ def train(config):
 
 def cascade_stages(spec: str) -> tuple[str, tuple[str, ...]]:
     """``config/nft.py:cascade`` -> (the config file, its stage names from ``CASCADES``)."""
-    from ..config import ConfigError, _import_file
+    from ..config import ConfigError, _import_file, config_file
 
     path, _, name = spec.partition(":")
+    path = config_file(path)
     if not os.path.isfile(path):
         raise ConfigError(f"--cascade: file {path!r} not found")
     cascades = getattr(_import_file(path, "_diffusion_opd_cascades"), "CASCADES", {})

@@ -53,3 +53,18 @@ def test_a_folder_that_is_neither_gets_one_clear_line(tmp_path, capsys, tiny_sd3
     (empty / "checkpoints").mkdir(parents=True)
     assert main([*data, "--checkpoint_path", str(empty)]) == 2
     assert "no complete checkpoint under" in capsys.readouterr().err
+
+
+def test_peer_flag_names_are_aliases_and_a_peer_checkpoint_is_a_lora_path(peers_save_dir, tiny_sd3_dir):
+    """DiffusionNFT's --lora_hf_path / --num_inference_steps mean --lora_path / --num_steps; a peer
+    checkpoint-N folder and an owner/repo/subfolder@rev Hub path are accepted as the LoRA."""
+    from diffusion_opd.evaluation.run import build_parser, plan_from_args
+
+    data = ["--dataset", "ocr", "--data_root", str(shared_datasets()), "--model", tiny_sd3_dir, "--max_samples", "1"]
+    five = peers_save_dir / "checkpoints" / "checkpoint-5"
+    peer = build_parser().parse_args([*data, "--lora_hf_path", str(five), "--num_inference_steps", "7"])
+    ours = build_parser().parse_args([*data, "--lora_path", str(five), "--num_steps", "7"])
+    assert vars(peer) == vars(ours) and ours.num_steps == 7
+    assert plan_from_args(peer).adapter["path"] == str(five)  # resolved to five/lora when the policy loads
+    hub = plan_from_args(build_parser().parse_args([*data, "--lora_hf_path", "owner/opd/Student/lora@v1"]))
+    assert hub.adapter["path"] == "owner/opd/Student/lora@v1"

@@ -1,5 +1,6 @@
 """What the peers' tools expect of our runs: PEFT-format checkpoint copies that
 ``PeftModel.from_pretrained`` loads, and a student that starts from an existing LoRA."""
+import json
 import os
 
 import pytest
@@ -166,3 +167,25 @@ def test_student_init_from_an_unreachable_hub_repo_is_one_config_error(tmp_path)
     with pytest.raises(ConfigError, match=r"model.student_init: could not fetch .*'quanhaol/DiffusionOPD'.*hf download"):
         Run(tiny(tmp_path / "hub", "model.student_init=quanhaol/DiffusionOPD", "model.student_init_subfolder=Student/lora"))
     assert not (tmp_path / "hub" / "builtin").exists()
+
+
+def test_push_to_hub_dry_run_writes_a_model_card_naming_the_base_model(finished_run, tmp_path, capsys):
+    """No token, offline: a dry run writes and checks the export and its card, uploads nothing."""
+    from huggingface_hub import ModelCard
+
+    run, ckpt = finished_run
+    out = tmp_path / "card"
+    script = _export_script()
+    summary = tmp_path / "summary.json"  # what the eval CLI writes
+    summary.write_text(json.dumps({"headline": {"ocr_accuracy": 0.625}}))
+    assert script.main([ckpt, "--format", "peft", "--out", str(out), "--push_to_hub", "me/tiny-opd", "--dry_run",
+                        "--num_steps", "2", "--eval_summary", str(summary)]) == 0
+    assert "dry run: would push" in capsys.readouterr().out
+    card = ModelCard.load(str(out / "README.md"))  # the Hub's own parser
+    base = os.path.join(run.config.output_dir, "builtin", "tiny-sd3")  # the checkpoint's model.path, built
+    assert card.data.base_model == base
+    assert card.data.library_name == "peft" and card.data.pipeline_tag == "text-to-image"
+    assert {"on-policy-distillation", "lora", "sd3"} <= set(card.data.tags)
+    assert 'PeftModel.from_pretrained(pipe.transformer, "me/tiny-opd")' in card.text
+    assert "| objects | teacher_a |" in card.text and "| eval CLI: ocr_accuracy | 0.625 |" in card.text
+    assert script.main([ckpt, "--format", "peft", "--out", str(tmp_path / "x"), "--dry_run"]) == 2

@@ -1,0 +1,71 @@
+"""The model card (``README.md``) written next to an exported adapter or pipeline: what the Hub
+shows and indexes (``base_model``, tags), how the model was trained, how to load it with diffusers
+and peft, and the run's last evaluation when there is one."""
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+METHODS = {  # recipe -> (tag, one line on the method)
+    "opd": ("on-policy-distillation",
+            "multi-task on-policy distillation (DiffusionOPD, arXiv 2605.15055): the student samples its own "
+            "trajectories and is trained to match each task's teacher on them"),
+    "nft": ("diffusion-nft", "DiffusionNFT: reward fine-tuning on the forward process with positive / negative branches"),
+    "grpo": ("flow-grpo", "Flow-GRPO: group-relative policy optimisation on SDE rollouts"),
+}
+FAMILY_TAGS = {"sd3": ["sd3", "stable-diffusion-3"], "flux": ["flux"]}
+CARD_KEYS = ("recipe", "sample", "train", "lora", "tasks", "teachers")
+
+
+def _family(base_model: str) -> Optional[str]:
+    low = base_model.lower()
+    return "flux" if "flux" in low else "sd3" if ("sd3" in low or "stable-diffusion-3" in low) else None
+
+
+def _load_snippet(fmt: str, base_model: str, repo: str) -> str:
+    if fmt == "merged":
+        return (f"import torch\nfrom diffusers import DiffusionPipeline\n\n"
+                f"pipe = DiffusionPipeline.from_pretrained(\"{repo}\", torch_dtype=torch.bfloat16).to(\"cuda\")\n"
+                "image = pipe(\"a photo of a red apple\").images[0]")
+    if fmt == "peft":
+        return (f"import torch\nfrom diffusers import DiffusionPipeline\nfrom peft import PeftModel\n\n"
+                f"pipe = DiffusionPipeline.from_pretrained(\"{base_model}\", torch_dtype=torch.bfloat16).to(\"cuda\")\n"
+                f"pipe.transformer = PeftModel.from_pretrained(pipe.transformer, \"{repo}\")\n"
+                "image = pipe(\"a photo of a red apple\").images[0]")
+    return (f"import torch\nfrom diffusers import DiffusionPipeline\n\n"
+            f"pipe = DiffusionPipeline.from_pretrained(\"{base_model}\", torch_dtype=torch.bfloat16).to(\"cuda\")\n"
+            f"pipe.load_lora_weights(\"{repo}\")\nimage = pipe(\"a photo of a red apple\").images[0]")
+
+
+def model_card(*, base_model: str, fmt: str, config: dict, repo: str = "<this folder or repo>",
+               source: str = "", evaluation: Optional[dict] = None) -> str:
+    """The card's text. ``config``: the training config of the checkpoint ({} when unknown, e.g. a
+    peer checkpoint); ``evaluation``: ``{name: value}`` of the run's last evaluation, if any."""
+    recipe = config.get("recipe", "")
+    tag, method = METHODS.get(recipe, ("", "LoRA fine-tuning of a flow-matching text-to-image model"))
+    tags = ["text-to-image", "diffusers", "flow-matching", "diffusion-opd"] + (["lora"] if fmt != "merged" else [])
+    tags += ([tag] if tag else []) + FAMILY_TAGS.get(_family(base_model) or "", [])
+    front = ["---", f"base_model: {base_model}", f"library_name: {'peft' if fmt == 'peft' else 'diffusers'}",
+             "pipeline_tag: text-to-image", "tags:"] + [f"- {t}" for t in tags] + ["---", ""]
+    name = config.get("run_name") or "diffusion_opd export"
+    body = [f"# {name}", "", f"A {'merged pipeline' if fmt == 'merged' else f'{fmt}-format LoRA'} of "
+            f"`{base_model}` trained with {method}, using the `diffusion_opd` library." + (f" Exported from `{source}`." if source else ""),
+            "", "## How to load", "", "```python", _load_snippet(fmt, base_model, repo), "```", ""]
+    tasks = config.get("tasks") or {}
+    if tasks:
+        body += ["## Training", "", "| task | teacher | reward |", "|---|---|---|"]
+        body += [f"| {t} | {s.get('teacher') or '-'} | {s.get('reward') or '-'} |" for t, s in tasks.items()]
+        t = config.get("train", {})
+        body += ["", f"{t.get('num_rounds')} rounds, learning rate {t.get('learning_rate')} "
+                 f"({t.get('lr_schedule')}), LoRA rank {config.get('lora', {}).get('rank')} / alpha "
+                 f"{config.get('lora', {}).get('alpha')}, {config.get('sample', {}).get('num_steps')} sampling steps "
+                 f"at {config.get('sample', {}).get('resolution')} px.", ""]
+    if evaluation:
+        body += ["## Evaluation", "", "| metric | value |", "|---|---|"]
+        body += [f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in evaluation.items()]
+        body += [""]
+    if config:
+        shown = {k: config[k] for k in CARD_KEYS if k in config}
+        body += ["<details><summary>Training config</summary>", "", "```json",
+                 json.dumps(shown, indent=1, sort_keys=True, default=str), "```", "</details>", ""]
+    return "\n".join(front + body)

@@ -1,0 +1,1 @@
+"""Training: the run skeleton (run.py) and the recipes (opd.py, nft.py, grpo.py)."""
