@@ -29,9 +29,12 @@ def _configs_dir() -> str:
     """The named configs' folder: the repo's config/, installed as the package diffusion_opd.named_configs
     (setup.py), so a wheel finds them as well as a clone."""
     spec = importlib.util.find_spec("diffusion_opd.named_configs")
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError("the named configs (package diffusion_opd.named_configs) are not installed; reinstall diffusion_opd")
-    return list(spec.submodule_search_locations)[0]
+    if spec is not None and spec.submodule_search_locations:
+        return list(spec.submodule_search_locations)[0]
+    clone = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config")
+    if os.path.isdir(clone):  # a clone on PYTHONPATH, not installed
+        return clone
+    raise ConfigError("the named configs (package diffusion_opd.named_configs) are not installed; reinstall diffusion_opd")
 
 
 def config_file(path: str) -> str:
@@ -42,6 +45,7 @@ def config_file(path: str) -> str:
     name = path if path.endswith(".py") else f"{path}.py"
     shipped = os.path.join(_configs_dir(), name)
     return shipped if os.path.isfile(shipped) else path
+
 
 CHOICES = {
     "recipe": ("opd", "nft", "grpo"),

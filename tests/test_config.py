@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from diffusion_opd.config import ConfigError, apply_override, derived_geometry, load_config, validate_config
+from diffusion_opd.config import ConfigError, apply_override, derived_geometry, load_config, to_dict, validate_config
 from diffusion_opd.data.prompts import run_prompts
 from diffusion_opd.trainers.preflight import check_rewards
 from tests.shared_data import make_data_root
@@ -214,3 +214,12 @@ def test_flux_and_sd35_large_recipes(data_root):
     assert tuple(large.lora.target_modules) == DEFAULT_LORA_TARGETS["sd3"]
     assert derived_geometry(large, 8) == derived_geometry(mopd, 8)
     assert {n: t.guidance_scale for n, t in large.teachers.items()} == {"geneval": 1.0, "ocr": 4.5, "aesthetic": 4.5}
+
+
+def test_shipped_configs_load_by_name_from_any_folder(tmp_path, monkeypatch):
+    """``--config opd:NAME`` is the file config/opd.py (a wheel ships it as diffusion_opd.named_configs)."""
+    by_path = to_dict(load_config(os.path.join(ROOT, "config", "opd.py") + ":tiny_mopd"))
+    monkeypatch.chdir(tmp_path)  # not the clone: no config/ here
+    assert to_dict(load_config("opd:tiny_mopd")) == to_dict(load_config("opd.py:tiny_mopd")) == by_path
+    with pytest.raises(ConfigError, match=r"file 'nope' not found \(a file path, or a shipped config: .*grpo.*opd"):
+        load_config("nope:x")
