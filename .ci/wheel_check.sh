@@ -39,7 +39,9 @@ PY
 for cmd in dopd-train dopd-eval dopd-export dopd-reward-server dopd-demo; do
   "$BIN/$cmd" --help > /dev/null
 done
-"$BIN/python" -m diffusion_opd.train --help > /dev/null
+for module in diffusion_opd.train diffusion_opd.evaluation diffusion_opd.export diffusion_opd.rewards.serve diffusion_opd.demo; do
+  "$BIN/python" -m "$module" --help > /dev/null
+done
 
 echo "[wheel] dopd-train --validate_only (a named config from the wheel)"
 "$BIN/dopd-train" --config opd:tiny_mopd --validate_only output_dir="$WORK/run" > /dev/null

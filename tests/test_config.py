@@ -72,6 +72,9 @@ BAD = [
     ("world size mismatch", lambda: _tiny("expect_world_size=2"), "expect_world_size"),
     # issue 11: every key that can break a run is refused before anything loads
     ("negative warmup", lambda: _tiny("train.warmup_rounds=-3"), "train.warmup_rounds: must be >= 0, got -3"),
+    ("unknown tracker", lambda: _tiny("logging.trackers=wandb,tensorbord"), "logging.trackers: unknown tracker 'tensorbord'"),
+    ("smoothing of 1", lambda: _tiny("logging.curve_smoothing=1.0"), r"logging.curve_smoothing: must be in \[0, 1\), got 1.0"),
+    ("unknown schedule", lambda: _tiny("train.lr_schedule=cosine_warm"), "train.lr_schedule: 'cosine_warm' is not one of constant, cosine, linear"),
     ("infinite learning rate", lambda: _tiny("train.learning_rate=inf"), "train.learning_rate: must be a finite number"),
     ("zero learning rate", lambda: _tiny("train.learning_rate=0"), "train.learning_rate: must be > 0"),
     ("nan beta", lambda: _tiny("train.adam_beta2=nan"), "train.adam_beta2: must be a finite number"),
