@@ -144,7 +144,7 @@ def get_config():
     c.logging.wandb_mode = "disabled"  # online | offline: also adds wandb to logging.trackers, in that mode
     c.logging.wandb_project = "diffusion_opd"  # the project of every tracker (tensorboard: logs/<project>/)
     c.logging.progress = True  # tqdm bar over rounds
-    c.logging.curve_smoothing = 0.6  # curves.png: TensorBoard-style smoothing in [0, 1) over the faint raw values
+    c.logging.curve_smoothing = 0.6  # curves.png: TensorBoard-style smoothing in [0, 1) of lines of 10+ points
     c.logging.curve_log_scale = False  # curves.png: log y axis (panels with values <= 0 stay linear)
     c.logging.phase_times = False  # log seconds/<phase>; syncs CUDA at every phase boundary (profiling only)
     return c

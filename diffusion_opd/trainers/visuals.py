@@ -23,6 +23,7 @@ CURVES_FILE = "curves.png"
 # (panel title, metric key prefix): one line per task in each panel that has any data
 CURVE_PANELS = (("training loss", "loss/"), ("training reward", "reward/"),
                 ("held-out distance to the teacher", "eval/distance/"), ("held-out reward", "eval/reward/"))
+MIN_SMOOTHED_POINTS = 10  # sparser series (a few evaluations) are drawn raw: an EMA over them only lags
 MIN_CELL, MAX_CELL = 256, 512  # sample cells in pixels: small samples are enlarged, large ones reduced
 
 # (prompts, seeds, adapter, guidance_scale) -> PIL images: the recipe's own sampler
@@ -171,8 +172,8 @@ def smooth(values: Sequence[float], weight: float) -> list[float]:
 def plot_curves(rows: Sequence[dict], tasks: Sequence[str], path: str, smoothing: float = 0.0,
                 log_scale: bool = False) -> Optional[str]:
     """``curves.png``: one panel per metric family of :data:`CURVE_PANELS` that has data, one line
-    per task over rounds (plus the mean loss). ``smoothing`` in [0, 1): the lines are smoothed
-    (:func:`smooth`) over the faint raw values; ``log_scale``: a log y axis on the panels whose
+    per task over rounds (plus the mean loss). ``smoothing`` in [0, 1): lines of at least
+    :data:`MIN_SMOOTHED_POINTS` points are smoothed (:func:`smooth`) over the faint raw values; ``log_scale``: a log y axis on the panels whose
     values are all positive (a panel with values <= 0 stays linear and says so). Returns the
     path, or None when nothing to plot."""
     import matplotlib
@@ -195,10 +196,12 @@ def plot_curves(rows: Sequence[dict], tasks: Sequence[str], path: str, smoothing
         return None
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
     for ax, (title, series) in zip(axes[0], panels):
+        smoothed = False
         for label, points in series:
             xs, ys = zip(*points)
             style = dict(marker="o" if len(xs) < 20 else None, markersize=3, linestyle="--" if label == "mean" else "-")
-            if smoothing and len(xs) > 1:
+            if smoothing and len(xs) >= MIN_SMOOTHED_POINTS:
+                smoothed = True
                 (raw,) = ax.plot(xs, ys, alpha=0.25, linewidth=1, linestyle=style["linestyle"])
                 ax.plot(xs, smooth(ys, smoothing), label=label, color=raw.get_color(), **style)
             else:
@@ -207,7 +210,7 @@ def plot_curves(rows: Sequence[dict], tasks: Sequence[str], path: str, smoothing
         if log_scale and positive:
             ax.set_yscale("log")
         ax.set_title(title + (" (linear: values <= 0)" if log_scale and not positive else ""))
-        ax.set_xlabel("round" + (f" (smoothing {smoothing:g})" if smoothing else ""))
+        ax.set_xlabel("round" + (f" (smoothing {smoothing:g})" if smoothed else ""))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()

@@ -96,13 +96,14 @@ def test_smoothing_is_tensorboards_debiased_ema_and_log_scale_applies_to_positiv
     # debiased EMA with weight 0.5: 1, (0.25 + 0.75*... ) -> exact values from the definition
     assert smooth([1.0, 3.0], 0.5) == pytest.approx([1.0, (0.5 * 0.5 + 0.5 * 3.0) / 0.75])
     rows = [{"round": r, "loss": 10.0 / r, "loss/a": 10.0 / r, "reward/a": r - 5.0} for r in range(1, 30)]
+    rows += [{"round": r, "eval/distance/a": 1.0 / r} for r in (1, 10, 20)]  # a few evaluations: drawn raw
     import matplotlib.pyplot as plt
 
     seen = {}
     original = plt.Figure.savefig
 
     def keep(fig, *args, **kwargs):  # read the real axes matplotlib drew before they are closed
-        seen.update({ax.get_title(): (ax.get_yscale(), len(ax.lines)) for ax in fig.axes})
+        seen.update({ax.get_title(): (ax.get_yscale(), len(ax.lines), ax.get_xlabel()) for ax in fig.axes})
         return original(fig, *args, **kwargs)
 
     plt.Figure.savefig = keep
@@ -110,8 +111,9 @@ def test_smoothing_is_tensorboards_debiased_ema_and_log_scale_applies_to_positiv
         plot_curves(rows, ["a"], str(tmp_path / "c.png"), smoothing=0.6, log_scale=True)
     finally:
         plt.Figure.savefig = original
-    assert seen["training loss"] == ("log", 4)  # mean + task: a raw and a smoothed line each
-    assert seen["training reward (linear: values <= 0)"] == ("linear", 2)
+    assert seen["training loss"] == ("log", 4, "round (smoothing 0.6)")  # mean + task: raw and smoothed each
+    assert seen["training reward (linear: values <= 0)"] == ("linear", 2, "round (smoothing 0.6)")
+    assert seen["held-out distance to the teacher"] == ("log", 1, "round")  # 3 points: not smoothed
 
 
 def test_six_round_run_ends_with_a_final_eval_and_picture_logged_to_trackers(tmp_path, capfd):
