@@ -65,6 +65,7 @@ CHOICES = {
     "rl.nft_step_sampling": ("per_sample", "first"),
     "logging.wandb_mode": ("online", "offline", "disabled"),
     "perf.compile": ("auto", "on", "off"),
+    "distributed.strategy": ("ddp", "fsdp"),
 }
 USER_NAMED = ("tasks", "teachers")  # sections whose entry names are the user's
 

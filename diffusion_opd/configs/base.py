@@ -136,6 +136,11 @@ def get_config():
     c.perf.lockstep_tasks = False  # all tasks of a round in one batch (one student forward, one mixed-teacher forward per step)
     c.perf.merge_teachers = False  # each LoRA teacher merged into its own frozen backbone copy (+1 backbone of memory each)
 
+    # How processes share the model (trainers/sharding.py, README "Sharded training").
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.strategy = "ddp"  # ddp: every process holds the whole model | fsdp: FSDP2, 1/N of every weight each
+    c.distributed.reshard_after_forward = True  # fsdp: free a block's gathered weights after its forward (memory)
+
     c.logging = ml_collections.ConfigDict()
     # Experiment trackers through accelerate (comma-separated): wandb, tensorboard, mlflow, comet_ml,
     # aim... (installed separately: pip install 'diffusion_opd[wandb]' / '[tensorboard]'). metrics.jsonl

@@ -247,3 +247,13 @@ class Policy(ABC):
     def unwrap_modules(self) -> dict[str, Any]:  # optional hook for DDP wrapping
         """Modules that own trainable parameters (for accelerate.prepare)."""
         return {}
+
+    def denoiser_modules(self) -> list[torch.nn.Module]:
+        """Every denoiser module (the backbone with its adapters, separate teacher copies): what
+        ``distributed.strategy=fsdp`` shards (trainers/sharding.py)."""
+        return list(self.unwrap_modules().values())
+
+    def rebind_student(self) -> None:
+        """Look the student's parameters up again after the modules were sharded (fully_shard
+        registers new parameter objects). Back ends that support sharding implement it."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be sharded (distributed.strategy=fsdp)")

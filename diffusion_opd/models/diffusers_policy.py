@@ -91,7 +91,7 @@ class DiffusersPolicy(Policy):
             self._load_teacher(spec)
         self._switch = AdapterSwitch(transformer, default=STUDENT)
         self._switch.restore()
-        self._student_params = [p for n, p in transformer.named_parameters() if f".{STUDENT}." in n]
+        self.rebind_student()
         for p in self._student_params:  # train LoRA in fp32 even when the backbone is fp16 / bf16
             p.data = p.data.float()
         self._student_keys = set(self.student_state_dict())
@@ -172,6 +172,12 @@ class DiffusersPolicy(Policy):
     def unwrap_modules(self) -> dict:
         """The module owning the trainable parameters (for accelerate.prepare / DDP)."""
         return {"transformer": self.transformer}
+
+    def denoiser_modules(self) -> list[torch.nn.Module]:
+        return [self.transformer, *self._full_teachers.values()]
+
+    def rebind_student(self) -> None:
+        self._student_params = [p for n, p in self.transformer.named_parameters() if f".{STUDENT}." in n]
 
     # ---------------------------------------------------------------- prompts
     def _text_pipeline(self):

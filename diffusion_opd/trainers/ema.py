@@ -69,9 +69,11 @@ class EMA:
     def load_state_dict(self, state: dict) -> None:
         if len(state["shadow"]) != len(self.shadow):
             raise ValueError(f"EMA state has {len(state['shadow'])} tensors, the student has {len(self.shadow)}")
+        from .sharding import copy_full_
+
         self.num_updates = state["num_updates"]
         for s, saved in zip(self.shadow, state["shadow"]):
-            s.copy_(saved)
+            copy_full_(s, saved)  # a sharded shadow (distributed.strategy=fsdp) takes its shard
 
 
 def old_policy_decay(step: int, rate: float = 0.001, max_decay: float = 0.5, delay: int = 0) -> float:

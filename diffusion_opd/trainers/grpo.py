@@ -59,6 +59,7 @@ class GRPO:
         for epoch in range(c.rl.inner_epochs):
             for part in updates(groups, c.train.batch_size, c.rl.updates_per_round):
                 scale, _ = update_scale(run, part, len(steps))
+                run.expect_backwards(len(part) * len(steps))  # fsdp: reduce on the last
                 sums = [self.backward(g, idx, steps, scale) for g, idx in part]
                 loss = global_loss(run, sum(s["loss"] for s in sums))  # the mean per kept sample and step
                 metrics.update(run.optimizer_step(round_idx, loss))
@@ -105,7 +106,7 @@ class GRPO:
                                                             released_code_dt=step.dt)
                 losses = losses * keep
                 with self.run.timer("backward"):
-                    acc.backward(losses.sum() * scale)
+                    self.run.backward(losses.sum() * scale)
                 r = ratio.detach()
                 out["loss"] = out["loss"] + losses.detach().sum() * scale
                 out["ratio_sum"] = out["ratio_sum"] + r.sum()

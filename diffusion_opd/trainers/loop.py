@@ -19,6 +19,7 @@ from ..config import to_dict
 from ..errors import ConfigError, UserError
 from ..models.specs import LORA_INIT_WORDS
 from . import checkpoint as ckpt
+from . import sharding
 from .ema import EMA
 
 BUILTIN = "builtin:"
@@ -40,20 +41,25 @@ def make_accelerator(config) -> Accelerator:
     cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
     if cpu and config.cpu_threads > 0:
         torch.set_num_threads(config.cpu_threads)
+    # distributed.strategy against the accelerate config and the world size, before anything loads;
+    # under fsdp the trainer shards itself (trainers/sharding.py) and precision is FSDP2's policy
+    sharding.check_launch(config)
+    sharding.check_strategy(config, int(os.environ.get("WORLD_SIZE", "1")))
+    fsdp = sharding.is_fsdp(config)
     from accelerate.utils import ProjectConfiguration
 
     from .trackers import logging_dir, tracker_names
 
     trackers = tracker_names(config)
-    accelerator = Accelerator(cpu=cpu, mixed_precision=config.mixed_precision, log_with=trackers or None,
+    accelerator = Accelerator(cpu=cpu, mixed_precision="no" if fsdp else config.mixed_precision, log_with=trackers or None,
                               project_config=ProjectConfiguration(project_dir=config.output_dir,
                                                                   logging_dir=logging_dir(config.output_dir)))
     if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
-        # The student is a LoRA of a few MB: sharding it buys nothing, and the frozen backbone is
-        # shared with the teachers through peft adapters, which ZeRO-3/FSDP would shard apart.
+        # The student is a LoRA of a few MB and the frozen backbone is shared with the teachers
+        # through peft adapters: accelerate's own wrappers would shard them apart.
         raise ConfigError(
-            f"accelerate distributed type {accelerator.distributed_type}: the OPD trainer synchronises the "
-            "LoRA gradients itself (data parallel); use scripts/accelerate_configs/multi_gpu.yaml"
+            f"accelerate distributed type {accelerator.distributed_type}: the trainer synchronises or shards the "
+            f"model itself; launch with {sharding.ACCELERATE_CONFIGS[config.distributed.strategy]}"
         )
     return accelerator
 
@@ -143,6 +149,8 @@ def build_policy_from_config(config, accelerator: Accelerator):
 
 def compile_enabled(config, device: torch.device) -> bool:
     """perf.compile: "auto" compiles on CUDA only (on the CPU compilation costs more than it saves)."""
+    if sharding.is_fsdp(config):  # "on" is refused before loading (trainers/sharding.py)
+        return False
     return config.perf.compile == "on" or (config.perf.compile == "auto" and device.type == "cuda")
 
 
@@ -214,9 +222,9 @@ class NonFiniteGuard:
         return True
 
 
-def check_finite_weights(params, ema: Optional[EMA], round_idx: int) -> None:
+def check_finite_weights(params, ema_shadow: Optional[list], round_idx: int) -> None:
     """Refuse to checkpoint non-finite weights: resuming from them could only fail again."""
-    tensors = list(params) + (list(ema.shadow) if ema is not None else [])
+    tensors = list(params) + list(ema_shadow or [])
     if not all(torch.isfinite(t).all() for t in tensors):
         raise NonFiniteError(f"round {round_idx}: the student's weights are not finite; no checkpoint was written. "
                              "Resume from the last checkpoint (resume_from=latest) with a lower train.learning_rate")
@@ -228,7 +236,16 @@ def save_checkpoint(accelerator: Accelerator, config, policy, optimizer, schedul
     optimizer, scheduler, the fp16 loss scaler, every rank's RNG, sampler positions, round.
     ``recipe_state``: what the recipe carries across rounds besides the student (e.g.
     DiffusionNFT's old policy)."""
-    check_finite_weights(policy.trainable_parameters(), ema, state.round)
+    # Gathered on every process (under fsdp a collective; under ddp the tensors as they are): the
+    # files are the same whatever the strategy, and any strategy / world size can resume them.
+    student = sharding.gather(policy.student_state_dict())
+    ema_student = ema_state = None
+    if ema is not None:
+        with ema.swapped_in():  # no key bookkeeping: the live adapter holding the EMA
+            ema_student = sharding.gather(policy.student_state_dict())
+        ema_state = sharding.gather(ema.state_dict())
+    optimizer_state = sharding.gather(optimizer.state_dict())
+    check_finite_weights(list(student.values()), ema_state and ema_state["shadow"], state.round)
     tmp = ckpt.temporary_dir(config.output_dir, state.round)
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)  # a partial one of this run, left by a crash
@@ -236,16 +253,14 @@ def save_checkpoint(accelerator: Accelerator, config, policy, optimizer, schedul
     accelerator.wait_for_everyone()
     ckpt.save_rank_rng(tmp, accelerator.process_index)
     if accelerator.is_main_process:
-        student = policy.student_state_dict()
-        policy.save_student(tmp)  # pytorch_lora_weights.safetensors, diffusers format
+        policy.save_student(tmp, student)  # pytorch_lora_weights.safetensors, diffusers format
         policy.save_student_peft(os.path.join(tmp, "lora"), student)  # the peers' PeftModel format
         save_file({k: v.contiguous() for k, v in student.items()}, os.path.join(tmp, "student_raw.safetensors"))
         if ema is not None:
-            with ema.swapped_in():  # no key bookkeeping: save the live adapter holding the EMA
-                policy.save_student(os.path.join(tmp, "ema"))
-                policy.save_student_peft(os.path.join(tmp, "ema", "lora"))
-            torch.save(ema.state_dict(), os.path.join(tmp, "ema_state.pt"))
-        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+            policy.save_student(os.path.join(tmp, "ema"), ema_student)
+            policy.save_student_peft(os.path.join(tmp, "ema", "lora"), ema_student)
+            torch.save(ema_state, os.path.join(tmp, "ema_state.pt"))
+        torch.save(optimizer_state, os.path.join(tmp, "optimizer.pt"))
         torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
         if recipe_state:
             torch.save(recipe_state, os.path.join(tmp, RECIPE_STATE))
@@ -306,7 +321,9 @@ def _load_checkpoint(path: str, accelerator: Accelerator, policy, optimizer, sch
     with open(os.path.join(path, "trainer_state.json")) as f:
         saved = json.load(f)
     policy.load_student_state_dict(load_file(os.path.join(path, "student_raw.safetensors"), device="cpu"))
-    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=False))
+    # gathered moments, cut like this run's parameters (sharded under fsdp, whole under ddp)
+    opt_state = torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=False)
+    optimizer.load_state_dict(sharding.shard_optimizer_state(opt_state, policy.trainable_parameters()))
     scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=False))
     scaler_path = os.path.join(path, "scaler.pt")
     if accelerator.scaler is not None and os.path.isfile(scaler_path):

@@ -36,6 +36,7 @@ from ..seeds import sample_seed, train_step_indices
 from .ema import ema_update_, old_policy_decay
 from .rl import Groups, evaluate_rewards, global_loss, sample_groups, score_groups, update_scale, updates
 from .run import Run
+from .sharding import copy_full_, gather
 
 OLD = "old"  # the sampling policy's adapter
 
@@ -63,6 +64,7 @@ class NFT:
             scale, _ = update_scale(run, part, c.train.num_train_steps)
             local = sum(self.backward(g, idx, sigmas, round_idx, scale) for g, idx in part)
             loss = global_loss(run, local)  # the mean per kept sample and trained level
+            run.expect_backwards(len(part) * c.train.num_train_steps)  # fsdp: reduce on the last
             metrics.update(run.optimizer_step(round_idx, loss))
             losses.append(loss)
             self.steps_taken += 1
@@ -104,21 +106,26 @@ class NFT:
                     losses = losses + c.rl.kl_beta * velocity_kl(v, v_base)
                 losses = losses * g.keep[idx]
             with self.run.timer("backward"):
-                acc.backward(losses.sum() * scale)
+                self.run.backward(losses.sum() * scale)
             total = total + losses.detach().sum() * scale
         return total
 
     def evaluate(self, round_idx: int) -> dict:
         return evaluate_rewards(self.run)
 
+    def rebind_parameters(self, remap) -> None:
+        """After sharding (distributed.strategy=fsdp): the old adapter's new parameter objects."""
+        self.old_params = [remap(p) for p in self.old_params]
+
     # -- what resume restores besides the student ------------------------------------------------
     def state_dict(self) -> dict:
-        return {"old": [p.detach().cpu().clone() for p in self.old_params], "steps_taken": self.steps_taken}
+        """Gathered (full) tensors under fsdp: every process calls it (trainers/run.py save)."""
+        return {"old": [t.detach().cpu().clone() for t in gather(list(self.old_params))],
+                "steps_taken": self.steps_taken}
 
     def load_state_dict(self, state: dict) -> None:
-        with torch.no_grad():
-            for p, saved in zip(self.old_params, state["old"]):
-                p.copy_(saved)
+        for p, saved in zip(self.old_params, state["old"]):
+            copy_full_(p, saved)
         self.steps_taken = state["steps_taken"]
 
 

@@ -126,7 +126,9 @@ class OPD:
         per_task = self.run.prompts_per_round
         scale = 1.0 / (len(batches) * per_task * len(steps))
         sums: dict[str, torch.Tensor] = {}
-        for parts in self.micro_batches(batches):
+        micro = list(self.micro_batches(batches))
+        self.run.expect_backwards(len(micro) * len(steps))  # fsdp: the gradients are reduced on the last
+        for parts in micro:
             embeds = PromptEmbeds.concat([e for _, e, _ in parts]) if len(parts) > 1 else parts[0][1]
             seeds = [s for _, _, task_seeds in parts for s in task_seeds]
             spans, start = {}, 0  # each task's rows of the batch
@@ -143,7 +145,7 @@ class OPD:
                         key = f"{task}/step_{step.index}"
                         sums[key] = sums.get(key, 0) + losses.detach()[span].sum()
                     with timer("backward"):
-                        acc.backward(losses.sum() * scale)
+                        self.run.backward(losses.sum() * scale)
         metrics = {f"loss/{k}": v for k, v in self.run.mean_over_processes(sums, per_task).items()}
         for task in batches:
             metrics[f"loss/{task}"] = sum(metrics[f"loss/{task}/step_{j}"] for j in steps) / len(steps)

@@ -13,6 +13,7 @@ from ..config import validate_config
 from ..data.prompts import PromptDataset, run_prompts
 from ..errors import ConfigError
 from .run_dir import check_output_dir
+from .sharding import check_strategy
 
 
 @dataclass
@@ -50,6 +51,7 @@ def preflight(config, world_size: int, backbone: bool = True, output_dir: bool =
     ``output_dir=False`` in a run, which checks the folder while claiming it (main process,
     under the lock, the outcome shared with every process)."""
     validate_config(config, world_size=world_size)
+    check_strategy(config, world_size)
     check_rewards(config)
     prompts, eval_prompts = run_prompts(config, world_size)
     if output_dir:

@@ -33,6 +33,7 @@ from ..rewards.multi import task_scorer
 from ..rollout import Sampling, sample
 from ..seeds import sample_seed
 from . import checkpoint as ckpt
+from . import sharding
 from .ema import EMA
 from .loop import (NonFiniteGuard, RunState, all_reduce_gradients, broadcast_parameters, build_optimizer,
                    build_policy_from_config, load_checkpoint, make_accelerator, resume_checkpoint, save_checkpoint)
@@ -93,9 +94,8 @@ class Run:
         self.policy = policy if policy is not None else build_policy_from_config(config, acc)
         self.params = self.policy.trainable_parameters()
         broadcast_parameters(self.params, acc)
-        optimizer, self.scheduler = build_optimizer(self.params, config)
-        self.optimizer = acc.prepare_optimizer(optimizer)  # fp16: loss scaling + skipped inf steps
-        self.ema = EMA(self.params, config.train.ema_decay, config.train.ema_warmup) if config.train.ema_decay > 0 else None
+        self.build_optimizer()
+        self.sync: Optional[sharding.ReduceOnce] = None  # distributed.strategy=fsdp, once sharded (shard())
         self.prompts_per_round = prompts_per_round(config)
         self.samplers = {
             task: PromptSampler(len(rows), self.prompts_per_round, self.rank, self.world, seed=config.seed + 1000 * i)
@@ -107,16 +107,56 @@ class Run:
         self.guard = NonFiniteGuard(config.train.nan_patience)
         self.log: Optional[MetricsLog] = None
         self.grids = None  # sample grids: main process only, when there are held-out prompts
-        if acc.is_main_process and self.eval_prompts and config.eval.sample_images:
+        # sampling a grid runs the denoiser: under fsdp every process takes part, the main one writes
+        if (acc.is_main_process or sharding.is_fsdp(config)) and self.eval_prompts and config.eval.sample_images:
             teachers = {t: (spec.teacher, config.teachers[spec.teacher].guidance_scale)
                         for t, spec in config.tasks.items() if spec.teacher}
             self.grids = SampleGrids(config.output_dir, {t: [r["prompt"] for r in rows] for t, rows in
                                                          self.eval_prompts.items()},
                                      teachers, config.eval.sample_images, config.seed,
-                                     sampler=f"ODE, {config.eval.num_steps} steps")
+                                     sampler=f"ODE, {config.eval.num_steps} steps", write=acc.is_main_process)
         self.saved_round = -1
 
+    def build_optimizer(self) -> None:
+        """The student's optimizer, LR schedule and EMA over ``self.params`` (again after sharding)."""
+        c = self.config
+        optimizer, self.scheduler = build_optimizer(self.params, c)
+        self.optimizer = self.accelerator.prepare_optimizer(optimizer)  # fp16: loss scaling + skipped inf steps
+        self.ema = EMA(self.params, c.train.ema_decay, c.train.ema_warmup) if c.train.ema_decay > 0 else None
+
+    def shard(self, recipe: Optional[Recipe] = None) -> None:
+        """``distributed.strategy=fsdp``: shard the policy's denoisers (trainers/sharding.py) once
+        the recipe has added its adapters, before the first round and before resume; rebuilds the
+        optimizer and EMA over the sharded student and lets the recipe re-point the parameters it
+        holds (``recipe.rebind_parameters(remap)``). A no-op under ddp or when already sharded."""
+        if not sharding.is_fsdp(self.config) or self.sync is not None:
+            return
+        if self.optimizer.state_dict()["state"]:
+            raise RuntimeError("Run.shard: the optimizer has already stepped; shard before the first round")
+        remap = sharding.shard_policy(self.policy, self.config)
+        self.params = self.policy.trainable_parameters()
+        self.build_optimizer()
+        if hasattr(recipe, "rebind_parameters"):
+            recipe.rebind_parameters(remap)
+        self.sync = sharding.ReduceOnce(self.policy.denoiser_modules()[:1], self.accelerator.backward)
+        local, full = sharding.local_bytes(self.policy.denoiser_modules()[0])
+        self.accelerator.print(f"[fsdp] sharded over {self.world} processes: {local / 2**20:.1f} of "
+                               f"{full / 2**20:.1f} MiB of the backbone and its adapters on each")
+
     # -- what recipes call ----------------------------------------------------------------------
+    def expect_backwards(self, count: int) -> None:
+        """Announce the backwards before the next optimizer step (fsdp reduces on the last one)."""
+        if self.sync is not None:
+            self.sync.expect(count)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """One backward into the student's gradients (no communication under ddp; under fsdp the
+        reduce-scatter runs on the last announced backward only)."""
+        if self.sync is not None:
+            self.sync.backward(loss)
+        else:
+            self.accelerator.backward(loss)
+
     def draw_prompts(self, task: str, round_idx: int) -> list[dict]:
         """This process's prompt rows of ``task`` for the round (deterministic, resumable)."""
         indices = self.samplers[task].next_indices()
@@ -133,9 +173,13 @@ class Run:
         loss is non-finite); EMA after the step. Gradients are cleared."""
         c, acc = self.config, self.accelerator
         with self.timer("optimizer"):
-            all_reduce_gradients(self.params, acc)
             max_norm = c.train.max_grad_norm if c.train.max_grad_norm > 0 else float("inf")
-            grad_norm = acc.clip_grad_norm_(self.params, max_norm)
+            if self.sync is not None:  # fsdp: reduced (averaged) by the round's last backward
+                self.sync.check()
+                grad_norm = sharding.clip_grad_norm_(self.params, max_norm)
+            else:
+                all_reduce_gradients(self.params, acc)
+                grad_norm = acc.clip_grad_norm_(self.params, max_norm)
             # fp16: the loss scaler itself skips steps with inf gradients (routine while it calibrates)
             norm = float(grad_norm) if acc.scaler is None else 0.0
             skipped = self.guard.should_skip(loss, round_idx, norm)
@@ -261,6 +305,7 @@ class Run:
         """Resume if asked, then round after round: train, evaluate every ``eval.every`` rounds and
         at the last round, log, checkpoint every ``save_every`` rounds and at the end."""
         c, acc = self.config, self.accelerator
+        self.shard(recipe)
         self.resume(recipe)
         if self.state.round == 0 and c.eval.every:
             self.draw_samples(0)

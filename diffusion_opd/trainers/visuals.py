@@ -118,12 +118,14 @@ class SampleGrids:
     ``teachers[task]``: (adapter name, guidance scale) of the task's teacher (absent or None: no
     teacher row, e.g. for the reward-driven recipes). ``sampler``: how the images are sampled,
     for the title (e.g. "ODE, 10 steps"). The teachers are frozen: their images are sampled once
-    per process and reused.
+    per process and reused. ``write=False``: sample without writing (under distributed.strategy=fsdp
+    every process runs the sharded denoiser; the main process writes).
     """
 
     def __init__(self, output_dir: str, prompts: dict[str, Sequence[str]], teachers: dict[str, tuple[str, float]],
-                 num_images: int, seed: int, sampler: str = ""):
+                 num_images: int, seed: int, sampler: str = "", write: bool = True):
         self.root = os.path.join(output_dir, SAMPLES_DIR)
+        self.write = write  # False: sample only (a sharded model's other processes), the main process writes
         self.prompts = {task: list(rows[:num_images]) for task, rows in prompts.items()}
         self.teachers = teachers
         self.sampler = sampler
@@ -152,8 +154,9 @@ class SampleGrids:
             title = f"task {task} · round {round_idx}" + (f" · {self.sampler}" if self.sampler else "") + \
                 " · same seed in each column"
             path = self.path(task, round_idx)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            comparison_picture(title, rows, prompts).save(path)
+            if self.write:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                comparison_picture(title, rows, prompts).save(path)
             written[f"samples/{task}"] = path
         return written
 

@@ -2,7 +2,6 @@
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -11,13 +10,8 @@ from safetensors.torch import load_file
 
 from diffusion_opd.trainers.metrics import read_metrics
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.processes import ROOT
+from tests.processes import free_port as _free_port
 
 
 @pytest.mark.parametrize("spec", ["config/opd.py:tiny_mopd",

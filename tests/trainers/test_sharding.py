@@ -1,0 +1,157 @@
+"""distributed.strategy=fsdp (trainers/sharding.py): FSDP2 over two real gloo processes gives the
+DDP gradient, holds half the backbone per process, reduces once per optimizer step, and its
+checkpoints resume exactly, also across strategies. Bad combinations are one-line errors."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffusion_opd.config import load_config
+from diffusion_opd.errors import ConfigError
+from diffusion_opd.trainers import sharding
+from diffusion_opd.trainers.metrics import read_metrics
+
+from tests.processes import ROOT, free_port
+
+TORCHRUN = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
+
+
+def torchrun(script, *args, env=None):
+    cmd = [TORCHRUN, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+           f"tests/trainers/{script}", *args]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def round_pair(out, cases):
+    """One round of every case under ddp and under fsdp (two launches, each running every case)."""
+    for strategy in ("ddp", "fsdp"):
+        torchrun("fsdp_worker.py", str(out), strategy, *cases)
+    return {c: tuple(torch.load(out / f"{s}-{c}.pt") for s in ("ddp", "fsdp")) for c in cases}
+
+
+def check_round(ddp, fsdp):
+    assert ddp["names"] == fsdp["names"] and len(ddp["grads"]) == len(fsdp["grads"]) > 0
+    for name, a, b in zip(ddp["names"], ddp["grads"], fsdp["grads"]):
+        # rtol 1e-5 per element; atol: fp32 round-off of the sums (1e-6 of the tensor's largest entry)
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6 * float(a.abs().max()), msg=name)
+    assert sum(int((g != 0).sum()) for g in ddp["grads"]) > 0.9 * sum(g.numel() for g in ddp["grads"])
+    assert fsdp["loss"] == pytest.approx(ddp["loss"], rel=1e-6)
+    # half of the backbone's (and every adapter's) bytes on each of the 2 processes, up to the
+    # padding of odd first dimensions
+    assert fsdp["full_bytes"] == ddp["full_bytes"] and ddp["local_bytes"] == ddp["full_bytes"]
+    assert abs(fsdp["local_bytes"] / fsdp["full_bytes"] - 0.5) < 0.01, (fsdp["local_bytes"], fsdp["full_bytes"])
+    # one reduce-scatter per shard group holding student parameters per optimizer step, however many
+    # backwards the step had (the round has num_train_steps x micro-batches of them); none under ddp
+    assert fsdp["groups"] >= 2 and ddp["collectives"] == 0
+    assert fsdp["collectives"] == fsdp["groups"] * fsdp["steps"], (fsdp["collectives"], fsdp["groups"])
+    assert fsdp["backwards"] > fsdp["steps"]
+
+
+def test_fsdp_opd_round_equals_ddp(tmp_path):
+    """ODE with two teachers one by one, SDE with mixed-teacher (lockstep) batches."""
+    for case, (ddp, fsdp) in round_pair(tmp_path, ["ode", "sde_lockstep"]).items():
+        check_round(ddp, fsdp)
+
+
+@pytest.mark.slow
+def test_fsdp_round_equals_ddp_every_variant(tmp_path):
+    """The rest of the matrix: SDE one by one, ODE lockstep, one teacher (ODE, SDE), two_pass with
+    gradient accumulation, tiny FLUX (double and single blocks), DiffusionNFT (old-policy adapter)
+    and GRPO-Guard (two optimizer steps per round)."""
+    cases = ["sde", "ode_lockstep", "ode_one_teacher", "sde_one_teacher", "two_pass", "flux", "nft", "grpo_guard"]
+    for case, (ddp, fsdp) in round_pair(tmp_path, cases).items():
+        check_round(ddp, fsdp)
+
+
+def train(out, *overrides):
+    return torchrun("ddp_worker.py", str(out), "train.num_rounds=10", "save_every=5", "eval.every=0",
+                    "train.ema_decay=0.9", "expect_world_size=2", "logging.progress=false", *overrides)
+
+
+def losses(out):
+    return {r["round"]: r["loss"] for r in read_metrics(str(out)) if "loss" in r}
+
+
+@pytest.mark.slow
+def test_fsdp_resume_is_exact_and_crosses_strategies(tmp_path):
+    """10 fsdp rounds == 5 + resume 5 (bit-identical student, EMA and losses); a ddp checkpoint
+    resumed under fsdp and an fsdp checkpoint resumed under ddp give the next round's loss of the
+    run they came from."""
+    full, split, ddp = tmp_path / "full", tmp_path / "split", tmp_path / "ddp"
+    train(full, "distributed.strategy=fsdp")
+    train(split, "distributed.strategy=fsdp", "train.stop_after_round=5")
+    train(split, "distributed.strategy=fsdp", "resume_from=latest")
+    a, b = (load_file(os.path.join(d, "student_rank0.safetensors")) for d in (full, split))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ema = [load_file(os.path.join(d, "checkpoints", "round-10", "ema", "pytorch_lora_weights.safetensors"))
+           for d in (full, split)]
+    assert all(torch.equal(ema[0][k], ema[1][k]) for k in ema[0])
+    assert losses(full) == losses(split)
+
+    train(ddp, "train.stop_after_round=6")  # checkpoints at 5 and 6
+    for source, strategy, reference in ((ddp, "fsdp", ddp), (split, "ddp", full)):
+        out = tmp_path / f"to_{strategy}"
+        train(out, f"distributed.strategy={strategy}", "train.stop_after_round=6",
+              f"resume_from={source / 'checkpoints' / 'round-5'}")
+        assert losses(out)[6] == pytest.approx(losses(reference)[6], rel=1e-6), strategy
+    saved = json.load(open(full / "checkpoints" / "round-10" / "trainer_state.json"))
+    assert saved["world_size"] == 2
+    optimizer = torch.load(full / "checkpoints" / "round-10" / "optimizer.pt")
+    shapes = {tuple(v.shape) for v in load_file(str(full / "checkpoints" / "round-10" / "student_raw.safetensors")).values()}
+    assert {tuple(s["exp_avg"].shape) for s in optimizer["state"].values()} <= shapes  # gathered, full size
+
+
+# -- one-line errors before anything loads ---------------------------------------------------------
+def tiny(*overrides):
+    return load_config(os.path.join(ROOT, "config/opd.py:tiny_mopd"), list(overrides))
+
+
+@pytest.mark.parametrize("overrides, world, message", [
+    (["distributed.strategy=fsdp"], 1, "distributed.strategy: fsdp shards over processes but 1 started"),
+    (["distributed.strategy=fsdp", "mixed_precision=fp16", "device=cuda"], 2, "mixed_precision: fp16 with"),
+    (["distributed.strategy=fsdp", "perf.compile=on"], 2, "perf.compile: on with distributed.strategy=fsdp"),
+])
+def test_bad_combinations_are_config_errors(overrides, world, message):
+    with pytest.raises(ConfigError, match=message):
+        sharding.check_strategy(tiny(*overrides), world)
+    sharding.check_strategy(tiny(*overrides[1:]), world)  # the same without fsdp is fine
+
+
+@pytest.mark.parametrize("strategy, environ, message", [
+    ("ddp", {"ACCELERATE_USE_FSDP": "true", "ACCELERATE_MIXED_PRECISION": "no"},
+     "distributed.strategy: ddp but the accelerate config launched fsdp; launch with "
+     "scripts/accelerate_configs/multi_gpu.yaml or set distributed.strategy=fsdp"),
+    ("fsdp", {"ACCELERATE_MIXED_PRECISION": "no"}, "distributed.strategy: fsdp but the accelerate config launched ddp"),
+    ("fsdp", {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1", "ACCELERATE_MIXED_PRECISION": "no"},
+     "accelerate config: fsdp_version 1"),
+    ("ddp", {"ACCELERATE_USE_DEEPSPEED": "true"}, "accelerate config: DeepSpeed is not supported"),
+])
+def test_an_accelerate_config_that_disagrees_is_refused(strategy, environ, message):
+    config = tiny(f"distributed.strategy={strategy}")
+    with pytest.raises(ConfigError, match=message):
+        sharding.check_launch(config, dict(environ))
+
+
+def test_matching_accelerate_config_is_accepted_and_accelerate_fsdp_switch_hidden():
+    environ = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "ACCELERATE_MIXED_PRECISION": "no"}
+    sharding.check_launch(tiny("distributed.strategy=fsdp"), environ)
+    assert "ACCELERATE_USE_FSDP" not in environ  # the trainer shards; accelerate's plugin stays off
+    sharding.check_launch(tiny(), {"ACCELERATE_MIXED_PRECISION": "no"})
+    sharding.check_launch(tiny("distributed.strategy=fsdp"), {})  # torchrun: nothing to compare
+
+
+def test_validate_only_refuses_fsdp_on_one_process_in_one_line():
+    result = subprocess.run([sys.executable, "scripts/train.py", "--config", "config/opd.py:tiny_mopd",
+                             "distributed.strategy=fsdp", "--validate_only"], cwd=ROOT, capture_output=True,
+                            text=True, env={**os.environ, "WORLD_SIZE": "1"})
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: distributed.strategy: fsdp shards over processes"), lines
