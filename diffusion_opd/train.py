@@ -49,11 +49,13 @@ def _main(argv):
     if args.validate_only:
         from .config import derived_geometry
         from .trainers.preflight import preflight
+        from .trainers.sharding import ACCELERATE_CONFIGS
 
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         preflight(config, world_size)
         print(config)
         print(derived_geometry(config, world_size))
+        print(f"accelerate_config: {ACCELERATE_CONFIGS[config.distributed.strategy]}")  # read by launch.sh
         return 0
     from .trainers.recipes import train
 

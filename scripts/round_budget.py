@@ -24,12 +24,13 @@ and the reward models of the periodic evaluation.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import Optional
 
 import torch
 
 from diffusion_opd.models.architectures import ARCHITECTURES, meta_inputs, meta_student
 
-__all__ = ["expected_flops_embedded_guidance", "round_memory"]
+__all__ = ["expected_flops_embedded_guidance", "round_memory", "sharded_round_memory", "HUB_IDS", "fsdp_budget_line"]
 
 GB = 1e9
 
@@ -174,3 +175,69 @@ def round_memory(model: str, *, resolution: int = 512, images: int = 3, rank: in
                            "vae": sum(p.numel() for p in vae.parameters())},
             "activation_detail": act, "bytes": parts, "total_bytes": sum(parts.values()),
             "total_gb": round(sum(parts.values()) / GB, 1)}
+
+
+def sharded_round_memory(model: str, world: int, **kwargs) -> dict:
+    """Per-GPU bytes of one OPD round under ``distributed.strategy=fsdp`` over ``world`` GPUs
+    (the other arguments as :func:`round_memory`).
+
+    Sharded 1/world: the frozen transformer weights, the teacher LoRAs, and the student's fp32
+    weights, Adam moments and EMA (16 bytes per parameter). Whole on every GPU: the student's
+    accumulated gradients (4 bytes per parameter: gradient sync is off until the round's last
+    backward, so each GPU keeps the unsharded sum), the all-gathered working set (the root
+    module, which stays gathered through a forward, plus two blocks: the running one and the
+    prefetched next one), the text encoders and the VAE (not sharded), and the activations
+    (data parallel: each GPU runs its own images)."""
+    flat = round_memory(model, **kwargs)
+    wb = kwargs.get("weight_bytes", 2)
+    student = meta_student(model, kwargs.get("rank", 32))
+    blocks = [m for name in ("transformer_blocks", "single_transformer_blocks") for m in getattr(student, name, [])]
+    in_blocks = {id(p) for b in blocks for p in b.parameters()}
+    root = sum(p.numel() for p in student.parameters() if id(p) not in in_blocks and not p.requires_grad)
+    block_max = max(sum(p.numel() for p in b.parameters()) for b in blocks)
+    lora = flat["parameters"]["student_lora"]
+    b = flat["bytes"]
+    parts = {
+        "transformer_weights_shard": b["transformer_weights"] // world,
+        "gathered_root_and_two_blocks": (root + 2 * block_max) * wb,
+        "text_encoders": b["text_encoders"],
+        "vae": b["vae"],
+        "student_lora_shards_adam_ema": lora * 16 // world,
+        "student_lora_grads_unsharded": lora * 4 + lora * 4 // world,
+        "teacher_lora_shards": b["teacher_loras"] // world,
+        "activations": b["activations"],
+    }
+    total = sum(parts.values())
+    return {"model": model, "world": world, "bytes": parts, "total_bytes": total, "total_gb": round(total / GB, 1),
+            "ddp_total_gb": flat["total_gb"]}
+
+
+HUB_IDS = {  # model.path -> the architecture counted here
+    "stabilityai/stable-diffusion-3.5-medium": "sd3.5-medium",
+    "stabilityai/stable-diffusion-3.5-large": "sd3.5-large",
+    "black-forest-labs/FLUX.1-dev": "flux.1-dev",
+}
+
+
+def fsdp_budget_line(config, world: int, gpu_bytes: Optional[int] = None) -> Optional[str]:
+    """The per-GPU memory line ``--validate_only`` prints for an fsdp run of a counted model
+    (None for other models). Raises ConfigError (one line) when ``gpu_bytes`` is known and the
+    round cannot fit."""
+    from diffusion_opd.errors import ConfigError
+
+    model = HUB_IDS.get(str(config.model.path))
+    if model is None or config.distributed.strategy != "fsdp":
+        return None
+    tasks = max(1, len(config.tasks)) if config.perf.lockstep_tasks else 1
+    wb = 4 if config.model.dtype == "fp32" else 2
+    mem = sharded_round_memory(model, world, resolution=config.sample.resolution,
+                               images=config.train.batch_size * tasks, rank=config.lora.rank,
+                               teachers=len(config.teachers), weight_bytes=wb,
+                               checkpointing=config.model.gradient_checkpointing)
+    line = (f"[fsdp] {model} over {world} GPUs: {mem['total_gb']} GB per GPU for a round "
+            f"(ddp: {mem['ddp_total_gb']} GB; counted from the architecture, scripts/round_budget.py)")
+    if gpu_bytes and mem["total_bytes"] > gpu_bytes:
+        raise ConfigError(f"distributed.strategy: fsdp over {world} GPUs needs about {mem['total_gb']} GB per GPU for "
+                          f"{model} but the GPU has {gpu_bytes / GB:.1f} GB; use more GPUs, "
+                          "model.gradient_checkpointing=true or a smaller train.batch_size")
+    return line

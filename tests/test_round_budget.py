@@ -42,3 +42,33 @@ def test_flux_dev_round_flops_and_memory():
     print(f"flux.1-dev: fused round {flops['fused'] / 1e15:.2f} PFLOP, memory {mem['total_gb']} GB "
           f"(activations {parts['activations'] / 1e9:.2f} GB checkpointed, {act['saved_total'] / 1e9:.1f} GB not)")
     assert 30e9 < mem["total_bytes"] < 60e9
+
+
+def test_fsdp_round_memory_shards_what_fsdp_shards_and_refuses_what_cannot_fit():
+    """distributed.strategy=fsdp over N GPUs: the backbone, teacher LoRAs and the student's
+    optimizer state are divided by N; text encoders, VAE, activations and the unsharded gradient
+    accumulation stay whole; --validate_only's line refuses a GPU that is too small."""
+    import pytest
+
+    from diffusion_opd.config import load_config
+    from diffusion_opd.errors import ConfigError
+    from round_budget import fsdp_budget_line, sharded_round_memory
+
+    ddp = round_memory("sd3.5-medium")
+    one, eight = sharded_round_memory("sd3.5-medium", 1), sharded_round_memory("sd3.5-medium", 8)
+    lora = ddp["parameters"]["student_lora"]
+    assert eight["bytes"]["transformer_weights_shard"] == ddp["bytes"]["transformer_weights"] // 8
+    assert eight["bytes"]["student_lora_grads_unsharded"] == 4 * lora + 4 * lora // 8
+    for same in ("text_encoders", "vae", "activations"):
+        assert eight["bytes"][same] == one["bytes"][same] == ddp["bytes"][same]
+    # one GPU: everything DDP holds plus the gathered working set; eight: the backbone mostly gone
+    assert one["total_bytes"] > ddp["total_bytes"] > eight["total_bytes"]
+    config = load_config(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config/opd.py:mopd"),
+                         ["distributed.strategy=fsdp", "mixed_precision=bf16"])
+    line = fsdp_budget_line(config, 8, gpu_bytes=80 * 10**9)
+    assert line.startswith("[fsdp] sd3.5-medium over 8 GPUs:") and "GB per GPU" in line
+    with pytest.raises(ConfigError, match=r"^distributed.strategy: fsdp over 8 GPUs needs about [\d.]+ GB per GPU for "
+                                          r"sd3.5-medium but the GPU has 8.0 GB"):
+        fsdp_budget_line(config, 8, gpu_bytes=8 * 10**9)
+    config.distributed.strategy = "ddp"
+    assert fsdp_budget_line(config, 8, gpu_bytes=8 * 10**9) is None  # ddp: not this check

@@ -10,9 +10,16 @@ MAIN_PORT=${MAIN_PORT:-29501}
 PYTHON=${PYTHON:-python}
 # Check the config in ONE process first (no weights load): a user error then ends as one line,
 # before accelerate starts N processes and adds its own failure report with a traceback.
+# The check also names the accelerate config of the run's distributed.strategy (ddp: multi_gpu.yaml,
+# fsdp: fsdp2.yaml); a cascade is not checked here, so its strategy comes from the command line.
+ACCELERATE_CONFIG=scripts/accelerate_configs/multi_gpu.yaml
 if [[ " $* " != *" --cascade "* ]]; then
-  WORLD_SIZE="$NUM_GPUS" "$PYTHON" scripts/train.py expect_world_size="$NUM_GPUS" "$@" --validate_only >/dev/null
+  CHECKED=$(WORLD_SIZE="$NUM_GPUS" "$PYTHON" scripts/train.py expect_world_size="$NUM_GPUS" "$@" --validate_only)
+  ACCELERATE_CONFIG=$(printf '%s\n' "$CHECKED" | sed -n 's/^accelerate_config: //p')
+  printf '%s\n' "$CHECKED" | grep '^\[fsdp\]' || true  # the per-GPU memory of an fsdp round
+elif [[ " $* " == *" distributed.strategy=fsdp "* ]]; then
+  ACCELERATE_CONFIG=scripts/accelerate_configs/fsdp2.yaml
 fi
-exec accelerate launch --config_file scripts/accelerate_configs/multi_gpu.yaml \
+exec accelerate launch --config_file "$ACCELERATE_CONFIG" \
   --num_processes "$NUM_GPUS" --main_process_port "$MAIN_PORT" \
   scripts/train.py expect_world_size="$NUM_GPUS" "$@"
