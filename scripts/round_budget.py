@@ -241,3 +241,24 @@ def fsdp_budget_line(config, world: int, gpu_bytes: Optional[int] = None) -> Opt
                           f"{model} but the GPU has {gpu_bytes / GB:.1f} GB; use more GPUs, "
                           "model.gradient_checkpointing=true or a smaller train.batch_size")
     return line
+
+
+def main(argv=None) -> None:
+    """``python scripts/round_budget.py --world 2 4 8``: per-GPU GB of an OPD round (512 px, 3
+    images, 3 teacher LoRAs, bf16, checkpointing) under ddp and under fsdp over each world size,
+    for every counted model, as a markdown table."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--world", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--models", nargs="+", default=list(ARCHITECTURES))
+    args = parser.parse_args(argv)
+    print("| model | ddp | " + " | ".join(f"fsdp x{w}" for w in args.world) + " |")
+    print("|---|---|" + "---|" * len(args.world))
+    for model in args.models:
+        cells = [f"{sharded_round_memory(model, w)['total_gb']} GB" for w in args.world]
+        print(f"| {model} | {round_memory(model)['total_gb']} GB | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
