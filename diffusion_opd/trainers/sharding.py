@@ -95,7 +95,7 @@ def check_launch(config, environ=os.environ) -> None:
 
 
 def compute_dtype(config) -> torch.dtype:
-    from ..models.specs import parse_dtype
+    from ..dtypes import parse_dtype
 
     return torch.bfloat16 if config.mixed_precision == "bf16" else parse_dtype(config.model.dtype)
 
