@@ -25,6 +25,7 @@ def main(argv=None) -> int:
         code = run_cli(fsdp_memory, argv)
     return code
 
+
 def fsdp_memory(argv) -> int:
     """Under distributed.strategy=fsdp, print the per-GPU memory of a round of a counted model
     (scripts/round_budget.py: SD3.5-M/L, FLUX.1-dev); a one-line ConfigError when it exceeds
