@@ -52,6 +52,15 @@ def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
+def round_folders(output_dir: str) -> list[tuple[int, str]]:
+    """Every ``round-N`` folder as (round, path), complete or not, oldest first."""
+    root = checkpoint_root(output_dir)
+    if not os.path.isdir(root):
+        return []
+    return sorted((int(m.group(1)), os.path.join(root, name)) for name in os.listdir(root)
+                  if (m := _ROUND_DIR.match(name)))
+
+
 def round_of(ckpt_dir: str) -> int:
     """N of a ``round-N`` folder (-1 for another name)."""
     m = _ROUND_DIR.match(os.path.basename(os.path.normpath(ckpt_dir)))

@@ -21,6 +21,7 @@ from ..models.specs import LORA_INIT_WORDS
 from . import checkpoint as ckpt
 from . import sharding
 from .ema import EMA
+from .run_dir import aside_folder
 
 BUILTIN = "builtin:"
 RECIPE_STATE = "recipe_state.pt"
@@ -164,6 +165,32 @@ def build_optimizer(params, config) -> tuple[torch.optim.Optimizer, torch.optim.
     return optimizer, build_scheduler(optimizer, config)
 
 
+def optimizer_settings(optimizer, scheduler) -> dict[str, float]:
+    """The optimizer's hyper-parameters by config key (first param group; all are built alike)."""
+    group = optimizer.param_groups[0]
+    return {"train.learning_rate": scheduler.base_lrs[0], "train.weight_decay": group["weight_decay"],
+            "train.adam_beta1": group["betas"][0], "train.adam_beta2": group["betas"][1],
+            "train.adam_eps": group["eps"]}
+
+
+def restore_settings(optimizer, scheduler, wanted: dict[str, float]) -> dict[str, tuple[float, float]]:
+    """After a checkpoint's optimizer and scheduler states are loaded (they carry the saved run's
+    hyper-parameters): set this run's ``wanted`` ones (``optimizer_settings`` of the freshly built
+    optimizer) back, so a resumed run trains with what its config records. The current lr is
+    recomputed as LambdaLR computes it (base lr x the schedule's factor at its step), which is
+    the saved lr exactly when nothing changed. Returns {key: (saved, now)} of what changed."""
+    saved = optimizer_settings(optimizer, scheduler)
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = wanted["train.learning_rate"]
+        group["weight_decay"] = wanted["train.weight_decay"]
+        group["betas"] = (wanted["train.adam_beta1"], wanted["train.adam_beta2"])
+        group["eps"] = wanted["train.adam_eps"]
+        group["lr"] = wanted["train.learning_rate"] * factor(scheduler.last_epoch)
+    scheduler.base_lrs = [wanted["train.learning_rate"]] * len(optimizer.param_groups)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reports
+    return {key: (saved[key], value) for key, value in wanted.items() if saved[key] != value}
+
+
 def all_reduce_gradients(params: list[torch.nn.Parameter], accelerator: Accelerator) -> None:
     """Average the LoRA gradients over processes in ONE flat all-reduce, once per round.
 
@@ -289,13 +316,8 @@ def resume_checkpoint(config, accelerator: Accelerator) -> Optional[str]:
                 raise ckpt.CheckpointError(f"resume_from: latest, but no checkpoint under "
                                            f"{ckpt.checkpoint_root(config.output_dir)} is intact (see the warnings "
                                            "above); restore one, or start over with overwrite=true")
-            newer = [p for r, p in ckpt.list_checkpoints(config.output_dir)
-                     if found[0] and r > ckpt.round_of(found[0]) and ckpt.run_id_of(p) == ckpt.run_id_of(found[0])]
-            if newer:  # a rewind: say what the resumed run will replace as it passes those rounds
-                names = ", ".join(os.path.basename(p) for p in newer)
-                accelerator.print(f"[resume] warning: resuming from {found[0]}: metrics rows after its round are "
-                                  f"dropped, and this run's later checkpoints ({names}) are replaced as the run "
-                                  "passes their rounds")
+            if found[0]:
+                set_aside_later_checkpoints(config.output_dir, found[0], accelerator.print)
         except ckpt.CheckpointError as err:
             found[1] = str(err)
     if accelerator.num_processes > 1:
@@ -303,6 +325,30 @@ def resume_checkpoint(config, accelerator: Accelerator) -> Optional[str]:
     if found[1]:
         raise ckpt.CheckpointError(found[1])
     return found[0]
+
+
+def set_aside_later_checkpoints(output_dir: str, resumed: str, say: Callable[[str], None]) -> Optional[str]:
+    """Move this run's checkpoints after ``resumed`` (a rewind abandons them) and damaged ones
+    (their run cannot be read) out of the way, with a copy of ``metrics.jsonl`` (whose later
+    rows the resumed run drops), into ``<output_dir>.previous-<time>/``: none of them may be
+    taken as "latest" if the resumed run is interrupted, or block its own checkpoint of that
+    round. Nothing is deleted. Returns the folder, or None when nothing was later."""
+    run_id = ckpt.run_id_of(resumed)
+    later = [p for r, p in ckpt.round_folders(output_dir)
+             if r > ckpt.round_of(resumed) and ckpt.run_id_of(p) in (run_id, None)]
+    if not later:
+        return None
+    dest = os.path.join(aside_folder(output_dir), "checkpoints")
+    os.makedirs(dest)
+    for path in later:
+        os.replace(path, os.path.join(dest, os.path.basename(path)))
+    metrics = os.path.join(output_dir, "metrics.jsonl")
+    if os.path.isfile(metrics):
+        shutil.copy2(metrics, os.path.dirname(dest))
+    say(f"[resume] warning: resuming from {resumed}: moved the later or damaged checkpoints "
+        f"({', '.join(os.path.basename(p) for p in later)}) and a copy of metrics.jsonl to {os.path.dirname(dest)}; "
+        "the metrics rows after the resumed round are dropped")
+    return os.path.dirname(dest)
 
 
 def load_checkpoint(path: str, accelerator: Accelerator, policy, optimizer, scheduler, ema: Optional[EMA],

@@ -36,7 +36,8 @@ from . import checkpoint as ckpt
 from . import sharding
 from .ema import EMA
 from .loop import (NonFiniteGuard, RunState, all_reduce_gradients, broadcast_parameters, build_optimizer,
-                   build_policy_from_config, load_checkpoint, make_accelerator, resume_checkpoint, save_checkpoint)
+                   build_policy_from_config, load_checkpoint, make_accelerator, optimizer_settings,
+                   restore_settings, resume_checkpoint, save_checkpoint)
 from .metrics import MetricsLog, PhaseTimer, peak_memory_gb, read_metrics, synchronize
 from .preflight import preflight
 from .run_dir import claim_output_dir
@@ -116,6 +117,7 @@ class Run:
                                      teachers, config.eval.sample_images, config.seed,
                                      sampler=f"ODE, {config.eval.num_steps} steps", write=acc.is_main_process)
         self.saved_round = -1
+        self.resume_changes: dict = {}  # hyper-parameters changed on resume: logged with the next round
 
     def build_optimizer(self) -> None:
         """The student's optimizer, LR schedule and EMA over ``self.params`` (again after sharding)."""
@@ -273,8 +275,15 @@ class Run:
         c, acc = self.config, self.accelerator
         path = self.resume_path
         if path:
+            wanted = optimizer_settings(self.optimizer, self.scheduler)  # this config's, before the checkpoint's
             self.state = load_checkpoint(path, acc, self.policy, self.optimizer, self.scheduler, self.ema,
                                          recipe_state=getattr(recipe, "load_state_dict", None))
+            changed = restore_settings(self.optimizer, self.scheduler, wanted)
+            if changed:  # applied, said once, and recorded in the next metrics row
+                acc.print(f"[resume] warning: {path} was trained with " + ", ".join(
+                    f"{k}={old:g}" for k, (old, _) in changed.items()) + "; this run continues with " + ", ".join(
+                    f"{k}={new:g}" for k, (_, new) in changed.items()) + f" from round {self.state.round + 1}")
+                self.resume_changes = {f"resume_changed/{k}": new for k, (_, new) in changed.items()}
             for task, s in self.samplers.items():
                 s.load_state_dict(self.state.samplers[task])
             self.guard.streak = self.state.nan_streak
@@ -316,7 +325,8 @@ class Run:
         try:
             with StopRequest() as stop:  # SIGTERM / SIGINT: finish the round, checkpoint, exit non-zero
                 for round_idx in bar:
-                    metrics = self.timed_round(recipe, round_idx)
+                    metrics = {**self.timed_round(recipe, round_idx), **self.resume_changes}
+                    self.resume_changes = {}
                     self.state.round = round_idx
                     # every eval.every rounds, and always at the end: the run's final numbers and pictures
                     if c.eval.every and (round_idx % c.eval.every == 0 or round_idx == c.train.num_rounds):

@@ -78,8 +78,8 @@ def _check_previous_run(config) -> None:
         )
 
 
-def move_aside(output_dir: str) -> str:
-    """Move every entry of ``output_dir`` but the lock into a new sibling folder; returns it."""
+def aside_folder(output_dir: str) -> str:
+    """A new, empty sibling ``<output_dir>.previous-<UTC time>[-n]/`` for files set aside."""
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
     dest = f"{output_dir.rstrip(os.sep)}.previous-{stamp}"
     n = 1
@@ -87,6 +87,12 @@ def move_aside(output_dir: str) -> str:
         n += 1
         dest = f"{output_dir.rstrip(os.sep)}.previous-{stamp}-{n}"
     os.makedirs(dest)
+    return dest
+
+
+def move_aside(output_dir: str) -> str:
+    """Move every entry of ``output_dir`` but the lock into a new sibling folder; returns it."""
+    dest = aside_folder(output_dir)
     for name in os.listdir(output_dir):
         if name != LOCK_NAME:
             os.replace(os.path.join(output_dir, name), os.path.join(dest, name))

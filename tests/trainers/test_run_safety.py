@@ -149,7 +149,8 @@ def test_truncated_checkpoint_is_skipped_for_an_older_intact_one(tmp_path, capsy
     printed = capsys.readouterr().out
     assert f"skipping {os.path.dirname(damaged)}: {damaged}: " in printed and "truncated" in printed
     assert "resumed from" in printed and printed.split("resumed from ")[1].split()[0].endswith("round-1")
-    assert "this run's later checkpoints (round-2) are replaced" in printed  # never silently
+    assert "moved the later or damaged checkpoints (round-2)" in printed  # never silently
+    assert len(glob.glob(f"{out}.previous-*/checkpoints/round-2/student_raw.safetensors")) == 1  # set aside, kept
     got = resumed.policy.student_state_dict()
     assert all(torch.equal(got[k], expected_weights[k]) for k in expected_weights)
     assert numbers(out) == expected_rows
@@ -223,3 +224,70 @@ def test_run_stopped_at_round_10_and_resumed_is_bit_identical_for_30_rounds(tmp_
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst == 0.0, f"max weight difference {worst}"
     assert numbers(tmp_path / "full") == numbers(tmp_path / "split")
+
+
+def test_changed_optimizer_settings_on_resume_are_applied_logged_and_recorded(tmp_path, capsys):
+    """Issue 24, finding 1: the restored optimizer / scheduler states used to overwrite a changed
+    learning rate, weight decay and betas (metrics kept lr 0.03 while config.json said 1e-3)."""
+    out = tmp_path / "run"
+    train(tiny(out, "train.num_rounds=4", "save_every=2"))
+    first = tiny(out)
+    capsys.readouterr()
+    changes = ["train.learning_rate=0.001", "train.weight_decay=0.05", "train.adam_beta1=0.8", "train.adam_beta2=0.95"]
+    train(tiny(out, "train.num_rounds=6", "save_every=2", "resume_from=latest", *changes))
+    said = [line for line in capsys.readouterr().out.splitlines() if "[resume] warning" in line]
+    assert len(said) == 1 and "train.learning_rate=0.001" in said[0], said
+    assert f"train.learning_rate={first.train.learning_rate:g}" in said[0]
+    rows = read_metrics(str(out))
+    assert [r["round"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert rows[4]["lr"] == pytest.approx(0.001) and rows[5]["lr"] == pytest.approx(0.001)  # constant schedule
+    assert rows[4]["resume_changed/train.learning_rate"] == pytest.approx(0.001)
+    assert rows[4]["resume_changed/train.adam_beta1"] == pytest.approx(0.8)
+    assert not any(k.startswith("resume_changed/") for r in rows[:4] + rows[5:] for k in r)
+    ckpt_dir = out / "checkpoints" / "round-6"
+    group = torch.load(ckpt_dir / "optimizer.pt", weights_only=False)["param_groups"][0]
+    assert group["lr"] == pytest.approx(0.001) and group["weight_decay"] == pytest.approx(0.05)
+    assert tuple(group["betas"]) == pytest.approx((0.8, 0.95))
+    assert torch.load(ckpt_dir / "scheduler.pt", weights_only=False)["base_lrs"] == pytest.approx([0.001])
+    recorded = json.loads((ckpt_dir / "config.json").read_text())["train"]
+    assert recorded["learning_rate"] == pytest.approx(0.001) and recorded["adam_beta1"] == pytest.approx(0.8)
+
+
+def test_a_rewind_then_an_interruption_resumes_the_rewound_branch(tmp_path, capsys):
+    """Issue 24, finding 2: after resuming from round-4 of 8 and stopping at 5, resume_from=latest
+    took the abandoned round-8 (metrics ended 0..5, 9, 10). The later checkpoints are moved
+    aside at the rewind (with a copy of the metrics), so latest is round-5."""
+    out = tmp_path / "run"
+    args = ["train.num_rounds=8", "save_every=2", "keep_last=10"]
+    train(tiny(out, *args))
+    old_rows = numbers(out)
+    train(tiny(out, *args, f"resume_from={out}/checkpoints/round-4", "train.stop_after_round=5"))
+    assert [r for r, _ in ckpt.list_checkpoints(str(out))] == [2, 4, 5]
+    aside = glob.glob(f"{out}.previous-*")
+    assert len(aside) == 1 and sorted(os.listdir(os.path.join(aside[0], "checkpoints"))) == ["round-6", "round-8"]
+    assert [r["round"] for r in read_metrics(aside[0])] == list(range(1, 9))  # the abandoned branch's rows
+    capsys.readouterr()
+    train(tiny(out, *args, "resume_from=latest"))
+    assert "resumed from " + str(out / "checkpoints" / "round-5") in capsys.readouterr().out
+    assert [r["round"] for r in read_metrics(str(out))] == list(range(1, 9))
+    assert numbers(out)[:4] == old_rows[:4]
+
+
+def test_a_damaged_trainer_state_is_set_aside_not_taken_for_another_run(tmp_path, capsys):
+    """Issue 24, finding 3: a garbled round-8/trainer_state.json made every rerun train 7-8 and
+    then fail "round-8 ... belongs to another run (run_id None)"."""
+    out = tmp_path / "run"
+    args = ["train.num_rounds=8", "save_every=2", "keep_last=10"]
+    train(tiny(out, *args))
+    state = out / "checkpoints" / "round-8" / "trainer_state.json"
+    garbled = state.read_text()[:40]  # cut mid-JSON
+    state.write_text(garbled)
+    capsys.readouterr()
+    train(tiny(out, *args, "resume_from=latest"))
+    printed = capsys.readouterr().out
+    assert f"skipping {state.parent}: {state}" in printed and "moved the later or damaged checkpoints (round-8)" in printed
+    assert ckpt.verify(str(state.parent)) is None and ckpt.run_id_of(str(state.parent)) is not None  # rewritten
+    aside = glob.glob(f"{out}.previous-*/checkpoints/round-8/trainer_state.json")
+    assert len(aside) == 1 and open(aside[0]).read() == garbled  # kept as it was, beside the run
+    assert [r["round"] for r in read_metrics(str(out))] == list(range(1, 9))
+    train(tiny(out, *args, "resume_from=latest"))  # and a rerun is fine too (nothing left to train)
