@@ -95,7 +95,10 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
         shipped = sorted(f[:-3] for f in os.listdir(_configs_dir()) if f.endswith(".py") and not f.startswith("_"))
         raise ConfigError(f"--config: file {path!r} not found (a file path, or a shipped config: {', '.join(shipped)})")
     module = _import_file(path, "_diffusion_opd_user_config")
-    config = module.get_config(name) if name else module.get_config()
+    try:
+        config = module.get_config(name) if name else module.get_config()
+    except (KeyError, ValueError) as err:  # the file's own refusal of NAME, e.g. "unknown config 'x'; valid: ..."
+        raise ConfigError(f"--config {spec}: {err.args[0] if err.args else err}") from None
     for item in normalise_overrides(overrides):
         apply_override(config, item)
     return config

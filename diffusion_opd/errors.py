@@ -11,8 +11,14 @@ Domain errors subclass both ``UserError`` and the built-in they always were
 """
 from __future__ import annotations
 
+import errno
+import os
+import re
 import sys
 from typing import Callable, Optional, Sequence
+
+
+FULL_OR_READ_ONLY = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # OS errors that are the user's to fix
 
 
 class UserError(Exception):
@@ -39,8 +45,29 @@ def print_user_error(err: BaseException, file=None) -> None:
     print(f"error: {one_line(err)}", file=file or sys.stderr, flush=True)
 
 
+def _chain(err: BaseException):
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
+
+
+def disk_error(err: BaseException) -> Optional[int]:
+    """The errno when ``err`` (or what caused it) is a full disk, a quota or a read-only file
+    system, else None. Writers in Rust (safetensors) report it only in the message: "(os error 28)"."""
+    for e in _chain(err):
+        if isinstance(e, OSError) and e.errno in FULL_OR_READ_ONLY:
+            return e.errno
+        m = re.search(r"\(os error (\d+)\)", str(e))
+        if m and int(m.group(1)) in FULL_OR_READ_ONLY:
+            return int(m.group(1))
+    return None
+
+
 def run_cli(main: Callable[..., Optional[int]], argv: Optional[Sequence[str]] = None) -> int:
-    """Call ``main(argv)`` and turn a :class:`UserError` into one line on stderr + its exit code.
+    """Call ``main(argv)`` and turn a :class:`UserError` into one line on stderr + its exit code,
+    and a full disk / quota / read-only file system (:func:`disk_error`) into one line + exit 2.
 
     Scripts end with ``sys.exit(run_cli(main))``. A second Ctrl-C (the first one asks a
     training run to stop cleanly) ends without a traceback too.
@@ -50,7 +77,14 @@ def run_cli(main: Callable[..., Optional[int]], argv: Optional[Sequence[str]] = 
     except UserError as err:
         print_user_error(err)
         return err.exit_code
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr, flush=True)
-        return 130
+    except Exception as err:
+        code = disk_error(err)
+        if code is None:
+            raise
+        # Not a bug: the disk. Checkpoints are written atomically, so rerunning with
+        # resume_from=latest once there is room loses at most the current round.
+        where = next((f" writing {e.filename}" for e in _chain(err) if getattr(e, "filename", None)), "")
+        print(f"error: {errno.errorcode[code]} ({os.strerror(code)}){where}; free space (or make it writable), "
+              "then rerun (a training run: with resume_from=latest)", file=sys.stderr, flush=True)
+        return 2
     return int(code or 0)

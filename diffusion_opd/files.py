@@ -1,5 +1,5 @@
-"""Files every part of the library writes the same way: strict JSON with one NaN policy, and
-SHA-256 file hashes.
+"""Files every part of the library writes the same way: strict JSON with one NaN policy,
+SHA-256 file hashes, and the check that an output folder can be written at all.
 
 NaN policy: JSON has no NaN / inf, so a non-finite number is written as ``null`` everywhere
 (metrics.jsonl, checkpoints' JSON, evaluation results and summaries); readers treat ``null``
@@ -11,10 +11,13 @@ import hashlib
 import json
 import math
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Union
 
-__all__ = ["json_safe", "json_line", "sha256_file", "write_json"]
+from .errors import ConfigError
+
+__all__ = ["check_writable_folder", "json_safe", "json_line", "sha256_file", "write_json"]
 
 
 def json_safe(value: Any) -> Any:
@@ -53,3 +56,23 @@ def sha256_file(path: Union[str, Path]) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def check_writable_folder(key: str, path: str) -> None:
+    """Refuse, naming ``key``, a ``path`` that is a file, lies below a file, or whose nearest
+    existing folder takes no new files (read-only, no permission, /proc...). Creates nothing
+    but an empty probe file, removed at once."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"{key}: {path} is a file, not a folder; choose a folder")
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(f"{key}: {path} is below {existing}, which is a file; choose a folder")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".write-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ConfigError(f"{key}: cannot create files in {existing} ({err.strerror}); choose a writable folder") from None

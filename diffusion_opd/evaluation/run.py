@@ -38,7 +38,7 @@ import numpy as np
 
 from ..data.prompts import DATASET_FILES, PromptDataset, load_task_prompts
 from ..errors import UserError, run_cli
-from ..files import json_safe
+from ..files import check_writable_folder, json_safe
 from .summary import summarize, write_summary
 
 __all__ = [
@@ -313,6 +313,7 @@ def plan_from_args(args: argparse.Namespace) -> EvalPlan:
         rows = rows[: args.max_samples]
     _check_reward_inputs(rewards, rows, args.reward_device)
     output_dir = args.output_dir or os.path.join("outputs", "eval", args.dataset)
+    check_writable_folder("--output_dir", output_dir)
     return EvalPlan(args, rows, model, adapter, rewards, output_dir, noise_level)
 
 

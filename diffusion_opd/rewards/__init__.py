@@ -9,9 +9,11 @@ with ``python -m diffusion_opd.rewards.serve --reward NAME --port P`` instead.
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 from typing import Any, Optional
 
+from ..errors import UserError
 from .base import MissingCheckpointError, Scorer, ckpt_root
 
 REGISTRY: dict[str, str] = {
@@ -84,6 +86,36 @@ def reward_class(name: str) -> type:
     return getattr(importlib.import_module(module), cls)
 
 
+class RewardOptionError(UserError, TypeError):
+    """An option a reward does not have, or a value of the wrong kind (before anything loads)."""
+
+
+def check_reward_options(name: str, options: dict[str, Any]) -> None:
+    """Refuse, naming the option, an option ``name``'s scorer does not take, and a value whose
+    kind differs from the option's default (a number, a bool) that would otherwise
+    fail later, mid-run (``ocr.min_confidence='abc'`` failed when the first image was scored)."""
+    params = inspect.signature(reward_class(name)).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    named = {k: p for k, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    for key, value in options.items():
+        if key not in named:
+            if takes_any:
+                continue
+            raise RewardOptionError(f"reward '{name}' has no option '{key}'; its options: {', '.join(named) or 'none'}")
+        default = named[key].default
+        if value is None or default is None or default is inspect.Parameter.empty:
+            continue
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, (int, float)):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        else:  # strings: paths, devices (a torch.device too) are checked by the scorer itself
+            ok = True
+        if not ok:
+            raise RewardOptionError(f"reward '{name}': option '{key}' expects a {type(default).__name__} like its "
+                                    f"default {default!r}, got {value!r}")
+
+
 def load_reward(name: str, remote: Optional[str] = None, cache: bool = True, **options: Any) -> Scorer:
     """The scorer ``name`` (one instance per process and options; its model loads on first
     call), or a client of a reward server at ``remote``
@@ -93,6 +125,7 @@ def load_reward(name: str, remote: Optional[str] = None, cache: bool = True, **o
         from .remote import RemoteScorer
 
         return RemoteScorer(name, remote, **options)
+    check_reward_options(name, options)
     key = (name, tuple(sorted((k, repr(v)) for k, v in options.items())))
     if cache and key in _CACHE:
         return _CACHE[key]
@@ -112,6 +145,6 @@ def __getattr__(attr: str):
 
 
 __all__ = [
-    "REGISTRY", "MissingCheckpointError", "MultiReward", "Scorer", "ckpt_root", "load_reward",
+    "REGISTRY", "MissingCheckpointError", "MultiReward", "RewardOptionError", "Scorer", "ckpt_root", "load_reward",
     "reward_class", "reward_names", "check_reward_name", "check_weight", "reward_weights",
 ]

@@ -317,7 +317,19 @@ def resume_checkpoint(config, accelerator: Accelerator) -> Optional[str]:
                                            f"{ckpt.checkpoint_root(config.output_dir)} is intact (see the warnings "
                                            "above); restore one, or start over with overwrite=true")
             if found[0]:
+                reached, rounds = ckpt.round_of(found[0]), config.train.num_rounds
+                if reached > rounds:
+                    raise ckpt.CheckpointError(
+                        f"train.num_rounds: {rounds}, but {found[0]} is at round {reached}: nothing would train. "
+                        f"Raise train.num_rounds above {reached} to continue, or rewind with "
+                        f"resume_from={ckpt.checkpoint_root(config.output_dir)}/round-N (N < {rounds})")
+                if reached == rounds:
+                    accelerator.print(f"[resume] {found[0]} is at round {reached} = train.num_rounds: nothing to "
+                                      "train (raise train.num_rounds to continue)")
                 set_aside_later_checkpoints(config.output_dir, found[0], accelerator.print)
+            elif config.resume_from == "latest":
+                accelerator.print(f"[resume] resume_from=latest: no checkpoint under {config.output_dir} yet; "
+                                  "starting a new run")
         except ckpt.CheckpointError as err:
             found[1] = str(err)
     if accelerator.num_processes > 1:

@@ -1,8 +1,8 @@
 """Everything a run checks before any weight loads; ``--validate_only`` runs exactly this.
 
 In cost order: the config itself (a pure function, :func:`diffusion_opd.config.validate_config`),
-reward names, the prompt sets (read from disk), the state of ``output_dir`` (a used folder is
-refused), and the backbone's module names (its ``config.json`` only, built on the meta device)
+devices, reward names, the prompt sets (read from disk), ``output_dir`` (a file, a read-only
+folder, a used folder are refused), and the backbone's module names (its ``config.json`` only, built on the meta device)
 against ``lora.target_modules``. Each failure is a one-line :class:`~diffusion_opd.errors.UserError`.
 """
 from __future__ import annotations
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from ..config import validate_config
 from ..data.prompts import PromptDataset, run_prompts
 from ..errors import ConfigError
+from ..files import check_writable_folder
 from .run_dir import check_output_dir
 from .sharding import check_strategy
 
@@ -35,6 +36,17 @@ def check_rewards(config) -> None:
                 raise ConfigError(f"tasks.{name}.reward: {err}") from None
 
 
+def check_devices(config) -> None:
+    """A CUDA device asked for where torch sees none is refused (accelerate would silently run on the CPU)."""
+    import torch
+
+    for key in ("device", "rl.reward_device", "eval.reward_device"):
+        section, _, leaf = key.rpartition(".")
+        value = str((config[section] if section else config)[leaf])
+        if value.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"{key}: {value!r}, but torch sees no CUDA GPU here; use {key}=cpu (or auto)")
+
+
 def check_backbone(config) -> None:
     """``lora.target_modules`` against the layers of the backbone ``model.path`` names."""
     from ..models.backbone import check_target_modules, module_names, transformer_config
@@ -52,8 +64,10 @@ def preflight(config, world_size: int, backbone: bool = True, output_dir: bool =
     under the lock, the outcome shared with every process)."""
     validate_config(config, world_size=world_size)
     check_strategy(config, world_size)
+    check_devices(config)
     check_rewards(config)
     prompts, eval_prompts = run_prompts(config, world_size)
+    check_writable_folder("output_dir", config.output_dir)  # a file, below a file, read-only: before any print
     if output_dir:
         check_output_dir(config)
     if backbone:
