@@ -15,9 +15,16 @@ import tempfile
 from pathlib import Path
 from typing import Any, Union
 
-from .errors import ConfigError
+from .errors import ConfigError, UserError
 
-__all__ = ["check_writable_folder", "json_safe", "json_line", "sha256_file", "write_json"]
+__all__ = ["MANIFEST", "DamagedFileError", "check_against_manifest", "check_manifest_entry", "check_writable_folder",
+           "json_safe", "json_line", "sha256_file", "write_json"]
+
+MANIFEST = "manifest.json"  # {"files": {relative path: {"bytes", "sha256"}}}, sealed into every checkpoint
+
+
+class DamagedFileError(UserError, ValueError):
+    """A file that is not what was written (truncated, altered) or cannot be read; names it."""
 
 
 def json_safe(value: Any) -> Any:
@@ -76,3 +83,40 @@ def check_writable_folder(key: str, path: str) -> None:
         os.unlink(probe)
     except OSError as err:
         raise ConfigError(f"{key}: cannot create files in {existing} ({err.strerror}); choose a writable folder") from None
+
+
+def check_manifest_entry(path: Union[str, Path], meta: dict) -> None:
+    """Raise :class:`DamagedFileError` naming ``path`` when it is missing or its size or
+    SHA-256 differs from its manifest entry ``meta`` ({"bytes", "sha256"})."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise DamagedFileError(f"{path}: missing")
+    size = os.path.getsize(path)
+    if size != meta["bytes"]:
+        raise DamagedFileError(f"{path}: {size} bytes, {meta['bytes']} written (truncated or overwritten)")
+    if sha256_file(path) != meta["sha256"]:
+        raise DamagedFileError(f"{path}: content differs from what was written (SHA-256 mismatch)")
+
+
+def check_against_manifest(path: Union[str, Path], levels: int = 2) -> bool:
+    """Check ``path`` against the manifest of the folder it was sealed in, if any: a manifest
+    in its folder or up to ``levels - 1`` folders above (a checkpoint's ``round-N/`` holds
+    ``lora/`` and ``ema/``). Returns whether a manifest listed it; raises
+    :class:`DamagedFileError` when it differs, so a damaged file is named before it is read."""
+    path = os.path.abspath(str(path))
+    folder = os.path.dirname(path)
+    for _ in range(levels):
+        manifest = os.path.join(folder, MANIFEST)
+        if os.path.isfile(manifest):
+            try:
+                with open(manifest) as f:
+                    files = json.load(f)["files"]
+            except (ValueError, KeyError, TypeError) as err:
+                raise DamagedFileError(f"{manifest}: unreadable ({type(err).__name__}: {err})") from None
+            meta = files.get(os.path.relpath(path, folder))
+            if meta is None:
+                return False
+            check_manifest_entry(path, meta)
+            return True
+        folder = os.path.dirname(folder)
+    return False

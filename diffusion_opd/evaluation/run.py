@@ -38,7 +38,7 @@ import numpy as np
 
 from ..data.prompts import DATASET_FILES, PromptDataset, load_task_prompts
 from ..errors import UserError, run_cli
-from ..files import check_writable_folder, json_safe
+from ..files import MANIFEST, DamagedFileError, check_writable_folder, json_safe
 from .summary import summarize, write_summary
 
 __all__ = [
@@ -216,6 +216,13 @@ def resolve_checkpoint(path: str, use_ema: bool = False) -> tuple[str, str, dict
                 "LoRA weights (already the EMA ones when that run used EMA); drop --use_ema")
         return str(folder), str(root), {}
     folder = root / "ema" if use_ema else root
+    if (root / MANIFEST).is_file():  # ours: every file as it was written, else the damaged one named
+        from ..trainers.checkpoint import CheckpointError, verify
+
+        try:
+            verify(str(root))
+        except CheckpointError as err:
+            raise DamagedFileError(f"--checkpoint_path: {err}; use another checkpoint") from None
     if not (folder / LORA_WEIGHTS).is_file():
         hint = (" (the run was trained without EMA: train.ema_decay=0; drop --use_ema)"
                 if use_ema and (root / LORA_WEIGHTS).is_file() else

@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 
 from ..errors import UserError
+from ..files import DamagedFileError, check_against_manifest
 from .hub import ModelNotFoundError
 
 __all__ = ["AdapterMismatchError", "LoraAdapter", "read_lora_adapter", "check_adapter_fits", "add_lora_adapter",
@@ -80,7 +81,13 @@ def read_lora_adapter(folder: str, weight_name: Optional[str] = None) -> LoraAda
     from peft import LoraConfig
 
     path = _find_weights(folder, weight_name)
-    raw, metadata = _load_weights(path)
+    check_against_manifest(path)  # a training checkpoint's file: named if it is not what was written
+    try:
+        raw, metadata = _load_weights(path)
+    except Exception as err:  # SafetensorError, a truncated torch file...: whatever it is, this file is the cause
+        message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise DamagedFileError(f"{path}: cannot be read as LoRA weights ({type(err).__name__}: {message}); "
+                               "the file is damaged or incomplete: copy it again") from None
     state = {}
     for key, value in raw.items():
         if key.startswith(("text_encoder.", "text_encoder_2.")):
@@ -103,8 +110,12 @@ def read_lora_adapter(folder: str, weight_name: Optional[str] = None) -> LoraAda
     ranks = {k.rsplit(".lora_B", 1)[0]: v.shape[1] for k, v in state.items() if ".lora_B." in k}
     config_file = os.path.join(os.path.dirname(path), "adapter_config.json")
     if os.path.isfile(config_file):
-        with open(config_file) as f:
-            kwargs = json.load(f)
+        check_against_manifest(config_file)
+        try:
+            with open(config_file) as f:
+                kwargs = json.load(f)
+        except ValueError as err:
+            raise DamagedFileError(f"{config_file}: not valid JSON ({err}); the file is damaged") from None
     elif _METADATA_KEY in metadata:
         meta = json.loads(metadata[_METADATA_KEY])
         kwargs = {k.removeprefix("transformer."): v for k, v in meta.items() if not k.startswith("text_encoder")}

@@ -20,10 +20,9 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..files import sha256_file, write_json
+from ..files import MANIFEST, DamagedFileError, check_manifest_entry, sha256_file, write_json
 
 _ROUND_DIR = re.compile(r"^round-(\d+)$")
-MANIFEST = "manifest.json"
 STATE = "trainer_state.json"
 
 
@@ -102,14 +101,10 @@ def verify(ckpt_dir: str) -> None:
     except (ValueError, KeyError) as err:
         raise CheckpointError(f"{manifest}: unreadable ({err})") from None
     for rel, meta in sorted(files.items()):
-        path = os.path.join(ckpt_dir, rel)
-        if not os.path.isfile(path):
-            raise CheckpointError(f"{path}: missing")
-        size = os.path.getsize(path)
-        if size != meta["bytes"]:
-            raise CheckpointError(f"{path}: {size} bytes, {meta['bytes']} written (truncated or overwritten)")
-        if sha256_file(path) != meta["sha256"]:
-            raise CheckpointError(f"{path}: content differs from what was written (SHA-256 mismatch)")
+        try:
+            check_manifest_entry(os.path.join(ckpt_dir, rel), meta)
+        except DamagedFileError as err:
+            raise CheckpointError(str(err)) from None
 
 
 def _verify_by_loading(ckpt_dir: str) -> None:
