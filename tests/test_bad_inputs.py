@@ -52,6 +52,10 @@ TABLE = [
     ("eval output_dir is a file", "eval", ["--output_dir", "{file}"], "--output_dir: {file} is a file"),
     ("eval reward option of the wrong kind", "eval", ["--output_dir", "{tmp}/eval", "--reward_option",
                                                       "ocr.min_confidence=abc"], "option 'min_confidence' expects a float"),
+    ("eval guidance inf", "eval", ["--output_dir", "{tmp}/eval", "--guidance_scale", "inf"],
+     "--guidance_scale must be a finite number in [0, 100]"),
+    ("eval guidance 1e30", "eval", ["--output_dir", "{tmp}/eval", "--guidance_scale", "1e30"],
+     "--guidance_scale must be a finite number in [0, 100]"),
     ("eval unknown reward option", "eval", ["--output_dir", "{tmp}/eval", "--reward_option", "ocr.bogus_option=1"],
      "reward 'ocr' has no option 'bogus_option'"),
 ]

@@ -18,7 +18,8 @@ sorted and de-duplicated by index, so no row is counted twice.
 
 Outputs in ``--output_dir``: ``results.jsonl`` (one row per image: ``index``, ``prompt``,
 ``metadata``, ``seed``, numeric ``scores``, other reward ``outputs`` such as OCR's recognised
-text, ``image`` path or null), ``summary.json`` /
+text, ``image`` path or null, ``nonfinite``: the sample diverged, its scores are null and it
+counts as a failure, ``summary.json``'s ``nonfinite_samples``), ``summary.json`` /
 ``summary.md`` (``evaluation/summary.py``: for GenEval the official per-tag overall and the
 labelled per-image mean), ``grid.png`` (the first images) and ``images/`` with ``--save_images``.
 """
@@ -47,6 +48,7 @@ __all__ = [
 ]
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-3.5-medium"
+MAX_GUIDANCE = 100.0  # CFG scales in use are <= 30; 1e30 or inf only produces NaN latents
 # The name the evaluated LoRA gets on the backbone. Not "eval": peft keeps adapters in
 # ModuleDicts keyed by name, and a key that is an nn.Module attribute cannot be registered.
 EVAL_ADAPTER = "evaluated"
@@ -281,6 +283,11 @@ def plan_from_args(args: argparse.Namespace) -> EvalPlan:
     for name in ("num_steps", "batch_size", "resolution", "max_sequence_length"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if not (math.isfinite(args.guidance_scale) and 0 <= args.guidance_scale <= MAX_GUIDANCE):
+        raise ValueError(f"--guidance_scale must be a finite number in [0, {MAX_GUIDANCE:g}], got {args.guidance_scale} "
+                         "(the paper evaluates at 4.5; far above that the sampler leaves the image range)")
+    if args.noise_level is not None and not math.isfinite(args.noise_level):
+        raise ValueError(f"--noise_level must be a finite number, got {args.noise_level}")
     if args.max_samples is not None and args.max_samples < 1:
         raise ValueError(f"--max_samples must be >= 1, got {args.max_samples}")
     if args.resolution % 16:
@@ -462,10 +469,13 @@ def evaluate(plan: EvalPlan) -> Optional[dict]:
                            noise_level=plan.noise_level, guidance_scale=args.guidance_scale,
                            resolution=args.resolution, adapter=adapter, keep_states=False)
             images = policy.decode(traj.latents)
+            finite = torch.isfinite(traj.latents.flatten(1)).all(1).tolist()
         scores = _score_batch(scorers, images, prompts, metadata)
-        for index, row, seed, image, (numeric, extra) in zip(batch, rows, seeds, images, scores):
+        for index, row, seed, image, (numeric, extra), ok in zip(batch, rows, seeds, images, scores, finite):
+            if not ok:  # a sample that diverged: a failure, never the score of the image its NaNs decode to
+                numeric = {key: None for key in numeric}
             record = {"index": index, "prompt": row["prompt"], "metadata": row["metadata"], "seed": seed,
-                      "scores": numeric, "outputs": extra, "image": None}
+                      "scores": numeric, "outputs": extra, "image": None, "nonfinite": not ok}
             if args.save_images:
                 record["image"] = f"images/{index:05d}.png"
                 image.save(out_dir / record["image"])
@@ -499,6 +509,12 @@ def _write_outputs(plan: EvalPlan, records: list[dict], grid: list[tuple[int, by
         for record in records:
             f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
     summary = summarize(plan.args.dataset, records)
+    failed = sum(bool(r.get("nonfinite")) for r in records)
+    summary["nonfinite_samples"] = failed
+    if failed:
+        print(f"warning: {failed} of {len(records)} samples diverged (non-finite latents): counted as failures, their "
+              "scores are NaN (see nonfinite in results.jsonl); check the model, the adapter and --guidance_scale",
+              file=sys.stderr, flush=True)
     args = plan.args
     summary["run"] = {
         "model": plan.model, "adapter": plan.adapter, "num_steps": args.num_steps,

@@ -287,3 +287,24 @@ def test_flux_pipeline_and_checkpoint_end_to_end(tiny_flux_dir, tmp_path):
         assert e.shape == (64, 64, 3) and np.abs(e - pixels(out / r["image"])).max() <= 1
     run = json.loads((out / "summary.json").read_text())["run"]
     assert run["model"] == tiny_flux_dir and run["adapter"]["path"].endswith("round-3")
+
+
+def test_diverged_samples_are_failures_not_scores(tmp_path, capsys, tiny_sd3_dir, tiny_teacher_dirs):
+    """Issue 24, finding 6: NaN latents decoded to black were scored (brightness 0.0, nan_count
+    0, rc 0). A LoRA whose weights blew up (x 1e30) makes every sample non-finite: each is
+    counted as a failure with null scores, and the run says so."""
+    from safetensors.torch import load_file, save_file
+
+    diverged = tmp_path / "diverged"
+    shutil.copytree(tiny_teacher_dirs["peft"], diverged)
+    weights = diverged / "adapter_model.safetensors"
+    save_file({k: v * 1e30 for k, v in load_file(str(weights)).items()}, str(weights))
+    out = tmp_path / "eval"
+    run_cli(["--dataset", "ocr", "--model", tiny_sd3_dir, "--data_root", shared_datasets(), "--max_samples", "2",
+             "--rewards", "brightness", "--lora_path", diverged, "--output_dir", out, *SAMPLING])
+    rows = read_results(out)
+    assert [r["nonfinite"] for r in rows] == [True, True]
+    assert [r["scores"]["brightness"] for r in rows] == [None, None]  # not 0.0, the black image's
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["nonfinite_samples"] == 2 and summary["metrics"]["brightness/nan_count"] == 2
+    assert "2 of 2 samples diverged" in capsys.readouterr().err
