@@ -40,6 +40,7 @@ import numpy as np
 from ..data.prompts import DATASET_FILES, PromptDataset, load_task_prompts
 from ..errors import UserError, run_cli
 from ..files import MANIFEST, DamagedFileError, check_writable_folder, json_safe
+from ..trainers.run_dir import LOCK_NAME, RunLock, move_aside
 from .summary import summarize, write_summary
 
 __all__ = [
@@ -102,7 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_sequence_length", type=int, default=128, help="T5 tokens")
     p.add_argument("--max_samples", type=int, default=None, help="evaluate the first N rows only")
     p.add_argument("--save_images", action="store_true")
-    p.add_argument("--output_dir", default=None, help="default: outputs/eval/<dataset>")
+    p.add_argument("--output_dir", default=None, help="default: outputs/eval/<dataset>; a folder holding files is "
+                   "refused unless --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="move what --output_dir holds to <output_dir>.previous-<time>/ first (nothing is deleted)")
     p.add_argument("--rewards", default=None,
                    help="comma-separated reward names (default: the dataset's set)")
     p.add_argument("--reward_device", default="auto", help="auto = this process's device")
@@ -328,6 +332,7 @@ def plan_from_args(args: argparse.Namespace) -> EvalPlan:
     _check_reward_inputs(rewards, rows, args.reward_device)
     output_dir = args.output_dir or os.path.join("outputs", "eval", args.dataset)
     check_writable_folder("--output_dir", output_dir)
+    _check_output_dir(output_dir, args.overwrite)
     return EvalPlan(args, rows, model, adapter, rewards, output_dir, noise_level)
 
 
@@ -444,6 +449,7 @@ def evaluate(plan: EvalPlan) -> Optional[dict]:
     if world != launched:  # each rank would silently evaluate everything alone
         raise RuntimeError(f"launched with WORLD_SIZE={launched} but the accelerator sees {world} process(es)")
     out_dir = Path(plan.output_dir)
+    lock = _claim_output_dir(plan, accelerator)  # held until this function returns (or the process ends)
     if accelerator.is_main_process:
         (out_dir / "images" if args.save_images else out_dir).mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
@@ -496,7 +502,48 @@ def evaluate(plan: EvalPlan) -> Optional[dict]:
         raise RuntimeError(f"gathered {len(records)} rows for {len(plan.rows)} prompts")
     summary = _write_outputs(plan, [r for _, r in records], sorted(dict(grid).items()), world)
     accelerator.wait_for_everyone()
+    if lock is not None:
+        lock.release()
     return summary
+
+
+def previous_outputs(output_dir: str) -> list[str]:
+    """What ``output_dir`` already holds (the lock aside): another evaluation's or anyone's files."""
+    if not os.path.isdir(output_dir):
+        return []
+    return sorted(name for name in os.listdir(output_dir) if name != LOCK_NAME)
+
+
+def _check_output_dir(output_dir: str, overwrite: bool) -> None:
+    held = previous_outputs(output_dir)
+    if held and not overwrite:
+        raise ValueError(f"--output_dir: {output_dir} already holds {', '.join(held[:5])}{' ...' if len(held) > 5 else ''}; "
+                         "choose another folder, or pass --overwrite (moves them to "
+                         f"{output_dir.rstrip(os.sep)}.previous-<time>/, nothing is deleted)")
+
+
+def _claim_output_dir(plan: EvalPlan, accelerator):
+    """The trainer's folder rules for an evaluation: the lock (a second evaluation into the same
+    folder fails at once, naming the first), a used folder refused, ``--overwrite`` moving the
+    old files aside. Main process; every process raises the same one-line error."""
+    from accelerate.utils import broadcast_object_list
+
+    lock, outcome = None, [""]
+    if accelerator.is_main_process:
+        try:
+            lock = RunLock(plan.output_dir).acquire()
+            _check_output_dir(plan.output_dir, plan.args.overwrite)  # again, under the lock
+            if previous_outputs(plan.output_dir):
+                print(f"[eval] --overwrite: moved the previous files to {move_aside(plan.output_dir)}")
+        except (UserError, ValueError) as err:
+            if lock is not None:
+                lock.release()
+            outcome = [str(err)]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(outcome, from_process=0)
+    if outcome[0]:
+        raise UserError(outcome[0])
+    return lock
 
 
 def _write_outputs(plan: EvalPlan, records: list[dict], grid: list[tuple[int, bytes]], world: int) -> dict:

@@ -308,3 +308,40 @@ def test_diverged_samples_are_failures_not_scores(tmp_path, capsys, tiny_sd3_dir
     summary = json.loads((out / "summary.json").read_text())
     assert summary["nonfinite_samples"] == 2 and summary["metrics"]["brightness/nan_count"] == 2
     assert "2 of 2 samples diverged" in capsys.readouterr().err
+
+
+def test_evaluations_never_mix_in_one_output_dir(tmp_path, capsys, tiny_sd3_dir):
+    """Issue 24, finding 7: a second evaluation into the same --output_dir mixed its outputs with
+    the first's (scores of one, images of the other). Now the trainer's rules: a used folder is
+    refused (--overwrite moves it aside), and a live evaluation's lock refuses a concurrent one."""
+    out = tmp_path / "eval"
+    argv = ["--dataset", "ocr", "--model", tiny_sd3_dir, "--data_root", shared_datasets(), "--max_samples", "1",
+            "--rewards", "brightness", "--save_images", "--output_dir", out, *SAMPLING]
+    run_cli(argv)
+    first = (out / "results.jsonl").read_text()
+    capsys.readouterr()
+    assert main([str(a) for a in argv + ["--seed", "7"]]) == 2  # refused before any model loads
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds" in err[0] and "--overwrite" in err[0], err
+    assert (out / "results.jsonl").read_text() == first
+    run_cli(argv + ["--seed", "7", "--overwrite"])
+    aside = list(tmp_path.glob("eval.previous-*"))
+    assert len(aside) == 1 and (aside[0] / "results.jsonl").read_text() == first
+    assert sorted(p.name for p in aside[0].iterdir()) == ["grid.png", "images", "results.jsonl", "summary.json",
+                                                            "summary.md"]
+    assert json.loads((out / "results.jsonl").read_text())["seed"] != json.loads(first)["seed"]
+
+    # A live evaluation holds the folder: a second one fails at once, naming it.
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom diffusion_opd.trainers.run_dir import "
+                               "RunLock\nlock = RunLock(sys.argv[1]).acquire()\nprint('held', flush=True)\ntime.sleep(60)",
+                               str(tmp_path / "busy")], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        capsys.readouterr()
+        assert main([str(a) for a in argv[:-len(SAMPLING) - 2] + ["--output_dir", tmp_path / "busy", *SAMPLING]]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"in use by another run (PID {holder.pid}" in err[0], err
+        assert not (tmp_path / "busy" / "results.jsonl").exists()
+    finally:
+        holder.kill()
+        holder.wait()
