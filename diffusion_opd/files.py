@@ -13,12 +13,12 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 from .errors import ConfigError, UserError
 
 __all__ = ["MANIFEST", "DamagedFileError", "check_against_manifest", "check_manifest_entry", "check_writable_folder",
-           "json_safe", "json_line", "sha256_file", "write_json"]
+           "json_safe", "json_line", "replace_atomically", "sha256_file", "write_json"]
 
 MANIFEST = "manifest.json"  # {"files": {relative path: {"bytes", "sha256"}}}, sealed into every checkpoint
 
@@ -120,3 +120,17 @@ def check_against_manifest(path: Union[str, Path], levels: int = 2) -> bool:
             return True
         folder = os.path.dirname(folder)
     return False
+
+
+def replace_atomically(path: Union[str, Path], write: Callable[[str], None]) -> None:
+    """``write(tmp)`` writes the new file to a temporary name in the same folder (same extension,
+    for writers that pick the format from it), which is then renamed over ``path``: readers and
+    a crash see the old file or the new one, never half of one."""
+    root, ext = os.path.splitext(str(path))
+    tmp = f"{root}.partial{ext}"
+    try:
+        write(tmp)
+        os.replace(tmp, str(path))
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

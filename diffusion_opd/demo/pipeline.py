@@ -21,7 +21,7 @@ import torch
 
 from ..config import ConfigError, config_file, load_config
 from ..data import toy_world as world
-from ..files import write_json
+from ..files import replace_atomically, write_json
 from ..trainers import checkpoint as ckpt
 from ..trainers.loop import NonFiniteError
 from ..trainers.metrics import read_metrics
@@ -130,16 +130,26 @@ def training_images(config) -> int:
     return per_task * len(config.tasks) * config.train.num_rounds
 
 
+WORK = ("base", "runs", "teachers")  # what the demo trains into: its own, rebuilt on every run
+REPORT = ("results.json", "report.md", "convergence.png", "samples.png")  # replaced file by file at the end
+
+
 def prepare_output_dir(path: str) -> None:
-    """Create ``path``; replace it only when an earlier demo wrote it (else refuse in one line)."""
+    """Create ``path``, or reuse it when an earlier demo wrote it (else refuse in one line).
+
+    Only the demo's own working folders (``WORK``) are cleared. The previous report stays until
+    the new one replaces it file by file (an interrupted rerun keeps it), and anything else in
+    the folder (the user's notes, copies...) is never touched."""
     if os.path.isdir(path) and os.listdir(path):
         if not os.path.isfile(os.path.join(path, MARKER)):
             raise ConfigError(f"--output_dir {path}: the folder exists and was not written by the demo; choose "
                               "another folder or remove it yourself")
-        print(f"[demo] replacing the previous demo outputs in {path}")
-        shutil.rmtree(path)
-    os.makedirs(path)
-    open(os.path.join(path, MARKER), "w").close()
+        print(f"[demo] replacing the previous demo's runs in {path} (its report stays until the new one is written)")
+    os.makedirs(path, exist_ok=True)
+    for name in WORK:
+        if os.path.isdir(os.path.join(path, name)):
+            shutil.rmtree(os.path.join(path, name))
+    open(os.path.join(path, MARKER), "a").close()
 
 
 def final_checkpoint(run_dir: str) -> str:
@@ -300,13 +310,18 @@ def _machine() -> str:
 
 
 def write_outputs(demo: Demo, results: dict, samples) -> str:
+    """The report's files (``REPORT``), each replacing the previous demo's atomically."""
     write_json(demo.path("results.json"), results, indent=1, sort_keys=False)
-    report.plot_convergence(results, demo.path("convergence.png"))
-    report.plot_samples(*samples, SAMPLE_PROMPTS, demo.path("samples.png"))
-    path = demo.path("report.md")
-    with open(path, "w") as f:
-        f.write(report.report_markdown(results))
-    return path
+    replace_atomically(demo.path("convergence.png"), lambda tmp: report.plot_convergence(results, tmp))
+    replace_atomically(demo.path("samples.png"), lambda tmp: report.plot_samples(*samples, SAMPLE_PROMPTS, tmp))
+    text = report.report_markdown(results)
+
+    def write_text(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    replace_atomically(demo.path("report.md"), write_text)
+    return demo.path("report.md")
 
 
 def run_demo(output_dir: str = "outputs/demo", profile: str = "full", seed: int = 0, progress: bool = True) -> dict:
