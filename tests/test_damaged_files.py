@@ -99,3 +99,5 @@ def test_a_damaged_lora_is_one_line_naming_the_file(entry, how, trained, tmp_pat
     assert code == 2 and len(lines) == 1, err[-3000:]
     assert str(damaged) in lines[0] and why in lines[0], lines[0]
     assert "Traceback" not in out + err
+    if main is train_main:  # the run that failed to start leaves no run.lock behind
+        assert not (tmp_path / "next" / "run.lock").exists()

@@ -88,11 +88,15 @@ class Run:
         acc.print(f"{tag} " + f"\n{tag} ".join(f"{k}: {v}" for k, v in self.geometry.items()))
         # output_dir is this run's until close(): a live run elsewhere or another run's files refuse it
         self.lock = claim_output_dir(config, acc) if check_data else None
-        os.makedirs(config.output_dir, exist_ok=True)
-        self.resume_path = resume_checkpoint(config, acc) if check_data else None  # verified, before loading
-
-        set_seed(config.seed)  # the student LoRA's initialisation
-        self.policy = policy if policy is not None else build_policy_from_config(config, acc)
+        try:  # a checkpoint or model that fails to load (a damaged teacher...) hands the folder back at once
+            os.makedirs(config.output_dir, exist_ok=True)
+            self.resume_path = resume_checkpoint(config, acc) if check_data else None  # verified, before loading
+            set_seed(config.seed)  # the student LoRA's initialisation
+            self.policy = policy if policy is not None else build_policy_from_config(config, acc)
+        except BaseException:
+            if self.lock is not None:
+                self.lock.abandon()
+            raise
         self.params = self.policy.trainable_parameters()
         broadcast_parameters(self.params, acc)
         self.build_optimizer()

@@ -107,6 +107,7 @@ class RunLock:
         self.fd: Optional[int] = None
         self.previous: dict = {}  # the content a dead holder left (a stale lock taken over)
         self.written = False
+        self.created_folder = self.created_file = False  # by acquire(): what abandon() may remove
 
     def check_free(self) -> None:
         """Raise :class:`OutputDirBusyError` if a live run holds the lock (takes it for an instant)."""
@@ -115,6 +116,8 @@ class RunLock:
             self.release()
 
     def acquire(self, write: bool = True) -> "RunLock":
+        self.created_folder = not os.path.isdir(os.path.dirname(self.path))
+        self.created_file = not os.path.exists(self.path)
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -158,6 +161,19 @@ class RunLock:
         finally:
             os.close(self.fd)
             self.fd = None
+
+    def abandon(self) -> None:
+        """Release after a run that failed before it started: remove the lock file (and the
+        folder) when this run created them and nothing else was written there."""
+        if self.fd is None:
+            return
+        if self.created_file:
+            os.unlink(self.path)  # still holding the flock: no other run can be between
+        folder = os.path.dirname(self.path)
+        self.written = False
+        self.release()
+        if self.created_folder and not os.listdir(folder):
+            os.rmdir(folder)
 
     def __del__(self):  # a run object dropped without close() (e.g. failed while loading) is gone too
         self.release()
