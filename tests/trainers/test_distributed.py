@@ -40,16 +40,20 @@ def test_two_process_ddp(tmp_path, spec):
 
 
 @pytest.mark.slow
-def test_launch_script_runs_two_processes_with_accelerate(tmp_path):
-    """The shipped scripts/single_node/mopd.sh (accelerate launch + multi_gpu.yaml), 2 CPU processes."""
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_launch_script_runs_two_processes_with_accelerate(tmp_path, strategy):
+    """The shipped scripts/single_node/mopd.sh (accelerate launch + multi_gpu.yaml, or fsdp2.yaml
+    picked from distributed.strategy=fsdp), 2 CPU processes."""
     out = str(tmp_path / "acc")
     env = {**os.environ, "NUM_GPUS": "2", "MAIN_PORT": str(_free_port()), "OMP_NUM_THREADS": "1",
            "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
     result = subprocess.run(["bash", "scripts/single_node/mopd.sh", "--config", "config/opd.py:tiny_mopd",
-                             f"output_dir={out}", "train.num_rounds=2", "eval.every=0", "logging.progress=false"],
+                             f"output_dir={out}", "train.num_rounds=2", "eval.every=0", "logging.progress=false",
+                             f"distributed.strategy={strategy}"],
                             cwd=ROOT, capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "[opd] world_size: 2" in result.stdout + result.stderr
+    assert ("[fsdp] sharded over 2 processes" in result.stdout + result.stderr) == (strategy == "fsdp")
     assert [r["round"] for r in read_metrics(out)] == [1, 2]
 
 
