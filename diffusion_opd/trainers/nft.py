@@ -62,9 +62,9 @@ class NFT:
         losses = []
         for part in updates(groups, c.train.batch_size, c.rl.updates_per_round):
             scale, _ = update_scale(run, part, c.train.num_train_steps)
+            run.expect_backwards(len(part) * c.train.num_train_steps)  # fsdp: reduce on the last
             local = sum(self.backward(g, idx, sigmas, round_idx, scale) for g, idx in part)
             loss = global_loss(run, local)  # the mean per kept sample and trained level
-            run.expect_backwards(len(part) * c.train.num_train_steps)  # fsdp: reduce on the last
             metrics.update(run.optimizer_step(round_idx, loss))
             losses.append(loss)
             self.steps_taken += 1
