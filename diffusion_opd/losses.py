@@ -15,6 +15,7 @@ from typing import Optional, Union
 
 import torch
 
+from .glue import fusable
 from .sampling import gaussian_log_prob, reduce_per_sample
 
 Std = Union[float, torch.Tensor]
@@ -23,7 +24,9 @@ __all__ = ["opd_kl", "opd_l2", "opd_ppo_surrogate"]
 
 
 def _as_tensor(std: Std, like: torch.Tensor) -> torch.Tensor:
-    t = torch.as_tensor(std, dtype=torch.float32, device=like.device)
+    if not isinstance(std, torch.Tensor):  # torch.full: no blocking host-to-device copy
+        return torch.full((), float(std), dtype=torch.float32, device=like.device)
+    t = std.to(like.device, torch.float32)
     if t.ndim == 1 and t.shape[0] == like.shape[0] and like.ndim > 1:
         t = t.reshape(-1, *([1] * (like.ndim - 1)))  # per-sample std
     return t
@@ -35,6 +38,7 @@ def opd_kl(
     std: Std,
     reduction: str = "mean",
     released_code_dt: Optional[Std] = None,
+    check_std: bool = True,
 ) -> torch.Tensor:
     """Closed-form per-step reverse KL between the student's and the teacher's Gaussian kernels.
 
@@ -48,17 +52,24 @@ def opd_kl(
     The result is the true KL times ``|dt|``: a per-step reweighting, not a different optimum.
 
     Raises ValueError when ``std`` is zero (the ODE has no density): use :func:`opd_l2`.
+    ``check_std=False`` skips that check: it reads ``std`` on the host, which on an accelerator
+    blocks until the queue drains; the trainer skips it (its config check refuses the KL with
+    ODE rollouts, and an SDE step's std is > 0).
     """
     s = _as_tensor(std, mean_student)
-    if bool((s == 0).any()):
+    if check_std and bool((s == 0).any()):
         raise ValueError(
             "opd_kl: std is 0 (noise_level 0 = deterministic ODE step): the KL is undefined; "
             "use opd_l2 (paper eq. 12) for ODE rollouts"
         )
-    variance = s**2
-    if released_code_dt is not None:
-        variance = variance / _as_tensor(released_code_dt, mean_student).abs()
-    diff2 = (mean_student.float() - mean_teacher.detach().float()) ** 2
+    dt = None if released_code_dt is None else _as_tensor(released_code_dt, mean_student)
+    return _kl(mean_student, mean_teacher.detach(), s, dt, reduction)
+
+
+@fusable
+def _kl(mean_student, mean_teacher, s, dt, reduction: str) -> torch.Tensor:
+    variance = s**2 if dt is None else s**2 / dt.abs()
+    diff2 = (mean_student.float() - mean_teacher.float()) ** 2
     return reduce_per_sample(diff2 / (2 * variance), reduction)
 
 
@@ -68,7 +79,12 @@ def opd_l2(mean_student: torch.Tensor, mean_teacher: torch.Tensor, reduction: st
     The deterministic limit of :func:`opd_kl` up to the (constant) ``1 / s^2`` factor.
     ``mean_teacher`` is detached.
     """
-    diff2 = (mean_student.float() - mean_teacher.detach().float()) ** 2
+    return _l2(mean_student, mean_teacher.detach(), reduction)
+
+
+@fusable
+def _l2(mean_student, mean_teacher, reduction: str) -> torch.Tensor:
+    diff2 = (mean_student.float() - mean_teacher.float()) ** 2
     return 0.5 * reduce_per_sample(diff2, reduction)
 
 

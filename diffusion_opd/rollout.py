@@ -166,8 +166,9 @@ def rollout_steps(policy: Policy, embeds: PromptEmbeds, seeds: Sequence[int], sp
     generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
     x = randn((len(seeds), *policy.latent_shape(spec.resolution)), generators, policy.device)
     prev_x0 = None  # dpm2: the previous step's data prediction
+    values = sigmas.tolist()  # Python floats once (a CPU tensor; no per-step scalar reads)
     for j in range(spec.num_steps):
-        sigma, sigma_next = sigmas[j].item(), sigmas[j + 1].item()
+        sigma, sigma_next = values[j], values[j + 1]
         # Noise is drawn at every SDE step whether or not it trains, so trajectories are
         # identical across grad_steps choices.
         noise = randn(x.shape, generators, policy.device) if spec.noise_level > 0 else None
@@ -175,7 +176,7 @@ def rollout_steps(policy: Policy, embeds: PromptEmbeds, seeds: Sequence[int], sp
             v = policy.velocity(x, sigma, embeds, adapter=adapter, guidance_scale=spec.guidance_scale)
             if spec.solver == "dpm2":
                 x0 = x.float() - sigma * v.float()
-                nxt = dpm2_step(x, x0, sigma, sigma_next, prev_x0, sigmas[j - 1].item() if j else None)
+                nxt = dpm2_step(x, x0, sigma, sigma_next, prev_x0, values[j - 1] if j else None)
                 result = StepResult(prev_sample=nxt.to(x.dtype), mean=nxt, std=nxt.new_zeros([1] * nxt.ndim), log_prob=None)
                 prev_x0 = x0
             else:
@@ -200,8 +201,9 @@ def replay_steps(policy: Policy, traj: Trajectory, embeds: PromptEmbeds, spec: S
     through the conditional branch only (:func:`~diffusion_opd.models.base.cfg_combine`)."""
     if not traj.states:
         raise ValueError("replay needs the states: sample with keep_states=True")
+    values = traj.sigmas.tolist()  # a CPU tensor: Python floats once
     for j in steps:
-        x, sigma, sigma_next = traj.states[j], float(traj.sigmas[j]), float(traj.sigmas[j + 1])
+        x, sigma, sigma_next = traj.states[j], values[j], values[j + 1]
         v = policy.velocity(x, sigma, embeds, STUDENT, spec.guidance_scale, detach_uncond=detach_uncond)
         mean, std = transition_mean_std(v, x, sigma, sigma_next, spec.noise_level)
         taken = traj.next_state(j)

@@ -19,6 +19,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from .glue import fusable
+
 Sigma = Union[float, torch.Tensor]
 Generators = Union[torch.Generator, Sequence[torch.Generator], None]
 
@@ -57,7 +59,7 @@ def sd3_sigmas(num_steps: int, shift: float = 3.0, num_train_timesteps: int = 10
         raise ValueError(f"shift must be > 0, got {shift}")
     train = torch.linspace(1.0, 1.0 / num_train_timesteps, num_train_timesteps, dtype=torch.float64)
     train = shift_sigmas(train, shift)
-    sigma_max, sigma_min = train[0].item(), train[-1].item()
+    sigma_max, sigma_min = train[0].tolist(), train[-1].tolist()  # a CPU tensor: no device to wait for
     sigmas = torch.linspace(sigma_max, sigma_min, num_steps, dtype=torch.float64)
     sigmas = shift_sigmas(sigmas, shift)
     return torch.cat([sigmas, sigmas.new_zeros(1)])
@@ -116,8 +118,13 @@ class StepResult:
 
 
 def _as_batch_tensor(value: Sigma, like: torch.Tensor) -> torch.Tensor:
-    """A float or per-sample tensor -> float32 tensor broadcastable to ``like`` (B, ...)."""
-    t = torch.as_tensor(value, dtype=torch.float32, device=like.device)
+    """A float or per-sample tensor -> float32 tensor broadcastable to ``like`` (B, ...).
+
+    A float becomes a ``torch.full`` on the device: ``torch.as_tensor(float, device=cuda)`` copies
+    from host memory and blocks the host until the queue drains (twice per transition)."""
+    if not isinstance(value, torch.Tensor):
+        return torch.full([1] * like.ndim, float(value), dtype=torch.float32, device=like.device)
+    t = value.to(like.device, torch.float32)
     if t.ndim == 0:
         return t.reshape([1] * like.ndim)
     if t.ndim == 1 and t.shape[0] == like.shape[0]:
@@ -132,10 +139,11 @@ def std_dev_t(sigma: Sigma, sigma_next: Sigma, noise_level: float, like: torch.T
     ``sigmas[1]`` there) we use ``sigma_next`` in the denominator: the first step is the only
     one that starts at 1, and its ``sigma_next`` is exactly ``sigmas[1]``.
     """
-    s = _as_batch_tensor(sigma, like)
-    s_next = _as_batch_tensor(sigma_next, like)
-    denom = 1 - torch.where(s >= 1, s_next, s)
-    return noise_level * torch.sqrt(s / denom)
+    return _std_dev(_as_batch_tensor(sigma, like), _as_batch_tensor(sigma_next, like), noise_level)
+
+
+def _std_dev(s: torch.Tensor, s_next: torch.Tensor, noise_level: float) -> torch.Tensor:
+    return noise_level * torch.sqrt(s / (1 - torch.where(s >= 1, s_next, s)))
 
 
 def transition_mean_std(
@@ -152,12 +160,20 @@ def transition_mean_std(
     float32; differentiable in ``velocity`` (the student's gradient path).
     """
     x = sample.float()
-    v = velocity.float()
     s = _as_batch_tensor(sigma, x)
-    dt = _as_batch_tensor(sigma_next, x) - s
+    s_next = _as_batch_tensor(sigma_next, x)
+    return _mean_std(velocity, x, s, s_next, noise_level)
+
+
+@fusable
+def _mean_std(velocity: torch.Tensor, x: torch.Tensor, s: torch.Tensor, s_next: torch.Tensor,
+              noise_level: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`transition_mean_std` on tensors (one fused kernel when compiled)."""
+    v = velocity.float()
+    dt = s_next - s
     if noise_level == 0:
         return x + v * dt, torch.zeros_like(dt)
-    g = std_dev_t(sigma, sigma_next, noise_level, x)
+    g = _std_dev(s, s_next, noise_level)
     mean = x * (1 + g**2 / (2 * s) * dt) + v * (1 + g**2 * (1 - s) / (2 * s)) * dt
     return mean, g * torch.sqrt(-dt)
 
@@ -196,8 +212,12 @@ def randn(shape: Sequence[int], generator: Generators, device, dtype=torch.float
     if len(generator) != shape[0]:
         raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
     gen_device = generator[0].device
-    noise = [torch.randn(tuple(shape[1:]), generator=g, device=gen_device, dtype=dtype) for g in generator]
-    return torch.stack(noise).to(device)
+    noise = torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=gen_device, dtype=dtype)
+                         for g in generator])
+    if torch.device(device).type == "cuda" and noise.device.type == "cpu":
+        # from pinned memory the copy is queued, not waited for (pageable memory would block)
+        return noise.pin_memory().to(device, non_blocking=True)
+    return noise.to(device)
 
 
 def sde_step(

@@ -414,7 +414,7 @@ def run_variant(name: str, *, model: str, device: str, paths: dict, rounds: int,
     if settings.legacy_casts:  # keep peft's input casts (the behaviour the 2026-11-30 baseline measured)
         policy._switch.input_casting = lambda enabled: None
     row["teachers_loaded"] = used
-    row["param_bytes"] = _policy_bytes(policy, used, "transformer" if merged else kind)
+    row["param_bytes"] = _policy_bytes(policy, used, "merged" if merged else kind)
     embeds = {task: _random_embeds(policy, config.train.batch_size, spec.text_tokens, seed=i)
               for i, task in enumerate(config.tasks)}
     runner = RoundRunner(config, policy, embeds, task_teachers, PhaseProfile(accelerator.device, settings.phase_sync))
@@ -487,12 +487,15 @@ def _phases(raw: dict) -> dict:
 
 def _policy_bytes(policy, teacher_names: list[str], kind: str) -> dict:
     """Parameter bytes of the backbone, the student LoRA and the teachers (adapters: their LoRA
-    tensors on the shared backbone; separate: each teacher's own transformer)."""
+    tensors on the shared backbone; merged: their merged layer weights; separate: each
+    teacher's own transformer)."""
     named = list(policy.transformer.named_parameters())
     out = {"backbone": _param_bytes(p for n, p in named if ".lora_" not in n),
            "student": _param_bytes(policy.trainable_parameters())}
     if kind == "lora":
         out["teachers"] = _param_bytes(p for n, p in named if any(f".{t}." in n for t in teacher_names))
+    elif kind == "merged":  # one merged weight per adapted layer and teacher
+        out["teachers"] = sum(policy.merged_teacher_bytes.values())
     else:
         # The policy keeps full teachers private; the benchmark reads them to report their size.
         out["teachers"] = sum(_param_bytes(m.parameters()) for m in policy._full_teachers.values())

@@ -103,8 +103,11 @@ def test_teacher_adapter_bytes(result):
     assert sorted(rows["fused"]["teachers_loaded"]) == ["aesthetic", "geneval", "ocr"]
     assert len(rows["one_teacher"]["teachers_loaded"]) == 1
     assert rows["fused"]["param_bytes"]["teachers"] == 3 * rows["one_teacher"]["param_bytes"]["teachers"] > 0
-    # the teacher fast path holds one backbone copy per teacher
-    assert rows["merge_teachers"]["param_bytes"]["teachers"] == 3 * rows["fused"]["param_bytes"]["backbone"]
+    # the teacher fast path holds one merged weight per adapted layer and teacher: less than a
+    # backbone copy each (the layers outside attention are shared), more than the adapters
+    merged = rows["merge_teachers"]["param_bytes"]["teachers"]
+    assert rows["fused"]["param_bytes"]["teachers"] < merged < 3 * rows["fused"]["param_bytes"]["backbone"]
+    assert merged % 3 == 0
 
 
 def test_one_process_per_variant_with_another_dtype(tmp_path):

@@ -133,8 +133,11 @@ def get_config():
     c.perf = ml_collections.ConfigDict()
     c.perf.compile = "auto"  # auto (on for CUDA, off on the CPU; not yet measured on a GPU) | on | off: torch.compile per block
     c.perf.compile_backend = "inductor"  # inductor fuses; eager / aot_eager only trace (CPU tests)
+    # false: one graph per batch shape (the released round has 4: 6 / 3 rows, 18 / 15 in lockstep);
+    # true: symbolic shapes (dynamo's own default, None, turns them dynamic at the first new shape)
+    c.perf.compile_dynamic = False
     c.perf.lockstep_tasks = False  # all tasks of a round in one batch (one student forward, one mixed-teacher forward per step)
-    c.perf.merge_teachers = False  # each LoRA teacher merged into its own frozen backbone copy (+1 backbone of memory each)
+    c.perf.merge_teachers = False  # each LoRA teacher merged into its own copy of the layers it adapts (+W per adapted layer)
 
     # How processes share the model (trainers/sharding.py, README "Sharded training").
     c.distributed = ml_collections.ConfigDict()

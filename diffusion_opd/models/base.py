@@ -17,6 +17,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from ..glue import fusable
+
 BASE = "base"
 STUDENT = "student"
 
@@ -29,10 +31,15 @@ def cfg_combine(out: torch.Tensor, guidance_scale: float, detach_uncond: bool = 
     same but the gradient is ``g dv_c`` instead of ``g dv_c + (1 - g) dv_u``: how Flow-GRPO (and
     GRPO-Guard after it) trains its CFG policy (``rl.cfg_grad=detach_uncond``).
     """
-    v_u, v_c = out.float().chunk(2)
-    if detach_uncond:
-        v_u = v_u.detach()
-    return v_u + guidance_scale * (v_c - v_u)
+    v_u, v_c = out.chunk(2)
+    return guided(v_u.detach() if detach_uncond else v_u, v_c, guidance_scale)
+
+
+@fusable
+def guided(v_uncond: torch.Tensor, v_cond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """``v_u + g (v_c - v_u)`` in float32 (one fused kernel when compiled, diffusion_opd/glue.py)."""
+    v_u = v_uncond.float()
+    return v_u + guidance_scale * (v_cond.float() - v_u)
 
 
 def check_prompts(prompts: Sequence[str]) -> list[str]:
@@ -83,6 +90,11 @@ class PromptEmbeds:
         return PromptEmbeds([q for p in parts for q in p.prompts], cond, first.uncond)
 
     def select(self, index: Sequence[int]) -> "PromptEmbeds":
+        """The rows ``index``; a contiguous ``range`` is sliced (a view: no index tensor moved
+        to the device, which would block the host until the device's queue drains)."""
+        if isinstance(index, range) and index.step == 1:
+            rows = slice(index.start, index.stop)
+            return PromptEmbeds(self.prompts[rows], {k: v[rows] for k, v in self.cond.items()}, self.uncond)
         idx = torch.as_tensor(list(index), dtype=torch.long)
         cond = {k: v[idx.to(v.device)] for k, v in self.cond.items()}
         return PromptEmbeds([self.prompts[i] for i in index], cond, self.uncond)
@@ -208,14 +220,20 @@ class Policy(ABC):
 
     def per_sample_sigma(self, latents: torch.Tensor, sigma, embeds: PromptEmbeds, adapter: str) -> torch.Tensor:
         """Check a :meth:`velocity` call (known adapter, one embedding row per latent) and return
-        ``sigma`` as a float32 (B,) tensor on the policy's device (a float is broadcast)."""
+        ``sigma`` as a float32 (B,) tensor on the policy's device (a float is broadcast).
+
+        A float becomes a ``torch.full`` (the value travels as a kernel argument);
+        ``torch.as_tensor(float, device=cuda)`` would copy it from host memory and block the
+        host until the device's queue drains, once per forward."""
         valid = self.adapter_names()
         if adapter not in valid:
             raise ValueError(f"unknown adapter {adapter!r}; valid: {valid}")
         b = latents.shape[0]
         if len(embeds) != b:
             raise ValueError(f"{len(embeds)} prompt embeddings for a batch of {b} latents")
-        t = torch.as_tensor(sigma, dtype=torch.float32, device=self.device)
+        if not isinstance(sigma, torch.Tensor):
+            return torch.full((b,), float(sigma), dtype=torch.float32, device=self.device)
+        t = sigma.to(self.device, torch.float32)
         return t.expand(b) if t.ndim == 0 else t.reshape(b)
 
     def add_student_copy(self, name: str) -> list[torch.nn.Parameter]:
@@ -237,7 +255,7 @@ class Policy(ABC):
         self.__dict__.setdefault("_student_copies", []).append(name)
         return [copies[named[id(p)]] for p in self.trainable_parameters()]
 
-    def compile_blocks(self, backend: str = "inductor", dynamic: Optional[bool] = None) -> int:
+    def compile_blocks(self, backend: str = "inductor", dynamic: bool = False) -> int:
         """Regional compilation (models/compile.py) of the modules owning the student; returns
         the number of blocks compiled (0: the model has no repeated blocks)."""
         from .compile import compile_repeated_blocks

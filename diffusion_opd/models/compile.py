@@ -11,6 +11,16 @@ Adapter switching and recompilation: peft's LoRA layers read ``_active_adapter``
 cached graph without recompiling. That is ~2 block variants x 5 adapters (student with and
 without grad, 3 teachers, base) x 2 batch shapes for the released recipe: more than dynamo's
 default of 8 cache entries per code object, so the limit is raised here.
+
+Shapes are static by default (``dynamic=False``): dynamo's own default (``None``) turns a block
+dynamic at the first new batch size (the 3-row CFG-1.0 teacher after 6-row forwards), trading
+the fused, shape-specialised kernels for symbolic ones. Blocks compile with ``fullgraph=True``:
+a graph break inside a block would split it into pieces run eagerly between graphs, which
+reads as "compile does not help"; fullgraph turns it into an error instead
+(tests/models/test_compile.py checks every SD3.5 block variant has none).
+
+The modules around the blocks (patch and time / text embeddings, final norm and projection)
+are compiled the same way: once per forward, but element-wise chains all the same.
 """
 from __future__ import annotations
 
@@ -18,7 +28,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["repeated_blocks", "compile_repeated_blocks", "RECOMPILE_LIMIT"]
+__all__ = ["repeated_blocks", "glue_modules", "compile_repeated_blocks", "RECOMPILE_LIMIT"]
 
 RECOMPILE_LIMIT = 64  # graphs kept per block code object (see the module docstring)
 
@@ -37,9 +47,17 @@ def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     return blocks
 
 
-def compile_repeated_blocks(model: torch.nn.Module, backend: str = "inductor", dynamic: Optional[bool] = None) -> int:
-    """``block.compile(backend=..., dynamic=...)`` for every repeated block; returns how many
-    (0 for a model without repeated blocks: nothing is compiled).
+def glue_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's direct children that are not lists of blocks (SD3: ``pos_embed``,
+    ``time_text_embed``, ``context_embedder``, ``norm_out``, ``proj_out``)."""
+    return [m for m in model.children() if not isinstance(m, torch.nn.ModuleList)]
+
+
+def compile_repeated_blocks(model: torch.nn.Module, backend: str = "inductor", dynamic: Optional[bool] = False,
+                            fullgraph: bool = True) -> int:
+    """``block.compile(backend=..., dynamic=..., fullgraph=...)`` for every repeated block and
+    every glue module around them; returns how many blocks (0 for a model without repeated
+    blocks: nothing is compiled).
 
     Compilation itself happens lazily at the first forward of each (adapter, grad, shape)
     combination, i.e. during the first round. ``backend="eager"`` / ``"aot_eager"`` trace without
@@ -48,7 +66,9 @@ def compile_repeated_blocks(model: torch.nn.Module, backend: str = "inductor", d
     import torch._dynamo
 
     blocks = repeated_blocks(model)
+    if not blocks:
+        return 0
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-    for block in blocks:
-        block.compile(backend=backend, dynamic=dynamic)
+    for module in (*blocks, *glue_modules(model)):
+        module.compile(backend=backend, dynamic=dynamic, fullgraph=fullgraph)
     return len(blocks)

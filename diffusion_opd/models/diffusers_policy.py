@@ -17,13 +17,37 @@ from typing import Optional, Sequence
 
 import torch
 
-from .base import BASE, STUDENT, Policy, PromptEmbeds, cfg_combine, check_prompts
+from .base import BASE, STUDENT, Policy, PromptEmbeds, cfg_combine, check_prompts, guided
 from .hub import resolve_adapter, resolve_folder
 from .lora import (AdapterMismatchError, AdapterSwitch, LoraAdapter, add_lora_adapter, add_student_adapter,
-                   read_lora_adapter)
+                   merge_adapter_into_layers, read_lora_adapter)
 from .specs import TeacherSpec
 
 __all__ = ["DiffusersPolicy"]
+
+
+def _runs(adapters: list[str], scales: list[float]) -> list[tuple[str, float, int, int]]:
+    """Maximal runs of consecutive rows with the same (adapter, scale): (adapter, scale, start, stop)."""
+    runs, start = [], 0
+    for i in range(1, len(adapters) + 1):
+        if i == len(adapters) or (adapters[i], scales[i]) != (adapters[start], scales[start]):
+            runs.append((adapters[start], scales[start], start, i))
+            start = i
+    return runs
+
+
+def _mixed_rows(embeds: PromptEmbeds, layout, dtype) -> dict[str, torch.Tensor]:
+    """The conditioning of a mixed forward (uncond copies / cond rows in ``layout`` order), built
+    once per embedding batch and layout: a lockstep round queries the same layout at every step."""
+    cache = embeds.__dict__.setdefault("_mixed_rows", {})
+    key = (tuple(layout), dtype)
+    if key not in cache:
+        def rows(k, r, uncond):
+            v = embeds.cond[k]
+            return embeds.uncond[k].expand(r[3] - r[2], *v.shape[1:]) if uncond else v[r[2]:r[3]]
+
+        cache[key] = {k: torch.cat([rows(k, r, u) for r, u in layout]).to(dtype) for k in embeds.cond}
+    return cache[key]
 
 # Prompts are encoded ONE per text-encoder forward: a batched GEMM may sum in another order for
 # another batch size, so an embedding would depend on which prompts shared its batch, and a
@@ -81,14 +105,14 @@ class DiffusersPolicy(Policy):
         self._full_teachers: dict[str, torch.nn.Module] = {}
         self._teacher_names = [t.name for t in teachers]
         self._merge_teachers = merge_teachers
-        merged = [t.name for t in teachers if t.kind == "lora"] if merge_teachers else []
-        if merged:
-            gb = sum(p.numel() * p.element_size() for p in transformer.parameters()) / 1e9
-            print(f"[policy] teacher fast path: {len(merged)} merged teacher copies ({', '.join(merged)}) of the "
-                  f"{str(dtype).removeprefix('torch.')} backbone, +{gb:.2f} GB each, +{len(merged) * gb:.2f} GB "
-                  "in all", flush=True)
+        self.merged_teacher_bytes: dict[str, int] = {}  # teacher -> bytes of its merged layer weights
         for spec in teachers:
             self._load_teacher(spec)
+        if self.merged_teacher_bytes:
+            sizes = self.merged_teacher_bytes
+            print(f"[policy] teacher fast path: {len(sizes)} merged teachers ({', '.join(sizes)}): each adapted "
+                  f"layer keeps W + sBA beside W in {str(dtype).removeprefix('torch.')}, "
+                  f"+{max(sizes.values()) / 1e9:.2f} GB each, +{sum(sizes.values()) / 1e9:.2f} GB in all", flush=True)
         self._switch = AdapterSwitch(transformer, default=STUDENT)
         self._switch.restore()
         self.rebind_student()
@@ -127,7 +151,7 @@ class DiffusersPolicy(Policy):
                                      weight_name=spec.weight_name, what=f"teacher '{spec.name}'")
             adapter = read_lora_adapter(folder, spec.weight_name)
             if self._merge_teachers:
-                self._full_teachers[spec.name] = self._merged_copy(adapter, spec.name)
+                self.merged_teacher_bytes[spec.name] = merge_adapter_into_layers(self.transformer, adapter, spec.name)
             else:
                 add_lora_adapter(self.transformer, adapter, spec.name, label=f"teacher '{spec.name}'")
             return
@@ -142,19 +166,9 @@ class DiffusersPolicy(Policy):
                     f"{key}={model.config.get(key)} but the student has {self.transformer.config.get(key)}")
         self._full_teachers[spec.name] = model.requires_grad_(False).eval().to(self.device)
 
-    def _merged_copy(self, adapter, name: str) -> torch.nn.Module:
-        """A frozen copy of the backbone with ``adapter`` merged into its weights: W + s B A
-        (peft's merge, in the backbone dtype), then the LoRA layers removed."""
-        copy = _diffusers_class(self.transformer_class).from_pretrained(
-            self.model_dir, subfolder="transformer", torch_dtype=self.dtype)
-        copy.requires_grad_(False).to(self.device)
-        add_lora_adapter(copy, adapter, name, label=f"teacher '{name}'")
-        copy.fuse_lora(adapter_names=[name])
-        copy.unload_lora()
-        return copy.eval()
-
-    def compile_blocks(self, backend: str = "inductor", dynamic=None) -> int:
-        """Regional compilation of every denoiser's repeated blocks (models/compile.py)."""
+    def compile_blocks(self, backend: str = "inductor", dynamic: bool = False) -> int:
+        """Regional compilation of every denoiser's repeated blocks and the modules around them
+        (models/compile.py)."""
         from .compile import compile_repeated_blocks
 
         return sum(compile_repeated_blocks(m, backend, dynamic)
@@ -230,9 +244,13 @@ class DiffusersPolicy(Policy):
 
     # ---------------------------------------------------------------- denoiser
     @contextmanager
-    def _active(self, adapter: str):
+    def _active(self, adapter: str, rows: int):
         if adapter == STUDENT or adapter in self._full_teachers:
             yield
+            return
+        if adapter in self.merged_teacher_bytes:  # every row through the teacher's merged weights
+            with self._switch.spans([(adapter, 0, rows)]):
+                yield
             return
         self._switch.activate(None if adapter == BASE else adapter)
         try:
@@ -258,7 +276,7 @@ class DiffusersPolicy(Policy):
         grad = adapter == STUDENT and torch.is_grad_enabled()
         module = self._student_module if grad else self._full_teachers.get(adapter, self.transformer)
         self._switch.input_casting(not torch.is_autocast_enabled(self.device.type))
-        with self._active(adapter), torch.set_grad_enabled(grad):
+        with self._active(adapter, x.shape[0]), torch.set_grad_enabled(grad):
             out = self._forward(module, x, t, cond, guidance_scale)
         if cfg:
             out = cfg_combine(out, guidance_scale, detach_uncond)
@@ -267,10 +285,12 @@ class DiffusersPolicy(Policy):
     def velocity_mixed(self, latents: torch.Tensor, sigma, embeds: PromptEmbeds, adapters: Sequence[str],
                        guidance_scales: Sequence[float]) -> torch.Tensor:
         """Per-row adapters and guidance in ONE forward of the shared transformer (see
-        :meth:`Policy.velocity_mixed`): the CFG rows' uncond copies first, then every cond row,
-        each row through its own LoRA adapter (peft mixed batch). Teachers held as separate
-        transformers (``kind="transformer"``, merged teachers), the student, and guidance that
-        feeds an embedding rather than CFG take the one-forward-per-group default."""
+        :meth:`Policy.velocity_mixed`). The forward's rows are ordered by adapter, each adapter's
+        CFG uncond copies right before its cond rows, so every adapter owns one contiguous span
+        of rows (LoRA teachers and merged teachers alike: :meth:`AdapterSwitch.spans`); runs of
+        consecutive rows are moved as slices, never gathered by index. Teachers held as separate
+        transformers (``kind="transformer"``), the student, and guidance that feeds an embedding
+        rather than CFG take the one-forward-per-group default."""
         adapters, scales = list(adapters), [float(g) for g in guidance_scales]
         b = latents.shape[0]
         if not len(adapters) == len(scales) == len(embeds) == b:
@@ -282,22 +302,36 @@ class DiffusersPolicy(Policy):
             raise ValueError(f"velocity_mixed: unknown adapter(s) {unknown}; valid: {valid}")
         if set(adapters) & set(self._full_teachers) or (self.guidance_mode != "true_cfg" and len(set(scales)) > 1):
             return super().velocity_mixed(latents, sigma, embeds, adapters, scales)
-        t = torch.as_tensor(sigma, dtype=torch.float32, device=self.device)
-        t = t.expand(b) if t.ndim == 0 else t.reshape(b)
+        t = self.per_sample_sigma(latents, sigma, embeds, BASE)
         x = latents.to(self.device, self.dtype)
-        cfg = [i for i in range(b) if self._uses_cfg(scales[i])]
-        cond = {k: torch.cat([embeds.uncond[k].expand(len(cfg), *v.shape[1:]), v]).to(self.dtype)
-                for k, v in embeds.cond.items()}
-        names = [None if adapters[i] == BASE else adapters[i] for i in cfg + list(range(b))]
+        runs = _runs(adapters, scales)  # (adapter, scale, start, stop) of consecutive equal rows
+        layout, spans, rows = [], [], 0  # layout: (run, uncond?) in forward order
+        for adapter in dict.fromkeys(a for a, _, _, _ in runs):
+            mine = [r for r in runs if r[0] == adapter]
+            parts = [(r, True) for r in mine if self._uses_cfg(r[1])] + [(r, False) for r in mine]
+            size = sum(r[3] - r[2] for r, _ in parts)
+            spans.append((None if adapter == BASE else adapter, rows, rows + size))
+            layout += parts
+            rows += size
+        cond = _mixed_rows(embeds, layout, self.dtype)
+        x_in = torch.cat([x[r[2]:r[3]] for r, _ in layout]) if len(layout) > 1 else x
+        t_in = torch.cat([t[r[2]:r[3]] for r, _ in layout]) if len(layout) > 1 else t
         self._switch.input_casting(not torch.is_autocast_enabled(self.device.type))
-        with torch.no_grad(), self._switch.mixed(names):
-            out = self._forward(self.transformer, torch.cat([x[cfg], x]), torch.cat([t[cfg], t]), cond, scales[0])
-        v = out[len(cfg):].to(latents.dtype, copy=True)  # latent-sized; the CFG rows are overwritten below
-        if cfg:
-            g = torch.tensor([scales[i] for i in cfg], device=out.device).reshape(-1, *([1] * (out.ndim - 1)))
-            v_u, v_c = out[:len(cfg)].float(), out[len(cfg):][cfg].float()
-            v[cfg] = (v_u + g * (v_c - v_u)).to(latents.dtype)
-        return v
+        with torch.no_grad(), self._switch.spans(spans):
+            out = self._forward(self.transformer, x_in, t_in, cond, scales[0])
+        offsets, at = {}, 0
+        for r, uncond in layout:
+            offsets[(r, uncond)], at = at, at + r[3] - r[2]
+        pieces = []
+        with torch.no_grad():
+            for r in runs:
+                n, c = r[3] - r[2], offsets[(r, False)]
+                if self._uses_cfg(r[1]):
+                    u = offsets[(r, True)]
+                    pieces.append(guided(out[u:u + n], out[c:c + n], r[1]).to(latents.dtype))
+                else:
+                    pieces.append(out[c:c + n].to(latents.dtype))
+        return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, output_type: str = "pil"):

@@ -16,7 +16,7 @@ import os
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -25,7 +25,8 @@ from ..files import DamagedFileError, check_against_manifest
 from .hub import ModelNotFoundError
 
 __all__ = ["AdapterMismatchError", "LoraAdapter", "read_lora_adapter", "check_adapter_fits", "add_lora_adapter",
-           "lora_conflicts", "add_student_adapter", "save_peft_adapter", "AdapterSwitch"]
+           "lora_conflicts", "add_student_adapter", "save_peft_adapter", "AdapterSwitch",
+           "merge_adapter_into_layers"]
 
 PEFT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 DIFFUSERS_FILES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
@@ -236,12 +237,93 @@ def save_peft_adapter(directory: str, state: dict[str, torch.Tensor], config, ba
               os.path.join(directory, PEFT_FILES[0]), metadata={"format": "pt"})
 
 
-def _pass_adapter_names(layer, args, kwargs):
-    """Forward pre-hook of every LoRA layer: peft's ``adapter_names`` while :meth:`AdapterSwitch.mixed` is on."""
-    names = layer._opd_adapter_names
-    if names is None:
-        return None
-    return args, {**kwargs, "adapter_names": names}
+Span = tuple  # (adapter name or None for the base model, first row, row after the last)
+
+
+class _SpanForward:
+    """Mixed into every peft LoRA layer class by :class:`AdapterSwitch` (the layer's class becomes
+    a subclass of its own): while ``_opd_spans`` is set, rows ``start:stop`` of the batch go through
+    adapter ``name`` (a LoRA adapter, or a teacher merged into its own copy of this layer's weight),
+    as contiguous slices: no per-row gather / scatter, no per-row Python loop (peft's own mixed
+    batches build index lists per layer). Otherwise peft's forward runs unchanged."""
+
+    def forward(self, x, *args, **kwargs):
+        spans = self._opd_spans
+        if spans is None:
+            return super().forward(x, *args, **kwargs)
+        return _span_forward(self, x, spans, *args, **kwargs)
+
+
+def _lora_delta(layer, name: str, x: torch.Tensor) -> torch.Tensor:
+    """``s B A x`` of adapter ``name`` (peft's vanilla LoRA branch, its input cast included)."""
+    lora_a = layer.lora_A[name]
+    x = layer._cast_input_dtype(x, lora_a.weight.dtype)
+    return layer.lora_B[name](lora_a(layer.lora_dropout[name](x))) * layer.scaling[name]
+
+
+def _span_forward(layer, x: torch.Tensor, spans, *args, **kwargs) -> torch.Tensor:
+    merged = layer._opd_merged
+    base = layer.base_layer
+    if not any(name in merged for name, _, _ in spans):
+        # one base matmul for every row, each LoRA span added into its own rows in place
+        result = base(x, *args, **kwargs)
+        for name, start, stop in spans:
+            if name is not None and name in layer.lora_A:
+                result[start:stop].add_(_lora_delta(layer, name, x[start:stop]).to(result.dtype))
+        return result
+    # merged teachers: each span's rows through its own weight (W + s B A, precomputed)
+    pieces = []
+    for name, start, stop in spans:
+        weight = getattr(layer, merged[name]) if name in merged else base.weight
+        if weight.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+            weight = weight.to(x.dtype)  # e.g. FSDP's bf16 compute over an fp32 backbone (buffers keep theirs)
+        part = torch.nn.functional.linear(x[start:stop], weight, base.bias)
+        if name is not None and name not in merged and name in layer.lora_A:
+            part = part + _lora_delta(layer, name, x[start:stop]).to(part.dtype)
+        pieces.append(part)
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+_SPAN_CLASSES: dict[type, type] = {}
+
+
+def _with_spans(layer) -> None:
+    """Give ``layer`` the span-aware forward (once; a subclass of its own class, so peft's
+    isinstance checks and every other method are unchanged)."""
+    cls = type(layer)
+    if issubclass(cls, _SpanForward):
+        return
+    if cls not in _SPAN_CLASSES:
+        _SPAN_CLASSES[cls] = type(cls.__name__, (_SpanForward, cls), {"__module__": cls.__module__})
+    layer.__class__ = _SPAN_CLASSES[cls]
+    layer.__dict__.setdefault("_opd_merged", {})
+    layer._opd_spans = None
+
+
+def merge_adapter_into_layers(model: torch.nn.Module, adapter: LoraAdapter, name: str) -> int:
+    """Teacher fast path: inject ``adapter``, store ``W + s B A`` of every layer it adapts as a
+    non-persistent buffer of that layer (in the backbone's dtype, peft's own delta), then remove
+    the adapter. Only the adapted layers get a second weight, not the whole backbone; spans of
+    rows select it (:meth:`AdapterSwitch.spans`). Returns the bytes the merged weights take."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    add_lora_adapter(model, adapter, name, label=f"teacher '{name}'")
+    total = 0
+    with torch.no_grad():
+        for index, layer in enumerate(m for m in model.modules() if isinstance(m, BaseTunerLayer)):
+            if name not in layer.lora_A:
+                continue
+            base = layer.get_base_layer()
+            weight = (base.weight + layer.get_delta_weight(name).to(base.weight.dtype)).detach()
+            buffer = f"_opd_merged_{index}_{len(layer.__dict__.get('_opd_merged', {}))}"
+            layer.register_buffer(buffer, weight, persistent=False)
+            layer.__dict__.setdefault("_opd_merged", {})[name] = buffer
+            with warnings.catch_warnings():  # peft: "was active, now deleted" (the student is the active one)
+                warnings.filterwarnings("ignore", message=".*now deleted.*")
+                layer.delete_adapter(name)
+            total += weight.numel() * weight.element_size()
+    model.peft_config.pop(name, None)
+    return total
 
 
 def add_adapter_copy(model: torch.nn.Module, source: str, name: str) -> dict[str, torch.nn.Parameter]:
@@ -286,9 +368,8 @@ class AdapterSwitch:
 
         self.default = default
         self.layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
-        for layer in self.layers:  # see mixed()
-            layer._opd_adapter_names = None
-            layer.register_forward_pre_hook(_pass_adapter_names, with_kwargs=True)
+        for layer in self.layers:  # see spans()
+            _with_spans(layer)
         self._input_casting = True  # peft's default
 
     def input_casting(self, enabled: bool) -> None:
@@ -314,23 +395,23 @@ class AdapterSwitch:
             layer._disable_adapters = name is None
 
     @contextmanager
-    def mixed(self, names: list[Optional[str]]):
-        """Inside: row i of every batch goes through adapter ``names[i]`` (``None``: the base
-        model), via peft's mixed-adapter batches (the ``adapter_names`` forward argument). Inference
-        only: peft gathers each adapter's rows, so this is for the frozen teachers.
+    def spans(self, spans: Sequence[Span]):
+        """Inside: rows ``start:stop`` of every batch go through adapter ``name`` (``None``: the
+        base model; a merged teacher: its merged weights), for ``(name, start, stop)`` in
+        ``spans``, which cover the batch. Inference only (the frozen teachers).
 
-        The names travel as a layer attribute read by a pre-hook installed once at construction
-        (not hooks added per call): torch.compile guards on attributes a forward reads, but a
-        compiled block does not notice hooks added later, and would replay a graph without them.
+        The spans travel as a layer attribute read by the layers' own forward (set up once at
+        construction, never hooks added per call): torch.compile guards on attributes a forward
+        reads, so one graph is kept per span layout and reused.
         """
-        names = ["__base__" if n is None else n for n in names]
+        spans = tuple((name, int(start), int(stop)) for name, start, stop in spans)
         for layer in self.layers:
-            layer._opd_adapter_names = names
+            layer._opd_spans = spans
         try:
             yield
         finally:
             for layer in self.layers:
-                layer._opd_adapter_names = None
+                layer._opd_spans = None
 
     def back(self) -> None:
         """The default adapter active again (its parameters were never frozen)."""

@@ -20,6 +20,7 @@ import torch
 
 __all__ = [
     "TINY_TRANSFORMER_CONFIG",
+    "TINY_SD35_TRANSFORMER_CONFIG",
     "TINY_FLUX_TRANSFORMER_CONFIG",
     "FLUX_SCHEDULER_CONFIG",
     "TINY_TRANSFORMER_CONFIGS",
@@ -49,6 +50,10 @@ TINY_TRANSFORMER_CONFIG = dict(
     dual_attention_layers=(0,),
     qk_norm="rms_norm",
 )
+# The 4 block variants of SD3.5-Medium at tiny widths (compile tests): dual attention (blocks
+# 0-12 there; the first block's inputs need no grad), plain joint blocks, and the last block,
+# whose text stream is context_pre_only (no text output).
+TINY_SD35_TRANSFORMER_CONFIG = dict(TINY_TRANSFORMER_CONFIG, num_layers=4, dual_attention_layers=(0, 1))
 _CLIP_WIDTH = 32  # hidden and projection width of each tiny CLIP; 2 x 32 = pooled_projection_dim
 
 # FLUX.1-dev's structure at tiny widths: 64 input channels (2x2 patches of the 16-channel latent),
@@ -220,8 +225,9 @@ def _save(pipe, directory: str) -> str:
     return str(directory)
 
 
-def build_tiny_sd3(directory: str, seed: int = 0) -> str:
-    """Write a random tiny ``StableDiffusion3Pipeline`` to ``directory`` and return the path.
+def build_tiny_sd3(directory: str, seed: int = 0, transformer_config: Optional[dict] = None) -> str:
+    """Write a random tiny ``StableDiffusion3Pipeline`` to ``directory`` and return the path
+    (``transformer_config``: e.g. :data:`TINY_SD35_TRANSFORMER_CONFIG`; default the 2-block one).
 
     The folder has the layout of the Hub repo (model_index.json, transformer/, vae/, three text
     encoders and tokenizers, scheduler/), so every loading path of the real model runs on it.
@@ -231,7 +237,7 @@ def build_tiny_sd3(directory: str, seed: int = 0) -> str:
     from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
     torch.manual_seed(seed)
-    transformer = SD3Transformer2DModel(**TINY_TRANSFORMER_CONFIG)
+    transformer = SD3Transformer2DModel(**(transformer_config or TINY_TRANSFORMER_CONFIG))
     vae = _tiny_vae(scaling_factor=1.5305, shift_factor=0.0609)  # SD3's VAE constants
     clip_tok, t5_tok = _clip_tokenizer(), _t5_tokenizer()
     clip_cfg = _clip_config(clip_tok)

@@ -13,15 +13,18 @@ gradient, same loop body.
 from __future__ import annotations
 
 from contextlib import nullcontext
+from functools import partial
 from typing import Callable, Iterator, Sequence, Union
 
 import torch
 
+from ..glue import compiled
 from ..losses import opd_kl, opd_l2, opd_ppo_surrogate
 from ..models.base import Policy, PromptEmbeds
 from ..rollout import Sampling, Step, replay_steps, rollout_steps, sample, timed
 from ..sampling import StepResult, transition_mean_std
 from ..seeds import train_step_indices
+from .loop import compile_enabled
 from .run import Run
 
 StepLoss = Callable[[StepResult, torch.Tensor, float], torch.Tensor]
@@ -38,7 +41,8 @@ def make_step_loss(train, noise_level: float) -> StepLoss:
         if kind == "ppo":
             return opd_ppo_surrogate(step.mean, mean_teacher, step.std, step.prev_sample, red)
         released_dt = dt if train.kl_denominator == "released" else None
-        return opd_kl(step.mean, mean_teacher, step.std, red, released_code_dt=released_dt)
+        # std > 0 on every SDE step (config validation refuses the KL with ODE rollouts): no host check
+        return opd_kl(step.mean, mean_teacher, step.std, red, released_code_dt=released_dt, check_std=False)
 
     return loss
 
@@ -73,6 +77,9 @@ class OPD:
         self.task_teachers = {task: (spec.teacher, c.teachers[spec.teacher].guidance_scale)
                               for task, spec in c.tasks.items()}
         self.images_per_round = run.prompts_per_round * len(c.tasks) * run.world
+        # perf.compile: the latent-sized maths between forwards compiled too (diffusion_opd/glue.py)
+        self.glue = (partial(compiled, c.perf.compile_backend, c.perf.compile_dynamic)
+                     if compile_enabled(c, run.accelerator.device) else nullcontext)
 
     # -- one round ---------------------------------------------------------------------------
     def round(self, round_idx: int) -> dict:
@@ -136,7 +143,7 @@ class OPD:
                 spans[task], start = slice(start, start + len(e)), start + len(e)
             teachers = [self.task_teachers[task][0] for task, e, _ in parts for _ in range(len(e))]
             guidance = [self.task_teachers[task][1] for task, e, _ in parts for _ in range(len(e))]
-            with acc.autocast():
+            with acc.autocast(), self.glue():
                 for step in self.student_steps(embeds, seeds, steps):
                     with timer("teacher"):
                         mean_t = teacher_mean(self.policy, step, embeds, teachers, guidance, c.sample.noise_level)

@@ -3,7 +3,7 @@
 Under ``ddp`` (the default) every process holds the whole frozen backbone and the trainer
 averages the student's LoRA gradients itself, once per round (trainers/loop.py). Under ``fsdp``
 every denoiser (the transformer with ALL its adapters: the student LoRA, the teacher LoRAs, the
-NFT old-policy copy; full-transformer and merged teachers too) is cut with
+NFT old-policy copy; full-transformer teachers too) is cut with
 ``torch.distributed.fsdp.fully_shard``: each repeated transformer block is one shard group, the
 root module (embeddings, norms, projection) another. Each process then keeps ``1/N`` of every
 parameter; a block's full weights exist only while that block runs (all-gathered before its
@@ -11,7 +11,10 @@ forward / backward, freed after: ``distributed.reshard_after_forward``).
 
 Nothing else changes: peft's adapter switching and mixed-adapter batches only flip attributes of
 the LoRA layers and route rows, so they work on sharded blocks as they do on whole ones; the
-teachers' weights are all-gathered with the block they live in.
+teachers' weights are all-gathered with the block they live in. Merged teachers
+(``perf.merge_teachers``) keep their merged layer weights as buffers of the shared transformer:
+fully_shard shards parameters only, so every process holds them whole (+0.9 GB per teacher on
+SD3.5-M).
 
 Gradients: FSDP2 reduce-scatters a block's gradients after its backward. A round runs many
 backwards (the fused rollout backpropagates at every trained step) and must reduce ONCE:

@@ -6,13 +6,16 @@ bit-identical to the uninterrupted run. Policies are built once per kind and sha
 (``Run(policy=...)``); the student's weights are reset to the same values before every run.
 """
 import os
+import traceback
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from diffusion_opd.config import load_config
 from diffusion_opd.trainers.loop import build_policy_from_config, make_accelerator
+from diffusion_opd.trainers.metrics import PhaseTimer
 from diffusion_opd.trainers.opd import OPD
 from diffusion_opd.trainers.run import Run
 
@@ -128,3 +131,73 @@ def test_resume_with_levers_is_bit_identical(policies, tmp_path):
         a = load_file(str(tmp_path / "full" / "checkpoints" / "round-3" / name))
         b = load_file(str(tmp_path / "split" / "checkpoints" / "round-3" / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+class BlockingOps(TorchDispatchMode):
+    """Counts the ops that, on a CUDA device, make the host wait for the device's queue: scalar
+    reads (``.item()``, ``bool(t)``, ``float(t)``), tensors built from Python data
+    (``torch.tensor`` / ``torch.as_tensor``: a copy from pageable host memory) and
+    data-dependent shapes. Run on the CPU, the same code path dispatches the same ops, so this
+    is the fake device's sync counter; ``torch.cuda.synchronize`` itself is counted separately."""
+
+    BLOCKING = {"_local_scalar_dense", "lift_fresh", "lift_fresh_copy", "nonzero", "masked_select", "unique_dim",
+                "_unique2"}
+
+    def __init__(self):
+        super().__init__()
+        self.found, self.paused = [], False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in self.BLOCKING and not self.paused:
+            where = [f"{os.path.basename(f.filename)}:{f.lineno}" for f in traceback.extract_stack()
+                     if "diffusion_opd" in f.filename][-2:]
+            self.found.append((name, *where))
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_blocking_ops_counter_sees_what_blocks():
+    """The counter can fail: the patterns finding 6 removed are counted."""
+    x = torch.ones(3)
+    with BlockingOps() as ops:
+        torch.as_tensor(0.5, dtype=torch.float32, device=x.device)  # what sampling.py did per transition
+        x[[0, 2]]  # an index list
+        bool((x == 0).any())
+        torch.full((3,), 0.5)  # does not block: the value is a kernel argument
+        x * 0.5
+    assert [f[0] for f in ops.found] == ["lift_fresh", "lift_fresh", "_local_scalar_dense"]
+
+
+@pytest.mark.parametrize("lever", ["fused", "lockstep", "lockstep+merge"])
+def test_round_hot_path_never_waits_for_the_device(lever, policies, tmp_path, monkeypatch):
+    """The round's hot path (rollout, teacher queries, losses, backward for every task and step;
+    ODE and SDE, two teachers mixed in one forward) contains no op that blocks the host, and no
+    CUDA synchronisation: the only waits are the one reduction of the logged losses and the
+    gradient-norm read of the optimizer step, once per round (outside what is counted here).
+    (Compiled blocks run the same ops; torch.compile refuses to run under a dispatch mode.)"""
+    syncs = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: syncs.append(a))
+    kind = {"fused": "plain", "lockstep": "plain", "lockstep+merge": "merged"}[lever]
+    overrides = [] if lever == "fused" else ["perf.lockstep_tasks=true"]
+    pol = policies[kind]
+    for name in ("ode-2teachers", "sde-2teachers"):
+        reset_student(pol)
+        run = Run(config(tmp_path / name, *SCENARIOS[name], *overrides), policy=pol)
+        run.timer = PhaseTimer(torch.device("cuda"), enabled=False)  # as on a GPU, logging.phase_times off
+        recipe = OPD(run)
+        batches = recipe.draw(1)
+        reduce = run.mean_over_processes
+        counter = BlockingOps()
+
+        def reduce_once(*args, **kwargs):  # the round's one wait, for its logged losses
+            counter.paused = True
+            try:
+                return reduce(*args, **kwargs)
+            finally:
+                counter.paused = False
+
+        monkeypatch.setattr(run, "mean_over_processes", reduce_once)
+        with counter:
+            recipe.backward(1, batches)
+        assert counter.found == [], (lever, name, counter.found[:5])
+    assert syncs == []
