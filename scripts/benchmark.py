@@ -42,6 +42,11 @@ def parse_args(argv=None):
                    help="where the random models are written once and reused")
     p.add_argument("--cpu-threads", type=int, default=0,
                    help="torch threads on the CPU (0: torch's default); 1 on a shared or tiny machine")
+    p.add_argument("--flops", type=int, default=int(os.environ.get("BENCH_FLOPS") or 0),
+                   help="the round's FLOPs when known (env BENCH_FLOPS): skips the FLOP-counting round "
+                        "(SD3.5-M mopd: 1257919736315904, lockstep identical; see docs/benchmarks.md)")
+    p.add_argument("--profile", action="store_true",
+                   help="one more round under torch.profiler per variant, summarised in its row (GPU busy, top kernels)")
     p.add_argument("--prepare-only", action="store_true",
                    help="only build the random model folders under --workdir (what scripts/gpu_bench.sh does first)")
     p.add_argument("--expected-flops", action="store_true",
@@ -65,8 +70,8 @@ def parse_args(argv=None):
         return args
     if not args.output:
         p.error("--output FILE.json is required")
-    if args.rounds < 1 or args.warmup < 0 or args.cpu_threads < 0:
-        p.error("--rounds must be >= 1, --warmup and --cpu-threads >= 0")
+    if args.rounds < 1 or args.warmup < 0 or args.cpu_threads < 0 or args.flops < 0:
+        p.error("--rounds must be >= 1, --warmup, --cpu-threads and --flops >= 0")
     try:
         args.variants = resolve_variants([v.strip() for v in args.variants.split(",") if v.strip()]
                                          or default_variants(args.device))
@@ -111,7 +116,7 @@ def run_worker_process(args, name: str) -> dict:
         cmd = [sys.executable, os.path.abspath(__file__), "--model", args.model, "--device", args.device,
                "--output", args.output, "--rounds", str(args.rounds), "--warmup", str(args.warmup),
                "--workdir", args.workdir, "--cpu-threads", str(args.cpu_threads), "--variants", name,
-               "--worker", name, "--worker-output", out]
+               "--flops", str(args.flops), "--worker", name, "--worker-output", out] + (["--profile"] if args.profile else [])
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         if proc.returncode != 0 or not os.path.isfile(out):
             tail = proc.stdout.strip().splitlines()[-15:]
@@ -168,7 +173,7 @@ def main(argv=None) -> int:
         print(f"models ready under {args.workdir}: {paths['pipeline']}")
         return 0
     kwargs = dict(model=args.model, device=args.device, paths=paths, rounds=args.rounds, warmup=args.warmup,
-                  cpu_threads=args.cpu_threads)
+                  cpu_threads=args.cpu_threads, flops=args.flops or None, profile=args.profile)
     if args.worker:
         row = run_variant(args.worker, **kwargs)
         with open(args.worker_output, "w") as f:

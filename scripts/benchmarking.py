@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 __all__ = ["MODELS", "EXPECTED_ONLY", "VARIANTS", "Settings", "default_variants", "resolve_variants", "prepare_models",
-           "run_variant", "expected_round_flops", "matmul_peak", "PhaseProfile"]
+           "run_variant", "expected_round_flops", "matmul_peak", "PhaseProfile", "dynamo_counters", "profile_summary"]
 
 CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config", "opd.py")
 
@@ -78,6 +78,7 @@ VARIANTS = {
     "no_phase_sync": Settings(phase_sync=False),
     "legacy_casts": Settings(legacy_casts=True),
     # every lever without a memory cost, as a production run would use them (no phase syncs)
+    "lockstep_nosync": Settings(lockstep=True, phase_sync=False),  # levers without compilation (eager)
     "levers": Settings(compile=True, lockstep=True, phase_sync=False),
     "levers_merged": Settings(compile=True, lockstep=True, phase_sync=False, teachers="merged"),
     "fp32": Settings(dtype="fp32"),
@@ -336,6 +337,9 @@ def _config(device: str, settings: Settings, spec: ModelSpec, cpu_threads: int =
     c.sample.resolution = spec.resolution
     c.train.mode = settings.mode
     c.perf.lockstep_tasks = settings.lockstep
+    # compiled or not by the variant alone ("auto" would compile the glue of every CUDA row)
+    c.perf.compile = "on" if settings.compile else "off"
+    c.perf.compile_backend = os.environ.get("BENCH_COMPILE_BACKEND", "inductor")
     c.train.nan_patience = 10**9  # random weights may overflow in fp16: count such rounds, never stop
     return c
 
@@ -380,11 +384,14 @@ def _counting(runner: RoundRunner, device: torch.device):
 
 
 def run_variant(name: str, *, model: str, device: str, paths: dict, rounds: int, warmup: int,
-                cpu_threads: int = 0) -> dict:
+                cpu_threads: int = 0, flops: Optional[int] = None, profile: bool = False) -> dict:
     """Build the policy for variant ``name`` and measure it; returns one JSON-able row.
 
-    Order: FLOP-counting round (untimed, uncompiled) -> ``warmup`` rounds (compilation happens
-    here) -> ``rounds`` timed rounds with the peak-memory counter reset before them. A variant
+    Order: FLOP-counting round (untimed, uncompiled; skipped when ``flops``, the round's known
+    FLOPs, is given) -> ``warmup`` rounds (compilation happens here) -> ``rounds`` timed rounds
+    with the peak-memory counter reset before them -> with ``profile``, one more round under
+    torch.profiler, summarised (:func:`profile_summary`). Compiled rows record dynamo's
+    counters (:func:`dynamo_counters`) after the warm-up and after the timed rounds. A variant
     that cannot run here comes back with the reason instead of raising: status "skipped" when
     torch.compile fails, "failed" for any other error in a round (e.g. a dtype the device's
     kernels do not support).
@@ -419,32 +426,96 @@ def run_variant(name: str, *, model: str, device: str, paths: dict, rounds: int,
               for i, task in enumerate(config.tasks)}
     runner = RoundRunner(config, policy, embeds, task_teachers, PhaseProfile(accelerator.device, settings.phase_sync))
     try:
-        _measure(row, runner, settings, rounds, warmup)
+        _measure(row, runner, settings, rounds, warmup, flops, profile)
     except Exception as err:  # noqa: BLE001 -- a compiler / kernel that cannot run here is a result
         first_line = (str(err).strip().splitlines() or [""])[0][:300]
         row.update(status="skipped" if settings.compile else "failed", reason=f"{type(err).__name__}: {first_line}")
     return row
 
 
-def _measure(row: dict, runner: RoundRunner, settings: Settings, rounds: int, warmup: int) -> None:
-    """FLOP-count, warm up, time; fills ``row``."""
+def dynamo_counters() -> dict:
+    """torch.compile's record so far in this process: graphs compiled (a recompilation is a new
+    graph), graph breaks (with their most frequent reasons), frames and compile seconds (dynamo's
+    own timer of its compile calls, the backend's code generation included; a backward graph
+    compiled lazily at the first backward is not in it: see ``warmup_seconds``)."""
+    from torch._dynamo.utils import compilation_time_metrics, counters
+
+    breaks = counters.get("graph_break", {})
+    return {"unique_graphs": int(counters["stats"].get("unique_graphs", 0)),
+            "graph_breaks": int(sum(breaks.values())),
+            "graph_break_reasons": [f"{n} x {r[:160]}" for r, n in sorted(breaks.items(), key=lambda kv: -kv[1])[:5]],
+            "frames_ok": int(counters["frames"].get("ok", 0)),
+            "compile_seconds": round(sum(compilation_time_metrics.get("_compile.compile_inner", [])), 3)}
+
+
+def profile_summary(runner: RoundRunner, round_idx: int, timed_mean: float, top: int = 10) -> dict:
+    """One round under torch.profiler, summarised as numbers (no trace file): on CUDA the
+    seconds some kernel was running (the union of kernel intervals), that time over the timed
+    rounds' mean (GPU busy; the profiled round itself runs slower, so busy over its own wall time
+    is given too) and the ``top`` kernels by total time; on the CPU the top ops by self time."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    device = runner.accelerator.device
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    _sync(device)
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        runner.round(round_idx)
+        _sync(device)
+    wall = time.perf_counter() - start
+    out = {"profiled_round_seconds": round(wall, 4)}
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    if kernels:
+        busy_us, end = 0.0, float("-inf")
+        for a, b in sorted((e.time_range.start, e.time_range.end) for e in kernels):
+            if b > end:
+                busy_us += b - max(a, end)
+                end = b
+        by_name: dict[str, list] = {}
+        for e in kernels:
+            entry = by_name.setdefault(e.name, [0.0, 0])
+            entry[0] += e.time_range.elapsed_us()
+            entry[1] += 1
+        out.update(kernel_seconds=round(busy_us / 1e6, 4), kernels=len(kernels),
+                   gpu_busy_of_timed_round=round(busy_us / 1e6 / timed_mean, 4),
+                   gpu_busy_of_profiled_round=round(busy_us / 1e6 / wall, 4),
+                   top_kernels=[{"name": n[:120], "ms": round(t / 1e3, 3), "calls": c} for n, (t, c) in
+                                sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]])
+    else:
+        ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]
+        out["top_cpu_ops"] = [{"name": e.key[:120], "ms": round(e.self_cpu_time_total / 1e3, 3), "calls": e.count}
+                              for e in ops]
+    return out
+
+
+def _measure(row: dict, runner: RoundRunner, settings: Settings, rounds: int, warmup: int,
+             flops: Optional[int] = None, profile: bool = False) -> None:
+    """FLOP-count (unless given), warm up, time, profile; fills ``row``."""
     from diffusion_opd.dtypes import parse_dtype
     from diffusion_opd.trainers.metrics import peak_memory_gb
 
     device, timer = runner.accelerator.device, runner.timer
-    with _counting(runner, device) as counter:
-        runner.round(0)
-    row["flops_per_round"] = counter.get_total_flops()
-    row["flops_by_phase"] = _phases(timer.flops)
+    if flops:
+        row["flops_per_round"], row["flops_source"] = int(flops), "given"
+    else:
+        with _counting(runner, device) as counter:
+            runner.round(0)
+        row["flops_per_round"], row["flops_source"] = counter.get_total_flops(), "counted"
+        row["flops_by_phase"] = _phases(timer.flops)
     timer.reset()
 
     if settings.compile:  # after the FLOP count: FlopCounterMode does not trace compiled code
-        runner.policy.compile_blocks()
+        config = runner.config
+        runner.policy.compile_blocks(config.perf.compile_backend, config.perf.compile_dynamic)
+        row["compile_backend"] = config.perf.compile_backend
     start = time.perf_counter()
     for r in range(1, warmup + 1):
         runner.round(r)
     _sync(device)
     row["warmup_seconds"] = time.perf_counter() - start
+    if settings.compile:
+        row["dynamo_after_warmup"] = dynamo_counters()
     timer.reset()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -476,6 +547,11 @@ def _measure(row: dict, runner: RoundRunner, settings: Settings, rounds: int, wa
         "nonfinite_rounds": runner.nonfinite_rounds,
         "last_loss": loss if math.isfinite(loss) else str(loss),
     })
+    if settings.compile:
+        after = row["dynamo_after_timed"] = dynamo_counters()
+        row["recompiles_after_warmup"] = after["unique_graphs"] - row["dynamo_after_warmup"]["unique_graphs"]
+    if profile:
+        row["profile"] = profile_summary(runner, warmup + rounds + 1, mean)
 
 
 def _phases(raw: dict) -> dict:

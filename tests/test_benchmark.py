@@ -138,3 +138,24 @@ def test_bad_arguments_fail_before_any_work(capsys):
         assert exc.value.code == 2
         err = capsys.readouterr().err
         assert all(w in err for w in words), (args, err)
+
+
+def test_gpu_bench_fails_fast_with_exit_3_when_packages_are_missing(tmp_path):
+    """The one GPU command's first step: without the carried packages (here: a Python that sees
+    no site-packages) it stops within seconds with exit 3, says why in log.txt, and starts no
+    variant, so a rerun still fits the lent machine's time."""
+    import time
+
+    python = tmp_path / "python-without-packages"
+    python.write_text(f"#!/bin/sh\nexec {sys.executable} -S \"$@\"\n")
+    python.chmod(0o755)
+    out = tmp_path / "out"
+    start = time.monotonic()
+    proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_bench.sh"), str(out)],
+                          env={**os.environ, "PY": str(python), "MODEL": "tiny", "DEVICE": "cpu"},
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
+    assert proc.returncode == 3, proc.stdout
+    assert time.monotonic() - start < 60
+    log = (out / "log.txt").read_text()
+    assert "not ready: torch: cannot be imported" in log and "check failed (exit 3)" in log
+    assert sorted(p.name for p in out.iterdir()) == ["log.txt"]  # no row, no prepare

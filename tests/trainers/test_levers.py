@@ -182,8 +182,8 @@ def test_round_hot_path_never_waits_for_the_device(lever, policies, tmp_path, mo
     pol = policies[kind]
     for name in ("ode-2teachers", "sde-2teachers"):
         reset_student(pol)
-        run = Run(config(tmp_path / name, *SCENARIOS[name], *overrides), policy=pol)
-        run.timer = PhaseTimer(torch.device("cuda"), enabled=False)  # as on a GPU, logging.phase_times off
+        run = Run(config(tmp_path / name, *SCENARIOS[name], *overrides), policy=pol,
+                  timer=PhaseTimer(torch.device("cuda"), enabled=False))  # as on a GPU, logging.phase_times off
         recipe = OPD(run)
         batches = recipe.draw(1)
         reduce = run.mean_over_processes
