@@ -435,7 +435,7 @@ def run_variant(name: str, *, model: str, device: str, paths: dict, rounds: int,
 
 def dynamo_counters() -> dict:
     """torch.compile's record so far in this process: graphs compiled (a recompilation is a new
-    graph), graph breaks (with their most frequent reasons), frames and compile seconds (dynamo's
+    graph), graph breaks (with their most frequent reasons) and compile seconds (dynamo's
     own timer of its compile calls, the backend's code generation included; a backward graph
     compiled lazily at the first backward is not in it: see ``warmup_seconds``)."""
     from torch._dynamo.utils import compilation_time_metrics, counters
@@ -444,7 +444,6 @@ def dynamo_counters() -> dict:
     return {"unique_graphs": int(counters["stats"].get("unique_graphs", 0)),
             "graph_breaks": int(sum(breaks.values())),
             "graph_break_reasons": [f"{n} x {r[:160]}" for r, n in sorted(breaks.items(), key=lambda kv: -kv[1])[:5]],
-            "frames_ok": int(counters["frames"].get("ok", 0)),
             "compile_seconds": round(sum(compilation_time_metrics.get("_compile.compile_inner", [])), 3)}
 
 

@@ -19,7 +19,7 @@ def _run(tmp, *args) -> dict:
     cmd = [sys.executable, SCRIPT, "--model", "tiny", "--device", "cpu", "--output", out, "--warmup", "1",
            "--rounds", "1", "--cpu-threads", "1", "--workdir", os.path.join(tmp, "models"), *args]
     proc = subprocess.run(cmd, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=300)
+                          timeout=900)  # a bound for a hung run, not a timing claim (shared CPUs)
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert "variant" in proc.stdout and "MFU %" in proc.stdout  # the table was printed
     with open(out) as f:
