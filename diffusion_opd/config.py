@@ -48,7 +48,6 @@ def config_file(path: str) -> str:
 
 
 CHOICES = {
-    "recipe": ("opd", "nft", "grpo"),
     "device": ("auto", "cpu", "cuda"),
     "mixed_precision": ("no", "fp16", "bf16"),
     "model.dtype": ("fp32", "fp16", "bf16"),
@@ -212,10 +211,10 @@ def _entry_keys(section: str) -> set[str]:
     return set(example.keys())
 
 
-def _check_entries(config) -> None:
-    """The user-named sections: teachers (adapter names peft can use) and tasks (a teacher each,
-    a prompt source that is unambiguously a list or a name / path)."""
-    opd = config.recipe == "opd"  # stage-1 recipes (nft, grpo) train on rewards, without teachers
+def _check_entries(config, task_needs: str) -> None:
+    """The user-named sections: teachers (adapter names peft can use) and tasks (a teacher or a
+    reward each, as the recipe needs; a prompt source that is unambiguously a list or a name / path)."""
+    opd = task_needs == "teacher"  # distillation; the stage-1 recipes (nft, grpo) train on rewards
     if opd and not config.teachers:
         raise ConfigError("teachers: no teacher configured")
     for name, spec in config.teachers.items():
@@ -240,7 +239,7 @@ def _check_entries(config) -> None:
             raise ConfigError(f"tasks.{name}: keys {sorted(spec.keys())} != {sorted(_entry_keys('tasks'))}")
         if opd and not spec.teacher:
             raise ConfigError(f"tasks.{name}.teacher: every task needs a teacher (valid: {', '.join(config.teachers)})")
-        if not opd and not spec.reward:
+        if task_needs == "reward" and not spec.reward:
             raise ConfigError(f"tasks.{name}.reward: recipe '{config.recipe}' trains on rewards; name one "
                               "(e.g. 'ocr' or 'ocr:1.0,pickscore:0.5')")
         if opd and spec.teacher not in config.teachers:
@@ -307,7 +306,10 @@ def validate_config(config, *, world_size: int = 1) -> None:
     ``output_dir``) is checked next, still before any weight loads, by
     :func:`diffusion_opd.trainers.preflight.preflight`, which ``--validate_only`` runs too.
     """
+    from .recipes import recipe_spec
+
     _check_schema(config, base_config())
+    spec = recipe_spec(config.recipe)  # the recipe's own rules come from the registry
     _check_finite(config)
     for key, valid in CHOICES.items():
         if _get(config, key) not in valid:
@@ -376,9 +378,8 @@ def validate_config(config, *, world_size: int = 1) -> None:
     check_student_init(config)
     if LORA_INIT_WORDS.get(lora.init, lora.init) not in LORA_INITS:
         raise ConfigError(f"lora.init: {lora.init!r} is not one of gaussian, true, false")
-    _check_entries(config)
-    if config.recipe != "opd":
-        _check_rl(config)
+    _check_entries(config, spec.task_needs)
+    spec.check(config)
 
 
 def _check_trackers(config) -> None:
@@ -401,40 +402,6 @@ def _check_trackers(config) -> None:
                           "pip install 'diffusion_opd[wandb]', or set logging.wandb_mode=disabled")
 
 
-def prompts_per_round(config) -> int:
-    """Prompts each process draws per task and round: OPD ``batch_size x grad_accum``; stage-1
-    RL ``rl.groups_per_round`` (each sampled ``rl.group_size`` times)."""
-    if config.recipe == "opd":
-        return config.train.batch_size * config.train.grad_accum
-    return config.rl.groups_per_round
-
-
-def _check_rl(config) -> None:
-    """The stage-1 recipes' keys (nft, grpo)."""
-    rl, s, t = config.rl, config.sample, config.train
-    for key in ("group_size", "groups_per_round", "updates_per_round", "inner_epochs"):
-        if rl[key] < 1:
-            raise ConfigError(f"rl.{key}: must be >= 1, got {rl[key]}")
-    if rl.group_size < 2:
-        raise ConfigError(f"rl.group_size: {rl.group_size}; group-relative advantages need >= 2 images per prompt")
-    images = rl.groups_per_round * rl.group_size
-    if images % t.batch_size:
-        raise ConfigError(f"train.batch_size: {t.batch_size} does not divide the {images} images a task samples "
-                          f"per round (rl.groups_per_round x rl.group_size)")
-    if (images // t.batch_size) % rl.updates_per_round:
-        raise ConfigError(f"rl.updates_per_round: {rl.updates_per_round} does not divide the {images // t.batch_size} "
-                          "micro-batches of a task's round (rl.groups_per_round x rl.group_size / train.batch_size)")
-    if rl.kl_beta < 0 or rl.clip_range < 0 or rl.advantage_clip <= 0 or rl.nft_beta <= 0:
-        raise ConfigError("rl.kl_beta and rl.clip_range must be >= 0, rl.advantage_clip and rl.nft_beta > 0")
-    if config.recipe == "grpo" and s.noise_level <= 0:
-        raise ConfigError("sample.noise_level: GRPO needs SDE rollouts (log-probabilities); use e.g. 0.7")
-    if config.recipe == "nft" and rl.nft_sampler == "dpm2" and s.noise_level != 0:
-        raise ConfigError(f"sample.noise_level: {s.noise_level}, but rl.nft_sampler=dpm2 is deterministic; set "
-                          "sample.noise_level=0 or rl.nft_sampler=euler")
-    if config.recipe == "nft" and rl.inner_epochs != 1:
-        raise ConfigError("rl.inner_epochs: DiffusionNFT makes one pass per round; use rl.updates_per_round")
-
-
 def check_student_init(config) -> None:
     """``model.student_init`` brings its own rank, alpha and targets (compared with ``lora.*`` when
     the adapter is read, before the backbone loads); here only what needs no file."""
@@ -444,43 +411,6 @@ def check_student_init(config) -> None:
     if m.student_init and config.lora.init != base_config().lora.init:
         raise ConfigError(f"lora.init: {config.lora.init!r} has no effect with model.student_init (the student starts "
                           "as that adapter's weights); drop one of them")
-
-def derived_geometry(config, world_size: int) -> dict[str, Any]:
-    """The numbers a researcher wants to see before a run (printed at start)."""
-    if config.recipe != "opd":
-        s, t, images = config.sample, config.train, config.rl.groups_per_round * config.rl.group_size
-        return {
-            "world_size": world_size, "recipe": config.recipe, "tasks": list(config.tasks),
-            "rewards": {n: spec.reward for n, spec in config.tasks.items()},
-            "prompts_per_task_per_process": config.rl.groups_per_round, "images_per_prompt": config.rl.group_size,
-            "images_per_round": images * len(config.tasks) * world_size,
-            "trained_steps_per_image": f"{t.num_train_steps} of {s.num_steps}",
-            "optimizer_steps": t.num_rounds * config.rl.updates_per_round * config.rl.inner_epochs,
-        }
-    s, t = config.sample, config.train
-    per_task = t.batch_size * t.grad_accum
-    n_tasks = len(config.tasks)
-    def rows(g):  # a CFG scale > 1 doubles the rows; a guidance embedding (model.guidance=embedded) never does
-        return 2 if g > 1 and config.model.guidance != "embedded" else 1
-
-    cfg_mult = rows(s.guidance_scale)
-    teacher_cfg = {n: rows(config.teachers[config.tasks[n].teacher].guidance_scale) for n in config.tasks}
-    loss = t.loss if t.loss != "auto" else ("l2" if s.noise_level == 0 else "kl")
-    return {
-        "world_size": world_size,
-        "tasks": list(config.tasks),
-        "images_per_task_per_process": per_task,
-        "images_per_round": per_task * n_tasks * world_size,
-        "trained_steps_per_image": f"{t.num_train_steps} of {s.num_steps}",
-        "student_forwards_per_round_per_process": per_task * n_tasks * s.num_steps * cfg_mult
-        + (per_task * n_tasks * t.num_train_steps * cfg_mult if t.mode == "two_pass" else 0),
-        "teacher_forwards_per_round_per_process": sum(per_task * t.num_train_steps * teacher_cfg[n] for n in config.tasks),
-        "optimizer_steps": t.num_rounds,
-        "total_images": per_task * n_tasks * world_size * t.num_rounds,
-        "loss": loss,
-        "mode": t.mode,
-    }
-
 
 def to_dict(config) -> dict:
     """A JSON-able copy (tuples become lists)."""

@@ -78,22 +78,20 @@ def check_output_dir(out: str) -> None:
 def sample_images(policy, adapter: str, settings: dict):
     """uint8 images of CHECK_PROMPTS on fixed seeds under ``adapter`` (deterministic ODE)."""
     import numpy as np
-    import torch
 
-    from .rollout import rollout
+    from .evaluation.core import eval_seed, sample_images as sample
+    from .rollout import Sampling
 
-    embeds = policy.encode_prompts(list(CHECK_PROMPTS))
-    with torch.no_grad():
-        traj = rollout(policy, embeds, [settings["seed"] + i for i in range(len(CHECK_PROMPTS))], adapter=adapter,
-                       num_steps=settings["num_steps"], noise_level=0.0, guidance_scale=settings["guidance_scale"],
-                       resolution=settings["resolution"], shift=settings["shift"], keep_states=False)
-        images = policy.decode(traj.latents)
+    spec = Sampling(num_steps=settings["num_steps"], noise_level=0.0, guidance_scale=settings["guidance_scale"],
+                    resolution=settings["resolution"], shift=settings["shift"])
+    seeds = [eval_seed(settings["seed"], i) for i in range(len(CHECK_PROMPTS))]
+    images = sample(policy, list(CHECK_PROMPTS), seeds, spec, adapter=adapter)
     return np.stack([np.asarray(im.convert("RGB"), dtype=np.int16) for im in images])
 
 
 def export(args) -> dict:
     """Write the export, check it, push it; returns what was done (for messages and tests)."""
-    from .evaluation.run import _model_from_checkpoint, resolve_checkpoint
+    from .trainers.checkpoint import model_of_checkpoint, resolve_checkpoint
     from .models import build_policy
     from .models.base import BASE, STUDENT
 
@@ -105,7 +103,7 @@ def export(args) -> dict:
     if args.eval_summary and not os.path.isfile(args.eval_summary):
         raise ValueError(f"--eval_summary {args.eval_summary}: no such file (the eval CLI writes <output_dir>/summary.json)")
     folder, ckpt_dir, config = resolve_checkpoint(args.checkpoint, args.use_ema)
-    model = args.model or _model_from_checkpoint(config, ckpt_dir)
+    model = args.model or model_of_checkpoint(config, ckpt_dir)
     if not model:
         raise ValueError(f"{args.checkpoint}: its backbone is not recorded (no config.json); pass --model")
     sample = config.get("sample", {})

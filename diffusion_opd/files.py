@@ -41,9 +41,9 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def json_line(row: dict) -> str:
-    """One JSONL line (sorted keys, strict JSON, newline included)."""
-    return json.dumps(json_safe(row), sort_keys=True, allow_nan=False) + "\n"
+def json_line(row: dict, sort_keys: bool = True) -> str:
+    """One JSONL line (strict JSON, newline included)."""
+    return json.dumps(json_safe(row), sort_keys=sort_keys, allow_nan=False) + "\n"
 
 
 def write_json(path: Union[str, Path], data: Any, *, indent: int = 2, sort_keys: bool = True) -> None:

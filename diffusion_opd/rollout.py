@@ -28,7 +28,7 @@ from .sampling import StepResult, dpm2_step, gaussian_log_prob, randn, sde_step,
 
 SOLVERS = ("euler", "dpm2")
 
-__all__ = ["Sampling", "Step", "Trajectory", "rollout", "rollout_steps", "replay_steps", "sample", "timed"]
+__all__ = ["Sampling", "Step", "Trajectory", "rollout_steps", "replay_steps", "sample", "timed"]
 
 
 @dataclass(frozen=True)
@@ -231,35 +231,3 @@ def timed(steps: Iterator[Step], timer, phase: str) -> Iterator[Step]:
         if step is None:
             return
         yield step
-
-
-def rollout(
-    policy: Policy,
-    embeds: PromptEmbeds,
-    seeds: Sequence[int],
-    *,
-    num_steps: int,
-    noise_level: float,
-    guidance_scale: float,
-    shift: Optional[float] = None,
-    resolution: int,
-    adapter: str = STUDENT,
-    keep_states: bool = True,
-) -> Trajectory:
-    """Sample ``len(seeds)`` trajectories of ``num_steps`` steps from pure noise, without grad.
-
-    Args:
-        policy: the model (its ``velocity`` is called once per step, CFG batched inside).
-        embeds: one row per sample (``policy.encode_prompts``).
-        seeds: one int per sample; sample i's randomness comes only from ``seeds[i]``.
-        num_steps, shift: the schedule, ``policy.sigmas(num_steps, resolution, shift)`` (SD3: static
-            shift, ``None`` = the scheduler's; FLUX: ``None`` = the resolution-dependent shift).
-        noise_level: eta of the SDE step; 0 is the deterministic Euler ODE.
-        guidance_scale: CFG scale of the sampling adapter.
-        resolution: image side in pixels (latent shape from ``policy.latent_shape``).
-        adapter: whose velocity drives the rollout ("student", a teacher or "base").
-        keep_states: store every x_{t_j} (needed to train on the states afterwards).
-    """
-    spec = Sampling(num_steps=num_steps, noise_level=noise_level, guidance_scale=guidance_scale,
-                    resolution=resolution, shift=shift)
-    return sample(policy, embeds, seeds, spec, adapter=adapter, keep_states=keep_states)

@@ -47,14 +47,14 @@ def _main(argv):
         return 0
     config = load_config(args.config, overrides)
     if args.validate_only:
-        from .config import derived_geometry
+        from .recipes import recipe_spec
         from .trainers.preflight import preflight
         from .trainers.sharding import ACCELERATE_CONFIGS
 
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         preflight(config, world_size)
         print(config)
-        print(derived_geometry(config, world_size))
+        print(recipe_spec(config.recipe).derived_geometry(config, world_size))
         print(f"accelerate_config: {ACCELERATE_CONFIGS[config.distributed.strategy]}")  # read by launch.sh
         return 0
     from .trainers.recipes import train

@@ -397,7 +397,7 @@ def run_variant(name: str, *, model: str, device: str, paths: dict, rounds: int,
     kernels do not support).
     """
     from diffusion_opd.models import build_policy
-    from diffusion_opd.trainers.loop import make_accelerator
+    from diffusion_opd.trainers.setup import make_accelerator
 
     spec = MODELS[model]
     settings = VARIANTS[name]

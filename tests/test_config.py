@@ -6,13 +6,18 @@ import sys
 
 import pytest
 
-from diffusion_opd.config import ConfigError, apply_override, derived_geometry, load_config, to_dict, validate_config
+from diffusion_opd.config import ConfigError, apply_override, load_config, to_dict, validate_config
 from diffusion_opd.data.prompts import run_prompts
+from diffusion_opd.recipes import recipe_spec
 from diffusion_opd.trainers.preflight import check_rewards
 from tests.shared_data import make_data_root
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPD = os.path.join(ROOT, "config", "opd.py")
+
+
+def derived_geometry(config, world_size):
+    return recipe_spec(config.recipe).derived_geometry(config, world_size)
 
 
 def _names():

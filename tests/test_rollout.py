@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from diffusion_opd.models import STUDENT, build_policy
-from diffusion_opd.rollout import Sampling, Trajectory, replay_steps, rollout, rollout_steps, sample
+from diffusion_opd.rollout import Sampling, Trajectory, replay_steps, rollout_steps, sample
 from diffusion_opd.sampling import gaussian_log_prob, sd3_sigmas, transition_mean_std
 
 PROMPTS = ["a photo of a cat", "a red car", "a sign that says \"hello\""]
@@ -25,9 +25,9 @@ def embeds(policy):
     return policy.encode_prompts(PROMPTS)
 
 
-def _run(policy, embeds, seeds, eta, **kw):
-    kw = {"num_steps": 6, "guidance_scale": 4.5, "resolution": 64, **kw}
-    return rollout(policy, embeds, seeds, noise_level=eta, **kw)
+def _run(policy, embeds, seeds, eta, adapter="student", keep_states=True, **kw):
+    spec = Sampling(**{"num_steps": 6, "guidance_scale": 4.5, "resolution": 64, **kw}, noise_level=eta)
+    return sample(policy, embeds, seeds, spec, adapter=adapter, keep_states=keep_states)
 
 
 def _same(a, b):

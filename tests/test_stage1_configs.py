@@ -5,14 +5,19 @@ import os
 
 import pytest
 
-from diffusion_opd.config import ConfigError, derived_geometry, load_config, validate_config
+from diffusion_opd.config import ConfigError, load_config, validate_config
 from diffusion_opd.data.prompts import run_prompts
+from diffusion_opd.recipes import recipe_spec
 from diffusion_opd.trainers.preflight import check_rewards
 from diffusion_opd.trainers.recipes import cascade_stages
 from tests.shared_data import make_data_root
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FILES = {name: os.path.join(ROOT, "config", f"{name}.py") for name in ("nft", "grpo")}
+
+
+def derived_geometry(config, world_size):
+    return recipe_spec(config.recipe).derived_geometry(config, world_size)
 
 
 def _module(path):

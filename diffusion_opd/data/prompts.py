@@ -201,13 +201,11 @@ def task_prompts(config, task: str, split: str) -> PromptDataset:
 def run_prompts(config, world_size: int) -> tuple[dict[str, PromptDataset], dict[str, PromptDataset]]:
     """Every task's training prompts (enough distinct ones to fill a round on every process)
     and, when ``eval.every`` is on, its held-out prompts: ``(train, eval)``, keyed by task."""
-    from ..config import prompts_per_round
+    from ..recipes import recipe_spec
 
-    t = config.train
-    per_round = prompts_per_round(config) * world_size
-    how = (f"train.batch_size x train.grad_accum x world size = {t.batch_size} x {t.grad_accum} x {world_size}"
-           if config.recipe == "opd" else
-           f"rl.groups_per_round x world size = {config.rl.groups_per_round} x {world_size}")
+    spec = recipe_spec(config.recipe)  # how many prompts a round draws is the recipe's to say
+    per_round = spec.prompts_per_round(config) * world_size
+    how = spec.prompts_text(config, world_size)
     train, held_out = {}, {}
     for name in config.tasks:
         train[name] = task_prompts(config, name, "train")

@@ -1,51 +1,46 @@
 """Measurements of the demo: task rewards of any adapter, and the OPD gradient estimators' spread.
 
-Everything here uses the library's own pieces (``rollout``, ``Policy.decode``, the reward
-registry, ``losses.opd_kl`` / ``losses.opd_ppo_surrogate``) with fixed seeds, so the numbers are
-deterministic under the seed.
+Rewards and sample grids come from the evaluation core (``evaluation/core.py``), the one the
+trainer and ``scripts/evaluation.py`` use; the gradient spread uses the library's rollout and
+``losses.opd_kl`` / ``losses.opd_ppo_surrogate``. Fixed seeds: the numbers are deterministic
+under the seed.
 """
 from __future__ import annotations
 
 from typing import Sequence
 
-import numpy as np
 import torch
 
-from ..models.base import Policy
-from ..rewards import load_reward
-from ..rollout import rollout
 from ..data import toy_world as world
+from ..evaluation.core import EVAL, eval_seed, evaluate_rows, mean_score, sample_images
+from ..models.base import Policy
+from ..rewards.multi import task_scorer
+from ..rollout import Sampling
+from ..seeds import sample_seed
 
 
-def eval_seeds(task_index: int, n: int, seed: int) -> list[int]:
-    """Fixed seeds of the held-out evaluation (never used in training: training seeds are hashes)."""
-    return [10_000_000 * (task_index + 1) + 1000 * seed + i for i in range(n)]
-
-
-@torch.no_grad()
 def task_rewards(policy: Policy, adapter: str, *, samples_per_prompt: int, num_steps: int, guidance_scale: float,
                  seed: int, resolution: int = 16) -> dict[str, float]:
-    """Mean reward of ``adapter`` on every task's prompts (ODE sampling, fixed seeds)."""
+    """Mean reward of ``adapter`` on every task's prompts: the evaluation core (ODE sampling, the
+    one seed rule, each task's reward as the trainer scores it), ``samples_per_prompt`` rows per
+    prompt."""
     out = {}
-    for t_idx, (task, (reward, prompts)) in enumerate(world.TASKS.items()):
-        rows = [p for p in prompts for _ in range(samples_per_prompt)]
-        embeds = policy.encode_prompts(rows)
-        traj = rollout(policy, embeds, eval_seeds(t_idx, len(rows), seed), num_steps=num_steps, noise_level=0.0,
-                       guidance_scale=guidance_scale, resolution=resolution, adapter=adapter, keep_states=False)
-        scores = load_reward(reward)(policy.decode(traj.latents), rows)[reward]
-        out[task] = float(np.mean(scores))
+    sampling = Sampling(num_steps=num_steps, noise_level=0.0, guidance_scale=guidance_scale, resolution=resolution)
+    for task, (reward, prompts) in world.TASKS.items():
+        rows = [{"prompt": p, "metadata": {}} for p in prompts for _ in range(samples_per_prompt)]
+        records = evaluate_rows(policy, rows, range(len(rows)), sampling, seed, task_scorer(reward, "cpu"),
+                                adapter=adapter)
+        out[task] = mean_score(records, "total")
     return out
 
 
-@torch.no_grad()
 def sample_grid(policy: Policy, adapters: Sequence[str], prompts: Sequence[str], *, num_steps: int,
                 guidance_scale: float, seed: int, resolution: int = 16) -> list[list]:
-    """One image per (adapter, prompt), same noise for every adapter: rows of PIL images."""
-    embeds = policy.encode_prompts(list(prompts))
-    seeds = [seed * 1000 + i for i in range(len(prompts))]
-    return [policy.decode(rollout(policy, embeds, seeds, num_steps=num_steps, noise_level=0.0,
-                                  guidance_scale=guidance_scale, resolution=resolution, adapter=a,
-                                  keep_states=False).latents) for a in adapters]
+    """One image per (adapter, prompt), the evaluation seeds of rows 0.. (the same noise for every
+    adapter): rows of PIL images."""
+    sampling = Sampling(num_steps=num_steps, noise_level=0.0, guidance_scale=guidance_scale, resolution=resolution)
+    seeds = [eval_seed(seed, i) for i in range(len(prompts))]
+    return [sample_images(policy, prompts, seeds, sampling, adapter=a) for a in adapters]
 
 
 def gradient_variance(policy: Policy, teacher_guidance: dict[str, float], *, trajectories_per_task: int, num_steps: int,
@@ -63,7 +58,7 @@ def gradient_variance(policy: Policy, teacher_guidance: dict[str, float], *, tra
     expectations agree, so ``z = ||d|| / sqrt(tr Cov / N)`` is about 1 (and >> 1 if they differ).
     """
     from ..losses import opd_kl, opd_ppo_surrogate
-    from ..rollout import Sampling, rollout_steps
+    from ..rollout import rollout_steps
     from ..sampling import transition_mean_std
 
     params = policy.trainable_parameters()
@@ -73,7 +68,7 @@ def gradient_variance(policy: Policy, teacher_guidance: dict[str, float], *, tra
         rows = [prompts[i % len(prompts)] for i in range(trajectories_per_task)]
         embeds = policy.encode_prompts(rows)
         per_sample = {k: torch.zeros(len(rows), sum(p.numel() for p in params)) for k in grads}
-        seeds = eval_seeds(t_idx, len(rows), seed + 1)
+        seeds = [sample_seed(seed, EVAL, t_idx, i) for i in range(len(rows))]  # not the reward evaluation's
         for step in rollout_steps(policy, embeds, seeds, spec, grad_steps=range(train_steps)):
             with torch.no_grad():
                 v_t = policy.velocity(step.x, step.sigma, embeds, task, teacher_guidance[task])

@@ -22,8 +22,9 @@ import torch
 from ..config import ConfigError, config_file, load_config
 from ..data import toy_world as world
 from ..files import replace_atomically, write_json
+from ..recipes import recipe_spec
 from ..trainers import checkpoint as ckpt
-from ..trainers.loop import NonFiniteError
+from ..trainers.stop import NonFiniteError
 from ..trainers.metrics import read_metrics
 from . import report
 from .evaluate import gradient_variance, sample_grid, task_rewards
@@ -115,19 +116,15 @@ class Demo:
 
 
 def train_config(config) -> None:
-    """The library's trainer for ``config.recipe`` (opd | nft | grpo), as ``scripts/train.py`` runs it."""
-    import importlib
+    """The library's trainer for ``config.recipe`` (the registry's), as ``scripts/train.py`` runs it."""
+    from ..trainers.recipes import train
 
-    importlib.import_module(f"diffusion_opd.trainers.{config.recipe}").train(config)
+    train(config)
 
 
 def training_images(config) -> int:
     """Images rolled out for training over the run (every task, every round)."""
-    if config.recipe == "opd":
-        per_task = config.train.batch_size * config.train.grad_accum
-    else:  # stage 1: rl.groups_per_round prompts x rl.group_size images
-        per_task = config.rl.groups_per_round * config.rl.group_size
-    return per_task * len(config.tasks) * config.train.num_rounds
+    return recipe_spec(config.recipe).images_per_round(config, 1) * config.train.num_rounds
 
 
 WORK = ("base", "runs", "teachers")  # what the demo trains into: its own, rebuilt on every run
@@ -152,23 +149,11 @@ def prepare_output_dir(path: str) -> None:
     open(os.path.join(path, MARKER), "a").close()
 
 
-def final_checkpoint(run_dir: str) -> str:
-    return ckpt.list_checkpoints(run_dir)[-1][1]
-
-
-def evaluated_weights(checkpoint: str) -> str:
-    """The folder of the weights a run evaluates and a teacher is: the checkpoint's ``ema/`` when
-    the run kept an EMA (the stage-1 runs, as the references), else the checkpoint itself."""
-    ema = os.path.join(checkpoint, "ema")
-    return ema if os.path.isdir(ema) else checkpoint
-
-
 def export_teacher(demo: Demo, task: str, method: dict) -> None:
     """The teacher run's last (EMA) student LoRA -> ``teachers/<task>`` (the path OPD's config reads)."""
     out = demo.path("teachers", task)
     os.makedirs(out, exist_ok=True)
-    shutil.copy(os.path.join(evaluated_weights(final_checkpoint(method["runs"][-1])),
-                             "pytorch_lora_weights.safetensors"), out)
+    shutil.copy(os.path.join(ckpt.evaluated_folder(ckpt.latest(method["runs"][-1])), ckpt.LORA_WEIGHTS), out)
 
 
 # ----------------------------------------------------------------------------------- stages
@@ -202,7 +187,7 @@ def baselines(demo: Demo) -> None:
     for i, stage in enumerate(stages):
         m = demo.train(stage, "baseline", "cascade NFT", method="cascade", **{
             "train.num_rounds": rounds(stage, budget / len(stages)), "model.student_init": init})
-        init = evaluated_weights(final_checkpoint(m["runs"][-1]))
+        init = ckpt.evaluated_folder(ckpt.latest(m["runs"][-1]))
         demo.timings[f"cascade NFT stage {i + 1} ({stage})"] = demo.timings.pop("cascade NFT")
 
 
@@ -243,7 +228,7 @@ def measure(demo: Demo) -> tuple[dict, tuple]:
                 load_student(policy, path)
                 curve.append(dict(seconds=elapsed + sum(per_round[:r]), rewards=rewards("student", m["guidance"], 1)))
             elapsed += sum(per_round)
-            m["final_checkpoint"] = final_checkpoint(run)
+            m["final_checkpoint"] = ckpt.latest(run)
         m["curve"] = curve
         if m["kind"] == "teacher":  # scored as the loaded teacher adapter OPD distils
             m["rewards"] = rewards(name.removeprefix("teacher_"), m["guidance"])
@@ -270,8 +255,6 @@ def load_student(policy, checkpoint: str) -> None:
     """The student weights a trainer checkpoint's run evaluates, into the policy's student adapter:
     the EMA when the run kept one (``ema_state.pt``: the shadow in the order of the student's
     trainable parameters), else the raw student."""
-    from safetensors.torch import load_file
-
     ema = os.path.join(checkpoint, "ema_state.pt")
     if os.path.isfile(ema):
         shadow = torch.load(ema, map_location="cpu", weights_only=False)["shadow"]
@@ -282,7 +265,7 @@ def load_student(policy, checkpoint: str) -> None:
             for p, s in zip(params, shadow):
                 p.copy_(s.to(p.dtype))
         return
-    policy.load_student_state_dict(load_file(os.path.join(checkpoint, "student_raw.safetensors")))
+    policy.load_student_state_dict(ckpt.read_student(checkpoint))
 
 
 def _seconds_per_round(run_dir: str) -> list[float]:

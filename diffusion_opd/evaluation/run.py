@@ -10,8 +10,15 @@ format (``--lora_path`` [+ ``--lora_subfolder``]). The LoRA is loaded as a froze
 ``evaluated`` on the backbone and sampled with that adapter; its own saved LoraConfig decides
 rank and alpha.
 
-Reproducibility: row ``i`` of the prompt set is sampled with seed ``sample_seed(--seed, i)``
-(the rollout seeds every sample from its own generator), and rows are sharded by index
+Options are the training config's keys (``--eval.num_steps``, ``--sample.resolution``,
+``--model.dtype``...); the older flag names (``--num_steps``, ``--resolution``,
+``--mixed_precision``...) are aliases with the same meaning. ``--rewards`` takes the training
+reward spec syntax: names, or a weighted sum ``ocr:1.0,pickscore:0.5`` (then also ``total``).
+
+Reproducibility: sampling and scoring are the evaluation core's (``evaluation/core.py``), the
+one the trainer's periodic evaluation uses: row ``i`` of the prompt set is sampled with seed
+``eval_seed(--seed, i)``, so a checkpoint evaluated here with the run's seed, prompts and
+sampling settings gives the trainer's ``eval/reward/<task>``. Rows are sharded by index
 (rank ``r`` of ``W`` takes rows ``r, r + W, ...``), so an image depends on its row and the flags,
 never on the number of processes. Results are gathered to rank 0 as ``(index, row)`` pairs,
 sorted and de-duplicated by index, so no row is counted twice.
@@ -35,17 +42,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import numpy as np
 
 from ..data.prompts import DATASET_FILES, PromptDataset, load_task_prompts
+from ..dtypes import DTYPE_NAMES
 from ..errors import UserError, run_cli
-from ..files import MANIFEST, DamagedFileError, check_writable_folder, json_safe
+from ..files import check_writable_folder, json_line
+from ..trainers.checkpoint import LORA_FILES, LORA_WEIGHTS, model_of_checkpoint, resolve_checkpoint
 from ..trainers.run_dir import LOCK_NAME, RunLock, move_aside
 from .summary import summarize, write_summary
 
 __all__ = [
     "DATASET_REWARDS", "DEFAULT_MODEL", "EvalPlan", "build_parser", "default_rewards", "evaluate", "main",
-    "make_grid", "parse_reward_options", "plan_from_args", "resolve_checkpoint", "sample_seed", "shard_indices",
+    "make_grid", "parse_reward_options", "plan_from_args", "resolve_checkpoint", "shard_indices",
 ]
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-3.5-medium"
@@ -53,8 +61,6 @@ MAX_GUIDANCE = 100.0  # CFG scales in use are <= 30; 1e30 or inf only produces N
 # The name the evaluated LoRA gets on the backbone. Not "eval": peft keeps adapters in
 # ModuleDicts keyed by name, and a key that is an nn.Module attribute cannot be registered.
 EVAL_ADAPTER = "evaluated"
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # what training checkpoints hold (diffusers format)
-_LORA_FILES = ("adapter_model.safetensors", "adapter_model.bin", LORA_WEIGHTS, "pytorch_lora_weights.bin")
 MODEL_REWARDS = ("pickscore", "clipscore", "hpsv2", "aesthetic", "imagereward")
 DATASET_REWARDS: dict[str, tuple[str, ...]] = {
     "geneval": ("geneval",),
@@ -64,22 +70,24 @@ DATASET_REWARDS: dict[str, tuple[str, ...]] = {
 }
 OPTIONAL_REWARD = "unifiedreward"  # joins the model-based set when a server URL / option is given
 GRID_IMAGES = 16
-PRECISIONS = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}
+PRECISIONS = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}  # --mixed_precision (an alias of --model.dtype)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/[\w.-]+)*(@[\w./-]+)?$")  # owner/repo[/sub...][@rev]
 
 
 # ----------------------------------------------------------------------------- arguments
 def build_parser() -> argparse.ArgumentParser:
-    """The command-line flags of ``scripts/evaluation.py``."""
+    """The command-line flags of ``scripts/evaluation.py``: the training config's key where one
+    exists (``--eval.num_steps``), with the older flag name (``--num_steps``) as an alias."""
     p = argparse.ArgumentParser(description="Evaluate a text-to-image model on a prompt set.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dataset", required=True, help=f"one of: {', '.join(sorted(DATASET_FILES))}")
+    p.add_argument("--dataset", required=True,
+                   help=f"one of: {', '.join(sorted(DATASET_FILES))}, or a prompt file (.txt / .jsonl; needs --rewards)")
     p.add_argument("--split", default="test")
     p.add_argument("--data_root", default="dataset", help="folder of scripts/download_data.py")
-    p.add_argument("--model", default=None,
+    p.add_argument("--model.path", "--model", dest="model", default=None,
                    help=f"Hub id or local pipeline folder, SD3 / SD3.5 or FLUX.1 (the family is read from its "
                         f"model_index.json; default: the checkpoint's model.path, else {DEFAULT_MODEL})")
-    p.add_argument("--revision", default=None)
+    p.add_argument("--model.revision", "--revision", dest="revision", default=None)
     p.add_argument("--checkpoint_path", default=None,
                    help="a training checkpoint <output_dir>/checkpoints/round-N (or the output_dir: newest round), "
                         "or a Flow-GRPO / DiffusionNFT checkpoint-N/ (or checkpoint-N/lora, or their save_dir)")
@@ -88,19 +96,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a LoRA folder (also a Flow-GRPO / DiffusionNFT checkpoint-N) or Hub repo, PEFT or diffusers "
                         "format; owner/repo/subfolder[@revision] works too (--lora_hf_path: DiffusionNFT's name)")
     p.add_argument("--lora_subfolder", default=None)
-    p.add_argument("--num_steps", "--num_inference_steps", dest="num_steps", type=int, default=40,
+    p.add_argument("--eval.num_steps", "--num_steps", "--num_inference_steps", dest="num_steps", type=int, default=40,
                    help="sampling steps (--num_inference_steps: the peers' / diffusers' name)")
-    p.add_argument("--guidance_scale", type=float, default=4.5,
+    p.add_argument("--sample.guidance_scale", "--guidance_scale", dest="guidance_scale", type=float, default=4.5,
                    help="CFG scale (SD3); for a guidance-distilled FLUX.1-dev the value of its guidance embedding "
                         "(FluxPipeline's default is 3.5)")
-    p.add_argument("--resolution", type=int, default=512, help="image side in pixels (the paper's table: 1024)")
+    p.add_argument("--sample.resolution", "--resolution", dest="resolution", type=int, default=512,
+                   help="image side in pixels (the paper's table: 1024)")
     p.add_argument("--solver", choices=("ode", "sde"), default="ode", help="ode: Euler flow matching")
-    p.add_argument("--noise_level", type=float, default=None, help="SDE eta (sde only; default 0.7)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sample.noise_level", "--noise_level", dest="noise_level", type=float, default=None,
+                   help="SDE eta (sde only; default 0.7)")
+    p.add_argument("--seed", type=int, default=0, help="the run's seed: row i is sampled with eval_seed(seed, i)")
     p.add_argument("--batch_size", type=int, default=8, help="images per process per forward")
-    p.add_argument("--mixed_precision", choices=tuple(PRECISIONS), default="no",
-                   help="dtype of the backbone weights (no = fp32)")
-    p.add_argument("--max_sequence_length", type=int, default=128, help="T5 tokens")
+    p.add_argument("--model.dtype", dest="dtype", choices=DTYPE_NAMES, default=None,
+                   help="dtype of the backbone weights (default fp32)")
+    p.add_argument("--mixed_precision", choices=tuple(PRECISIONS), default=None,
+                   help="older name of --model.dtype: no = fp32 (it sets the weights' dtype, not autocast)")
+    p.add_argument("--model.max_sequence_length", "--max_sequence_length", dest="max_sequence_length", type=int,
+                   default=128, help="T5 tokens")
     p.add_argument("--max_samples", type=int, default=None, help="evaluate the first N rows only")
     p.add_argument("--save_images", action="store_true")
     p.add_argument("--output_dir", default=None, help="default: outputs/eval/<dataset>; a folder holding files is "
@@ -108,14 +121,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="move what --output_dir holds to <output_dir>.previous-<time>/ first (nothing is deleted)")
     p.add_argument("--rewards", default=None,
-                   help="comma-separated reward names (default: the dataset's set)")
-    p.add_argument("--reward_device", default="auto", help="auto = this process's device")
+                   help="reward names, comma-separated, or a weighted spec as in tasks.<name>.reward "
+                        "(ocr:1.0,pickscore:0.5: also scores their weighted 'total'; default: the dataset's set)")
+    p.add_argument("--eval.reward_device", "--reward_device", dest="reward_device", default="auto",
+                   help="auto = this process's device")
     p.add_argument("--reward_option", action="append", default=[], metavar="REWARD.KEY=VALUE",
                    help="an option of one reward (JSON value, else a string); repeatable")
     p.add_argument("--remote_reward", action="append", default=[], metavar="NAME=URL",
                    help="score NAME on a reward server (python -m diffusion_opd.rewards.serve); repeatable")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     return p
+
+
+def weight_dtype(args: argparse.Namespace) -> str:
+    """The backbone's weight dtype: ``--model.dtype``, or its older name ``--mixed_precision``."""
+    if args.dtype and args.mixed_precision and PRECISIONS[args.mixed_precision] != args.dtype:
+        raise ValueError(f"--model.dtype {args.dtype} and --mixed_precision {args.mixed_precision} disagree; "
+                         "give one (--mixed_precision is the older name of --model.dtype)")
+    return args.dtype or PRECISIONS[args.mixed_precision or "no"]
 
 
 def _parse_value(text: str) -> Any:
@@ -157,101 +180,12 @@ def default_rewards(dataset: str, configured: Sequence[str] = ()) -> list[str]:
     return names
 
 
-def sample_seed(seed: int, index: int) -> int:
-    """The seed of prompt row ``index``: a hash of (seed, index), so runs with nearby ``--seed``
-    values share no noise, and a row's noise never depends on the process layout."""
-    words = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(index)]).generate_state(2, dtype=np.uint32)
-    return int(words[0]) << 31 | int(words[1]) >> 1  # 63 bits: a non-negative int64, a valid torch seed
-
-
 def shard_indices(num_rows: int, rank: int, world_size: int) -> list[int]:
     """Rows of ``rank``: ``rank, rank + world_size, ...`` (no padding, no repeats)."""
     return list(range(rank, num_rows, world_size))
 
 
 # ----------------------------------------------------------------------------- checkpoints
-PEFT_DIR = "lora"  # the PEFT copy in our round-N/ and the peers' checkpoint-N/ (Flow-GRPO, DiffusionNFT)
-_PEER_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-NEITHER = ("is neither a checkpoint of this repo (<output_dir>/checkpoints/round-N/ holding {weights}) nor a "
-           "Flow-GRPO / DiffusionNFT one (checkpoint-N/lora/ holding adapter_config.json); for any other LoRA "
-           "folder use --lora_path")
-
-
-def _is_peft_folder(folder: Path) -> bool:
-    return (folder / "adapter_config.json").is_file() and any((folder / n).is_file() for n in _LORA_FILES[:2])
-
-
-def _newest_peer_checkpoint(root: Path) -> Optional[Path]:
-    """The newest ``checkpoints/checkpoint-N`` (peers' layout) holding a PEFT ``lora/``."""
-    found = [(int(m.group(1)), d) for d in (root / "checkpoints").iterdir()
-             if (m := _PEER_CHECKPOINT.match(d.name)) and _is_peft_folder(d / PEFT_DIR)]
-    return max(found)[1] if found else None
-
-
-def resolve_checkpoint(path: str, use_ema: bool = False) -> tuple[str, str, dict]:
-    """(folder holding the LoRA weights, the checkpoint folder, its training config) of a checkpoint.
-
-    Accepted: our ``<output_dir>/checkpoints/round-N`` (or its PEFT copy ``round-N/lora``) or a
-    training ``output_dir`` (its newest complete round); the peers' (Flow-GRPO, DiffusionNFT)
-    ``checkpoint-N/`` or ``checkpoint-N/lora`` or their ``save_dir`` (newest ``checkpoint-N``).
-    Raises ``FileNotFoundError`` saying where it looked and what it expected.
-    """
-    from ..trainers.checkpoint import list_checkpoints
-
-    root = Path(path)
-    if not root.is_dir():
-        raise FileNotFoundError(
-            f"--checkpoint_path: no folder at {root.resolve()}. Training writes checkpoints to "
-            f"<output_dir>/checkpoints/round-N/ (every save_every rounds and at the end).")
-    if root.name == PEFT_DIR and (root.parent / LORA_WEIGHTS).is_file():
-        root = root.parent  # our round-N/lora: the round itself (its EMA and config are beside)
-    if not (root / LORA_WEIGHTS).is_file() and (root / "checkpoints").is_dir():
-        found = list_checkpoints(str(root))
-        peer = None if found else _newest_peer_checkpoint(root)
-        if not found and peer is None:
-            raise FileNotFoundError(f"--checkpoint_path: no complete checkpoint under {(root / 'checkpoints').resolve()} "
-                                    "(neither round-N/ of this repo nor checkpoint-N/lora/ of Flow-GRPO / DiffusionNFT)")
-        root = Path(found[-1][1]) if found else peer
-    if not (root / LORA_WEIGHTS).is_file():  # the peers' layout: one PEFT folder, no separate EMA
-        folder = root / PEFT_DIR if _is_peft_folder(root / PEFT_DIR) else root
-        if not _is_peft_folder(folder):
-            raise FileNotFoundError(f"--checkpoint_path: {root.resolve()} " + NEITHER.format(weights=LORA_WEIGHTS))
-        if use_ema:
-            raise FileNotFoundError(
-                f"--checkpoint_path: {folder.resolve()} is a Flow-GRPO / DiffusionNFT checkpoint: it holds one set of "
-                "LoRA weights (already the EMA ones when that run used EMA); drop --use_ema")
-        return str(folder), str(root), {}
-    folder = root / "ema" if use_ema else root
-    if (root / MANIFEST).is_file():  # ours: every file as it was written, else the damaged one named
-        from ..trainers.checkpoint import CheckpointError, verify
-
-        try:
-            verify(str(root))
-        except CheckpointError as err:
-            raise DamagedFileError(f"--checkpoint_path: {err}; use another checkpoint") from None
-    if not (folder / LORA_WEIGHTS).is_file():
-        hint = (" (the run was trained without EMA: train.ema_decay=0; drop --use_ema)"
-                if use_ema and (root / LORA_WEIGHTS).is_file() else
-                ". Expected a folder written by training (<output_dir>/checkpoints/round-N/); for any other LoRA "
-                "folder use --lora_path")
-        raise FileNotFoundError(f"--checkpoint_path: no LoRA weights at {(folder / LORA_WEIGHTS).resolve()}{hint}")
-    config = {}
-    if (root / "config.json").is_file():
-        config = json.loads((root / "config.json").read_text())
-    return str(folder), str(root), config
-
-
-def _model_from_checkpoint(config: dict, checkpoint: str) -> Optional[str]:
-    """The backbone a checkpoint was trained on (its config's model.path), if usable here."""
-    path = (config.get("model") or {}).get("path")
-    if not path:
-        return None
-    if path.startswith("builtin:"):  # a tiny model the trainer built under <output_dir>/builtin/<name>
-        built = Path(checkpoint).parents[1] / "builtin" / path[len("builtin:"):]
-        return str(built) if (built / "model_index.json").is_file() else None
-    return path
-
-
 def _check_lora_source(path: str, subfolder: Optional[str]) -> None:
     """A local LoRA folder must hold weights; anything else must look like a Hub repo id."""
     from ..models.hub import adapter_folder
@@ -260,7 +194,7 @@ def _check_lora_source(path: str, subfolder: Optional[str]) -> None:
         folder = Path(path) / (subfolder or "")
         if adapter_folder(str(folder)) is None:
             raise FileNotFoundError(f"--lora_path: no LoRA weights in {folder.resolve()} or its lora/ "
-                                    f"(looked for {', '.join(_LORA_FILES)})")
+                                    f"(looked for {', '.join(LORA_FILES)})")
     elif not _HUB_ID.match(path):
         raise FileNotFoundError(f"--lora_path: {Path(path).resolve()} does not exist and {path!r} is not a Hub "
                                 f"repo id (owner/repo[/subfolder][@revision])")
@@ -278,12 +212,22 @@ class EvalPlan:
     rewards: dict[str, dict] = field(default_factory=dict)  # name -> {"remote": url|None, "options": {}}
     output_dir: str = ""
     noise_level: float = 0.0
+    weights: Optional[dict[str, float]] = None  # a weighted --rewards spec: its "total" is scored too
+    name: str = ""  # the dataset's name, or the prompt file's stem
+
+
+def _is_prompt_file(dataset: str) -> bool:
+    return dataset not in DATASET_REWARDS and (os.path.isfile(dataset) or os.path.isdir(dataset))
 
 
 def plan_from_args(args: argparse.Namespace) -> EvalPlan:
     """Validate every flag and load the prompt rows; no model is touched (errors come in ms)."""
-    if args.dataset not in DATASET_REWARDS:
-        raise ValueError(f"unknown dataset {args.dataset!r}; valid datasets: {', '.join(sorted(DATASET_REWARDS))}")
+    if args.dataset not in DATASET_REWARDS and not _is_prompt_file(args.dataset):
+        raise ValueError(f"unknown dataset {args.dataset!r}; valid datasets: {', '.join(sorted(DATASET_REWARDS))}, "
+                         "or a prompt file")
+    if _is_prompt_file(args.dataset) and args.rewards is None:
+        raise ValueError(f"--dataset {args.dataset}: a prompt file has no default rewards; name them with --rewards")
+    weight_dtype(args)
     for name in ("num_steps", "batch_size", "resolution", "max_sequence_length"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -314,7 +258,7 @@ def plan_from_args(args: argparse.Namespace) -> EvalPlan:
     model, adapter = args.model, None
     if args.checkpoint_path:
         folder, round_dir, config = resolve_checkpoint(args.checkpoint_path, args.use_ema)
-        model = model or _model_from_checkpoint(config, round_dir)
+        model = model or model_of_checkpoint(config, round_dir)
         ours = os.path.isfile(os.path.join(folder, LORA_WEIGHTS))
         adapter = dict(name=EVAL_ADAPTER, path=folder, weight_name=LORA_WEIGHTS if ours else None)
     elif args.lora_path:
@@ -325,24 +269,30 @@ def plan_from_args(args: argparse.Namespace) -> EvalPlan:
         raise FileNotFoundError(f"--model: {Path(model).resolve()} is not a diffusers pipeline folder "
                                 f"(no model_index.json)")
 
-    rewards = _plan_rewards(args)
+    rewards, weights = _plan_rewards(args)
     rows = load_task_prompts(args.dataset, args.split, args.data_root)
     if args.max_samples is not None:
         rows = rows[: args.max_samples]
     _check_reward_inputs(rewards, rows, args.reward_device)
-    output_dir = args.output_dir or os.path.join("outputs", "eval", args.dataset)
+    name = Path(args.dataset).stem if _is_prompt_file(args.dataset) else args.dataset
+    output_dir = args.output_dir or os.path.join("outputs", "eval", name)
     check_writable_folder("--output_dir", output_dir)
     _check_output_dir(output_dir, args.overwrite)
-    return EvalPlan(args, rows, model, adapter, rewards, output_dir, noise_level)
+    return EvalPlan(args, rows, model, adapter, rewards, output_dir, noise_level, weights, name)
 
 
-def _plan_rewards(args) -> dict[str, dict]:
-    from ..rewards import check_reward_name
+def _plan_rewards(args) -> tuple[dict[str, dict], Optional[dict[str, float]]]:
+    """{name: {"remote", "options"}} of every reward scored, and the weights of a weighted spec."""
+    from ..rewards import check_reward_name, reward_weights
 
     options, remotes = parse_reward_options(args.reward_option), _parse_remotes(args.remote_reward)
     for name in [*options, *remotes]:
         check_reward_name(name)
-    if args.rewards is not None:
+    weights = None
+    if args.rewards is not None and ":" in args.rewards:  # the training spec syntax, e.g. ocr:1.0,pickscore:0.5
+        weights = reward_weights(args.rewards)
+        names = list(weights)
+    elif args.rewards is not None:
         names = [n.strip() for n in args.rewards.split(",") if n.strip()]
         if not names:
             raise ValueError("--rewards: give at least one reward name")
@@ -354,7 +304,7 @@ def _plan_rewards(args) -> dict[str, dict]:
     if unused:
         raise ValueError(f"options / servers given for reward(s) {unused} that are not evaluated "
                          f"(evaluated: {', '.join(names)}; change the set with --rewards)")
-    return {n: {"remote": remotes.get(n), "options": options.get(n, {})} for n in dict.fromkeys(names)}
+    return {n: {"remote": remotes.get(n), "options": options.get(n, {})} for n in dict.fromkeys(names)}, weights
 
 
 def _make_scorers(rewards: dict[str, dict], device: str) -> dict:
@@ -411,7 +361,7 @@ def _build_policy(plan: EvalPlan, device):
 
     args = plan.args
     return build_policy(
-        plan.model, revision=args.revision, dtype=PRECISIONS[args.mixed_precision], device=device,
+        plan.model, revision=args.revision, dtype=weight_dtype(args), device=device,
         # The student adapter is never sampled here: the smallest one keeps memory down.
         lora=dict(rank=1, alpha=1, target_modules=["attn.to_q"]),
         teachers=[plan.adapter] if plan.adapter else [],
@@ -419,28 +369,34 @@ def _build_policy(plan: EvalPlan, device):
     )
 
 
-def _score_batch(scorers: dict, images, prompts, metadata) -> list[tuple[dict, dict]]:
-    """Per image: (numeric scores, other outputs such as OCR's recognised text)."""
-    out = [({}, {}) for _ in images]
-    for name, scorer in scorers.items():
-        result = scorer(images, prompts, metadata)
-        for key, values in result.items():
-            numeric = np.asarray(values).dtype.kind in "biuf"
-            for i, value in enumerate(values):
-                out[i][0 if numeric else 1][key] = json_safe(value)
-    return out
+def _scorer(scorers: dict, weights: Optional[dict[str, float]]):
+    """Every reward's outputs under its own keys, plus the weighted ``total`` of a weighted spec
+    (computed as the trainer's task scorer computes it)."""
+    from ..rewards.multi import weighted_total
+
+    def score(images, prompts, metadata) -> dict:
+        out = {}
+        for scorer in scorers.values():
+            out.update(scorer(images, prompts, metadata))
+        if weights:
+            out["total"] = weighted_total(out, weights)
+        return out
+
+    return score
 
 
 def evaluate(plan: EvalPlan) -> Optional[dict]:
-    """Sample, score and summarise ``plan`` on every process; rank 0 writes the outputs and
-    returns the summary (other ranks return None)."""
+    """Sample, score and summarise ``plan`` on every process (the evaluation core,
+    :func:`~diffusion_opd.evaluation.core.evaluate_rows`); rank 0 writes the outputs and returns
+    the summary (other ranks return None)."""
     import torch
     from accelerate import Accelerator
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
     from ..models.base import BASE
-    from ..rollout import rollout
+    from ..rollout import Sampling
+    from .core import evaluate_rows
 
     args = plan.args
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -459,39 +415,31 @@ def evaluate(plan: EvalPlan) -> Optional[dict]:
     for scorer in scorers.values():  # a missing reward checkpoint fails before any sampling
         scorer.load()
     policy = _build_policy(plan, accelerator.device)
-    adapter = EVAL_ADAPTER if plan.adapter else BASE
+    sampling = Sampling(num_steps=args.num_steps, noise_level=plan.noise_level, guidance_scale=args.guidance_scale,
+                        resolution=args.resolution)
 
     mine = shard_indices(len(plan.rows), rank, world)
-    batches = [mine[i:i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
-    bar = tqdm(total=len(plan.rows), desc=f"eval {args.dataset}", unit="img",
+    bar = tqdm(total=len(plan.rows), desc=f"eval {plan.name}", unit="img",
                disable=args.no_progress or not accelerator.is_main_process)
-    results, grid_images = [], []
-    for k, batch in enumerate(batches):
-        rows = [plan.rows[i] for i in batch]
-        prompts, metadata = [r["prompt"] for r in rows], [r["metadata"] for r in rows]
-        seeds = [sample_seed(args.seed, i) for i in batch]
-        with torch.no_grad():
-            traj = rollout(policy, policy.encode_prompts(prompts), seeds, num_steps=args.num_steps,
-                           noise_level=plan.noise_level, guidance_scale=args.guidance_scale,
-                           resolution=args.resolution, adapter=adapter, keep_states=False)
-            images = policy.decode(traj.latents)
-            finite = torch.isfinite(traj.latents.flatten(1)).all(1).tolist()
-        scores = _score_batch(scorers, images, prompts, metadata)
-        for index, row, seed, image, (numeric, extra), ok in zip(batch, rows, seeds, images, scores, finite):
-            if not ok:  # a sample that diverged: a failure, never the score of the image its NaNs decode to
-                numeric = {key: None for key in numeric}
-            record = {"index": index, "prompt": row["prompt"], "metadata": row["metadata"], "seed": seed,
-                      "scores": numeric, "outputs": extra, "image": None, "nonfinite": not ok}
-            if args.save_images:
-                record["image"] = f"images/{index:05d}.png"
-                image.save(out_dir / record["image"])
-            if index < GRID_IMAGES:
-                grid_images.append((index, _png_bytes(image)))
-            results.append((index, record))
-        # rank 0 reports for everyone: the ranks advance at the same pace, one batch at a time
-        bar.update(min(len(plan.rows), (k + 1) * args.batch_size * world) - bar.n)
-    bar.close()
+    grid_images = []
 
+    def on_batch(records: list[dict], images: list) -> None:
+        for record, image in zip(records, images):
+            record["image"] = None
+            record["nonfinite"] = record.pop("nonfinite")  # after image, as results.jsonl always had it
+            if args.save_images:
+                record["image"] = f"images/{record['index']:05d}.png"
+                image.save(out_dir / record["image"])
+            if record["index"] < GRID_IMAGES:
+                grid_images.append((record["index"], _png_bytes(image)))
+        # rank 0 reports for everyone: the ranks advance at the same pace, one batch at a time
+        bar.update(min(len(plan.rows), bar.n + len(records) * world) - bar.n)
+
+    records = evaluate_rows(policy, [plan.rows[i] for i in mine], mine, sampling, args.seed,
+                            _scorer(scorers, plan.weights), adapter=EVAL_ADAPTER if plan.adapter else BASE,
+                            batch_size=args.batch_size, on_batch=on_batch)
+    bar.close()
+    results = [(r["index"], r) for r in records]
     gathered = gather_object(results) if world > 1 else results
     grid = gather_object(grid_images) if world > 1 else grid_images
     if not accelerator.is_main_process:
@@ -554,8 +502,8 @@ def _write_outputs(plan: EvalPlan, records: list[dict], grid: list[tuple[int, by
     out_dir = Path(plan.output_dir)
     with open(out_dir / "results.jsonl", "w") as f:
         for record in records:
-            f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
-    summary = summarize(plan.args.dataset, records)
+            f.write(json_line(record, sort_keys=False))
+    summary = summarize(plan.name, records)
     failed = sum(bool(r.get("nonfinite")) for r in records)
     summary["nonfinite_samples"] = failed
     if failed:
@@ -566,7 +514,7 @@ def _write_outputs(plan: EvalPlan, records: list[dict], grid: list[tuple[int, by
     summary["run"] = {
         "model": plan.model, "adapter": plan.adapter, "num_steps": args.num_steps,
         "guidance_scale": args.guidance_scale, "resolution": args.resolution, "solver": args.solver,
-        "noise_level": plan.noise_level, "seed": args.seed, "mixed_precision": args.mixed_precision,
+        "noise_level": plan.noise_level, "seed": args.seed, "dtype": weight_dtype(args),
         "split": args.split, "rewards": list(plan.rewards), "num_processes": world,
     }
     write_summary(summary, out_dir)

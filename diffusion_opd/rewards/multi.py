@@ -65,13 +65,19 @@ class MultiReward:
             scores = scorer(images, prompts, metadata)
             for key, value in scores.items():
                 out[key if key == name or key.startswith(name) else f"{name}/{key}"] = value
-        terms = np.stack([self.weights[n] * out[n].astype(np.float64) for n in self.scorers])
-        if self.nan_policy == "ignore":
-            total = np.where(np.isnan(terms).all(axis=0), np.nan, np.nansum(terms, axis=0))
-        else:
-            total = terms.sum(axis=0)
-        out["total"] = total.astype(np.float32)
+        out["total"] = weighted_total(out, self.weights, self.nan_policy)
         return out
+
+
+def weighted_total(scores: dict, weights: dict[str, float], nan_policy: str = "propagate") -> np.ndarray:
+    """``sum_name weight x scores[name]`` per image (float32); NaN as ``nan_policy`` says (see
+    the module docstring)."""
+    terms = np.stack([weights[n] * np.asarray(scores[n]).astype(np.float64) for n in weights])
+    if nan_policy == "ignore":
+        total = np.where(np.isnan(terms).all(axis=0), np.nan, np.nansum(terms, axis=0))
+    else:
+        total = terms.sum(axis=0)
+    return total.astype(np.float32)
 
 
 def task_scorer(spec: str, device: str) -> MultiReward:

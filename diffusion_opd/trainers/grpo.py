@@ -29,13 +29,16 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import ConfigError
 from ..losses import opd_kl
 from ..models.base import BASE
+from ..recipes import RecipeSpec, register
 from ..rl_losses import clipped_surrogate, guard_ratio, guard_step_weight, importance_ratio
 from ..rollout import Sampling, Step, replay_steps
 from ..sampling import gaussian_log_prob, transition_mean_std
 from ..seeds import train_step_indices
-from .rl import Groups, evaluate_rewards, global_loss, sample_groups, score_groups, update_scale, updates
+from .rl import (Groups, check_rl, evaluate_rewards, geometry, global_loss, group_size, optimizer_steps_per_round,
+                 sample_groups, score_groups, update_scale, updates)
 from .run import Run
 
 
@@ -48,7 +51,7 @@ class GRPO:
         c = run.config
         self.run, self.config, self.policy = run, c, run.policy
         self.sampling = Sampling.from_config(c.sample)
-        self.images_per_round = c.rl.groups_per_round * c.rl.group_size * len(c.tasks) * run.world
+        self.images_per_round = SPEC.images_per_round(c, run.world)
 
     def round(self, round_idx: int) -> dict:
         c, run = self.config, self.run
@@ -123,3 +126,15 @@ def train(config) -> Run:
     """Run (or resume) the Flow-GRPO / GRPO-Guard recipe described by ``config``."""
     run = Run(config)
     return run.train(GRPO(run))
+
+
+def check(config) -> None:
+    check_rl(config)
+    if config.sample.noise_level <= 0:
+        raise ConfigError("sample.noise_level: GRPO needs SDE rollouts (log-probabilities); use e.g. 0.7")
+
+
+SPEC = register(RecipeSpec("grpo", build=GRPO, prompts_keys=("rl.groups_per_round",), task_needs="reward",
+                           section="rl", check=check, images_per_prompt=group_size, geometry=geometry,
+                           optimizer_steps_per_round=optimizer_steps_per_round,
+                           description="Flow-GRPO / GRPO-Guard (stage 1)"))

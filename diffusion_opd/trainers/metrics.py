@@ -12,7 +12,6 @@ import resource
 import time
 import warnings
 from contextlib import contextmanager
-from typing import Optional
 
 import torch
 

@@ -28,13 +28,16 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import ConfigError
 from ..models.base import BASE, STUDENT
+from ..recipes import RecipeSpec, register
 from ..rl_losses import forward_process, nft_loss, velocity_kl
 from ..rollout import Sampling
 from ..sampling import randn
 from ..seeds import sample_seed, train_step_indices
 from .ema import ema_update_, old_policy_decay
-from .rl import Groups, evaluate_rewards, global_loss, sample_groups, score_groups, update_scale, updates
+from .rl import (Groups, check_rl, evaluate_rewards, geometry, global_loss, group_size, optimizer_steps_per_round,
+                 sample_groups, score_groups, update_scale, updates)
 from .run import Run
 from .sharding import copy_full_, gather
 
@@ -52,7 +55,7 @@ class NFT:
         self.sampling = Sampling.from_config(c.sample, solver=c.rl.nft_sampler)
         self.old_params = self.policy.add_student_copy(OLD)  # starts equal to the student
         self.steps_taken = 0  # optimizer steps so far (drives the old policy's decay)
-        self.images_per_round = c.rl.groups_per_round * c.rl.group_size * len(c.tasks) * run.world
+        self.images_per_round = SPEC.images_per_round(c, run.world)
 
     def round(self, round_idx: int) -> dict:
         c, run = self.config, self.run
@@ -146,3 +149,18 @@ def train(config) -> Run:
     """Run (or resume) the DiffusionNFT recipe described by ``config``; returns the finished run."""
     run = Run(config)
     return run.train(NFT(run))
+
+
+def check(config) -> None:
+    check_rl(config)
+    if config.rl.nft_sampler == "dpm2" and config.sample.noise_level != 0:
+        raise ConfigError(f"sample.noise_level: {config.sample.noise_level}, but rl.nft_sampler=dpm2 is deterministic; "
+                          "set sample.noise_level=0 or rl.nft_sampler=euler")
+    if config.rl.inner_epochs != 1:
+        raise ConfigError("rl.inner_epochs: DiffusionNFT makes one pass per round; use rl.updates_per_round")
+
+
+SPEC = register(RecipeSpec("nft", build=NFT, prompts_keys=("rl.groups_per_round",), task_needs="reward",
+                           section="rl", check=check, images_per_prompt=group_size, geometry=geometry,
+                           optimizer_steps_per_round=optimizer_steps_per_round,
+                           description="DiffusionNFT (stage 1)"))

@@ -21,10 +21,11 @@ import torch
 from ..glue import compiled
 from ..losses import opd_kl, opd_l2, opd_ppo_surrogate
 from ..models.base import Policy, PromptEmbeds
+from ..recipes import RecipeSpec, register
 from ..rollout import Sampling, Step, replay_steps, rollout_steps, sample, timed
 from ..sampling import StepResult, transition_mean_std
 from ..seeds import train_step_indices
-from .loop import compile_enabled
+from .setup import compile_enabled
 from .run import Run
 
 StepLoss = Callable[[StepResult, torch.Tensor, float], torch.Tensor]
@@ -76,7 +77,7 @@ class OPD:
         # task -> (teacher adapter, teacher CFG); the benchmark may point every task at one adapter
         self.task_teachers = {task: (spec.teacher, c.teachers[spec.teacher].guidance_scale)
                               for task, spec in c.tasks.items()}
-        self.images_per_round = run.prompts_per_round * len(c.tasks) * run.world
+        self.images_per_round = SPEC.images_per_round(c, run.world)
         # perf.compile: the latent-sized maths between forwards compiled too (diffusion_opd/glue.py)
         self.glue = (partial(compiled, c.perf.compile_backend, c.perf.compile_dynamic)
                      if compile_enabled(c, run.accelerator.device) else nullcontext)
@@ -184,12 +185,12 @@ class OPD:
         out = {}
         ctx = run.ema.swapped_in() if run.ema is not None else nullcontext()
         with ctx, run.accelerator.autocast():
-            for t_idx, (task, spec) in enumerate(c.tasks.items()):
-                rows, embeds, seeds = run.eval_batch(task, t_idx)
+            for task, spec in c.tasks.items():
+                rows, embeds, seeds = run.eval_batch(task)
                 dist = self.heldout_distance(embeds, seeds, *self.task_teachers[task], steps)
                 out[f"eval/distance/{task}"] = run.accelerator.reduce(dist.reshape(1), reduction="mean").item()
                 if c.eval.rewards and spec.reward:
-                    out[f"eval/reward/{task}"] = run.eval_reward(spec.reward, embeds, seeds, rows)
+                    out[f"eval/reward/{task}"] = run.eval_reward(task)
         run.timer.reset()
         return out
 
@@ -198,3 +199,33 @@ def train(config) -> Run:
     """Run (or resume) the OPD recipe described by ``config``; returns the finished run."""
     run = Run(config)
     return run.train(OPD(run))
+
+
+def geometry(config, world_size: int) -> dict:
+    """OPD's numbers printed at start: images, forwards per round, the loss."""
+    s, t = config.sample, config.train
+    per_task = t.batch_size * t.grad_accum
+    n_tasks = len(config.tasks)
+
+    def rows(g):  # a CFG scale > 1 doubles the rows; a guidance embedding (model.guidance=embedded) never does
+        return 2 if g > 1 and config.model.guidance != "embedded" else 1
+
+    cfg_mult = rows(s.guidance_scale)
+    teacher_cfg = {n: rows(config.teachers[config.tasks[n].teacher].guidance_scale) for n in config.tasks}
+    loss = t.loss if t.loss != "auto" else ("l2" if s.noise_level == 0 else "kl")
+    return {
+        "images_per_task_per_process": per_task,
+        "trained_steps_per_image": f"{t.num_train_steps} of {s.num_steps}",
+        "student_forwards_per_round_per_process": per_task * n_tasks * s.num_steps * cfg_mult
+        + (per_task * n_tasks * t.num_train_steps * cfg_mult if t.mode == "two_pass" else 0),
+        "teacher_forwards_per_round_per_process": sum(per_task * t.num_train_steps * teacher_cfg[n] for n in config.tasks),
+        "optimizer_steps": t.num_rounds,
+        "total_images": per_task * n_tasks * world_size * t.num_rounds,
+        "loss": loss,
+        "mode": t.mode,
+    }
+
+
+SPEC = register(RecipeSpec("opd", build=OPD, prompts_keys=("train.batch_size", "train.grad_accum"),
+                           task_needs="teacher", geometry=geometry,
+                           description="multi-task on-policy distillation from per-task teachers (stage 2)"))

@@ -9,19 +9,21 @@ checkpoint exists is skipped, a stage that was interrupted resumes from its late
 """
 from __future__ import annotations
 
-import importlib
 import os
 from typing import Sequence
 
-RECIPES = {"opd": "diffusion_opd.trainers.opd", "nft": "diffusion_opd.trainers.nft",
-           "grpo": "diffusion_opd.trainers.grpo"}
-
-__all__ = ["RECIPES", "train", "cascade_stages", "train_cascade"]
+__all__ = ["train", "cascade_stages", "train_cascade"]
 
 
 def train(config):
-    """Run (or resume) ``config`` with its recipe; returns the finished :class:`Run`."""
-    return importlib.import_module(RECIPES[config.recipe]).train(config)
+    """Run (or resume) ``config`` with its recipe (the registry's, diffusion_opd/recipes.py);
+    returns the finished :class:`Run`."""
+    from ..recipes import recipe_spec
+    from .run import Run
+
+    spec = recipe_spec(config.recipe)
+    run = Run(config)
+    return run.train(spec.build(run))
 
 
 def cascade_stages(spec: str) -> tuple[str, tuple[str, ...]]:
@@ -47,7 +49,7 @@ def train_cascade(spec: str, output_dir: str, overrides: Sequence[str] = ()) -> 
     latest one, and a stage killed before its first checkpoint starts again (its partial files
     moved aside, as ``overwrite=true`` does). ``overwrite=true`` starts every stage again."""
     from ..config import load_config, validate_config
-    from .checkpoint import list_checkpoints
+    from .checkpoint import evaluated_folder, list_checkpoints, round_dir
     from .run_dir import describe_previous_run
 
     path, stages = cascade_stages(spec)
@@ -66,9 +68,8 @@ def train_cascade(spec: str, output_dir: str, overrides: Sequence[str] = ()) -> 
     finals: list[str] = []
     for config, restart in configs:
         if finals:  # this stage starts as the last stage's student (its EMA weights when it kept one)
-            ema = os.path.join(finals[-1], "ema")
-            config.model.student_init = ema if os.path.isdir(ema) else finals[-1]
-        final = os.path.join(config.output_dir, "checkpoints", f"round-{config.train.num_rounds}")
+            config.model.student_init = evaluated_folder(finals[-1])
+        final = round_dir(config.output_dir, config.train.num_rounds)
         if restart or final not in [p for _, p in list_checkpoints(config.output_dir)]:
             if config.overwrite and not restart:
                 print(f"[cascade] {config.output_dir} was interrupted before its first checkpoint: "

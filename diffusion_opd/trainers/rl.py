@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 
 from ..advantages import group_advantages, nonzero_advantage_mask
+from ..errors import ConfigError
 from ..models.base import PromptEmbeds
 from ..rewards.multi import task_scorer
 from ..rollout import Sampling, Trajectory, sample
@@ -68,7 +69,7 @@ def updates(groups: list[Groups], batch_size: int, count: int) -> list[list[tupl
 def update_scale(run: Run, part: list[tuple[Groups, list[int]]], num_steps: int) -> tuple[float, float]:
     """``(scale, count)`` for one optimizer step over ``part``: backpropagating ``scale x`` this
     process's SUM of per-sample, per-step losses makes the step's gradient, after the
-    processes' gradients are averaged (trainers/loop.py), the mean over the ``count`` kept
+    processes' gradients are averaged (trainers/setup.py), the mean over the ``count`` kept
     samples of ALL processes and ``num_steps`` steps. ``scale = world / (count x num_steps)``;
     one all-reduce of the kept count."""
     acc = run.accelerator
@@ -145,8 +146,45 @@ def evaluate_rewards(run: Run) -> dict:
     out = {}
     ctx = run.ema.swapped_in() if run.ema is not None else nullcontext()
     with ctx, run.accelerator.autocast():
-        for t_idx, (task, spec) in enumerate(c.tasks.items()):
-            rows, embeds, seeds = run.eval_batch(task, t_idx)
-            out[f"eval/reward/{task}"] = run.eval_reward(spec.reward, embeds, seeds, rows)
+        for task in c.tasks:
+            out[f"eval/reward/{task}"] = run.eval_reward(task)
     run.timer.reset()
     return out
+
+
+def check_rl(config) -> None:
+    """The ``rl`` keys the stage-1 recipes (nft, grpo) share."""
+    rl, t = config.rl, config.train
+    for key in ("group_size", "groups_per_round", "updates_per_round", "inner_epochs"):
+        if rl[key] < 1:
+            raise ConfigError(f"rl.{key}: must be >= 1, got {rl[key]}")
+    if rl.group_size < 2:
+        raise ConfigError(f"rl.group_size: {rl.group_size}; group-relative advantages need >= 2 images per prompt")
+    images = rl.groups_per_round * rl.group_size
+    if images % t.batch_size:
+        raise ConfigError(f"train.batch_size: {t.batch_size} does not divide the {images} images a task samples "
+                          f"per round (rl.groups_per_round x rl.group_size)")
+    if (images // t.batch_size) % rl.updates_per_round:
+        raise ConfigError(f"rl.updates_per_round: {rl.updates_per_round} does not divide the {images // t.batch_size} "
+                          "micro-batches of a task's round (rl.groups_per_round x rl.group_size / train.batch_size)")
+    if rl.kl_beta < 0 or rl.clip_range < 0 or rl.advantage_clip <= 0 or rl.nft_beta <= 0:
+        raise ConfigError("rl.kl_beta and rl.clip_range must be >= 0, rl.advantage_clip and rl.nft_beta > 0")
+
+
+def group_size(config) -> int:
+    return config.rl.group_size
+
+
+def optimizer_steps_per_round(config) -> int:
+    return config.rl.updates_per_round * config.rl.inner_epochs
+
+
+def geometry(config, world_size: int) -> dict:
+    """The stage-1 recipes' numbers printed at start."""
+    s, t = config.sample, config.train
+    return {
+        "rewards": {n: spec.reward for n, spec in config.tasks.items()},
+        "prompts_per_task_per_process": config.rl.groups_per_round, "images_per_prompt": config.rl.group_size,
+        "trained_steps_per_image": f"{t.num_train_steps} of {s.num_steps}",
+        "optimizer_steps": t.num_rounds * optimizer_steps_per_round(config),
+    }

@@ -26,22 +26,23 @@ import torch
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from ..config import derived_geometry, prompts_per_round, to_dict, validate_config
+from ..config import to_dict, validate_config
 from ..data.sampler import PromptSampler
+from ..evaluation.core import eval_seed, evaluate_rows, mean_score
 from ..models.base import STUDENT, Policy, PromptEmbeds
+from ..recipes import recipe_spec
 from ..rewards.multi import task_scorer
 from ..rollout import Sampling, sample
 from ..seeds import sample_seed
 from . import checkpoint as ckpt
 from . import sharding
 from .ema import EMA
-from .loop import (NonFiniteGuard, RunState, all_reduce_gradients, broadcast_parameters, build_optimizer,
-                   build_policy_from_config, load_checkpoint, make_accelerator, optimizer_settings,
-                   restore_settings, resume_checkpoint, save_checkpoint)
 from .metrics import MetricsLog, PhaseTimer, peak_memory_gb, read_metrics, synchronize
 from .preflight import preflight
 from .run_dir import claim_output_dir
-from .stop import RunStopped, StopRequest
+from .setup import (all_reduce_gradients, broadcast_parameters, build_optimizer, build_policy_from_config,
+                    make_accelerator, optimizer_settings, restore_settings)
+from .stop import NonFiniteGuard, RunStopped, StopRequest
 from .trackers import Trackers
 from .visuals import CURVES_FILE, SampleGrids, plot_curves, quiet_progress_bars
 
@@ -84,13 +85,14 @@ class Run:
         else:  # fixed embeddings: no prompt files, nothing written
             validate_config(config, world_size=self.world)
             self.prompts, self.eval_prompts = {}, {}
-        self.geometry = derived_geometry(config, self.world)
+        self.spec = recipe_spec(config.recipe)  # what the recipe declares (diffusion_opd/recipes.py)
+        self.geometry = self.spec.derived_geometry(config, self.world)
         acc.print(f"{tag} " + f"\n{tag} ".join(f"{k}: {v}" for k, v in self.geometry.items()))
         # output_dir is this run's until close(): a live run elsewhere or another run's files refuse it
         self.lock = claim_output_dir(config, acc) if check_data else None
         try:  # a checkpoint or model that fails to load (a damaged teacher...) hands the folder back at once
             os.makedirs(config.output_dir, exist_ok=True)
-            self.resume_path = resume_checkpoint(config, acc) if check_data else None  # verified, before loading
+            self.resume_path = ckpt.resume_path(config, acc) if check_data else None  # verified, before loading
             set_seed(config.seed)  # the student LoRA's initialisation
             self.policy = policy if policy is not None else build_policy_from_config(config, acc)
         except BaseException:
@@ -101,14 +103,14 @@ class Run:
         broadcast_parameters(self.params, acc)
         self.build_optimizer()
         self.sync: Optional[sharding.ReduceOnce] = None  # distributed.strategy=fsdp, once sharded (shard())
-        self.prompts_per_round = prompts_per_round(config)
+        self.prompts_per_round = self.spec.prompts_per_round(config)
         self.samplers = {
             task: PromptSampler(len(rows), self.prompts_per_round, self.rank, self.world, seed=config.seed + 1000 * i)
             for i, (task, rows) in enumerate(self.prompts.items())
         }
         self.timer = timer if timer is not None else PhaseTimer(acc.device, enabled=config.logging.phase_times)
         self.seen_prompts: list[tuple[int, str, list[int]]] = []  # (round, task, indices) on this process
-        self.state = RunState()
+        self.state = ckpt.RunState()
         self.guard = NonFiniteGuard(config.train.nan_patience)
         self.log: Optional[MetricsLog] = None
         self.grids = None  # sample grids: main process only, when there are held-out prompts
@@ -206,27 +208,33 @@ class Run:
                                                       for k in keys]), reduction="sum")
         return {k: v.item() / (count * self.world) for k, v in zip(keys, values)}
 
-    def eval_batch(self, task: str, task_idx: int) -> tuple[list[dict], PromptEmbeds, list[int]]:
-        """This process's share of ``task``'s held-out prompts (encoded) with fixed seeds: the
-        same images at every evaluation."""
-        c = self.config
-        rows = self.eval_prompts[task][self.rank::self.world][: c.eval.num_prompts]
-        embeds = self.policy.encode_prompts([r["prompt"] for r in rows])
-        seeds = [sample_seed(c.seed, -1, task_idx, self.rank + i * self.world) for i in range(len(rows))]
-        return rows, embeds, seeds
+    def eval_rows(self, task: str) -> tuple[list[dict], list[int]]:
+        """This process's share of ``task``'s held-out prompts and their indices in the set:
+        rows ``rank, rank + world, ...``, the first ``eval.num_prompts`` of them."""
+        indices = list(range(self.rank, len(self.eval_prompts[task]), self.world))[: self.config.eval.num_prompts]
+        return [self.eval_prompts[task][i] for i in indices], indices
 
-    def eval_reward(self, reward: str, embeds: PromptEmbeds, seeds: list[int], rows: list[dict]) -> float:
-        """Mean reward (a task's reward spec, see :func:`task_scorer`) over all processes of ODE
-        samples (``eval.num_steps`` steps) of the student."""
+    def eval_batch(self, task: str) -> tuple[list[dict], PromptEmbeds, list[int]]:
+        """:meth:`eval_rows` encoded, with the evaluation seeds (:func:`eval_seed` of each row's
+        index): the same images at every evaluation, and the ones ``scripts/evaluation.py`` draws."""
+        rows, indices = self.eval_rows(task)
+        embeds = self.policy.encode_prompts([r["prompt"] for r in rows])
+        return rows, embeds, [eval_seed(self.config.seed, i) for i in indices]
+
+    def eval_reward(self, task: str) -> float:
+        """Mean of ``task``'s reward spec (``total`` of :func:`task_scorer`) over all processes'
+        ODE samples (``eval.num_steps`` steps) of the student: the evaluation core
+        (:func:`evaluate_rows`), as ``scripts/evaluation.py`` computes it."""
         c, acc = self.config, self.accelerator
         spec = Sampling.from_config(c.sample, num_steps=c.eval.num_steps, noise_level=0.0)
-        with torch.no_grad():
-            images = self.policy.decode(sample(self.policy, embeds, seeds, spec).latents)
         device = c.eval.reward_device if c.eval.reward_device != "auto" else str(acc.device)
-        scores = task_scorer(reward, device)(images, [r["prompt"] for r in rows], [r["metadata"] for r in rows])["total"]
-        local = torch.tensor([float(torch.tensor(scores).nanmean()) * len(rows), len(rows)], device=acc.device)
-        total = acc.reduce(local, reduction="sum")
-        return (total[0] / total[1]).item()
+        rows, indices = self.eval_rows(task)
+        records = evaluate_rows(self.policy, rows, indices, spec, c.seed, task_scorer(c.tasks[task].reward, device))
+        if self.world > 1:
+            from accelerate.utils import gather_object
+
+            records = gather_object(records)
+        return mean_score(records, "total")
 
     def draw_samples(self, round_idx: int) -> None:
         """The sample grids of this evaluation (student with the weights evaluation uses: the EMA
@@ -280,8 +288,7 @@ class Run:
         path = self.resume_path
         if path:
             wanted = optimizer_settings(self.optimizer, self.scheduler)  # this config's, before the checkpoint's
-            self.state = load_checkpoint(path, acc, self.policy, self.optimizer, self.scheduler, self.ema,
-                                         recipe_state=getattr(recipe, "load_state_dict", None))
+            self.state = ckpt.load(self, path, recipe_state=getattr(recipe, "load_state_dict", None))
             changed = restore_settings(self.optimizer, self.scheduler, wanted)
             if changed:  # applied, said once, and recorded in the next metrics row
                 acc.print(f"[resume] warning: {path} was trained with " + ", ".join(
@@ -301,8 +308,7 @@ class Run:
         self.state.samplers = {t: s.state_dict() for t, s in self.samplers.items()}
         self.state.nan_streak = self.guard.streak
         extra = recipe.state_dict() if hasattr(recipe, "state_dict") else None
-        path = save_checkpoint(self.accelerator, self.config, self.policy, self.optimizer, self.scheduler, self.ema,
-                               self.state, recipe_state=extra)
+        path = ckpt.save(self, recipe_state=extra)
         if path:
             self.accelerator.print(f"[{self.config.recipe}] saved {path}")
         self.saved_round = self.state.round

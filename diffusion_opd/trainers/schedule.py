@@ -13,11 +13,11 @@ import torch
 
 
 def optimizer_steps_per_round(config) -> int:
-    """Optimizer steps a round takes: one for OPD; the stage-1 recipes take
-    ``rl.updates_per_round`` per pass, ``rl.inner_epochs`` passes."""
-    if config.recipe == "opd":
-        return 1
-    return config.rl.updates_per_round * config.rl.inner_epochs
+    """Optimizer steps a round takes, as the recipe declares (diffusion_opd/recipes.py): one for
+    OPD; the stage-1 recipes take ``rl.updates_per_round`` per pass, ``rl.inner_epochs`` passes."""
+    from ..recipes import recipe_spec
+
+    return recipe_spec(config.recipe).optimizer_steps_per_round(config)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config) -> torch.optim.lr_scheduler.LambdaLR:

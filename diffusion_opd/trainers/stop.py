@@ -1,13 +1,19 @@
-"""SIGTERM / SIGINT: finish the current round, write a checkpoint, exit non-zero saying how to resume.
+"""Why a run stops early: a signal, or a loss that stays non-finite.
+
+SIGTERM / SIGINT: finish the current round, write a checkpoint, exit non-zero saying how to resume.
 
 Schedulers (SLURM, Kubernetes) send SIGTERM some seconds before they kill a job, and Ctrl-C sends
 SIGINT; killing the run mid-round would lose everything since the last checkpoint. The handler
 only records the request; the training loop asks :meth:`StopRequest.agreed` after each round
 (one all-reduce, so every process stops after the same round even if only one was signalled),
 checkpoints, and raises :class:`RunStopped`. A second signal stops at once (KeyboardInterrupt).
+
+A round whose loss or gradient norm is NaN / inf takes no step (:class:`NonFiniteGuard`);
+``train.nan_patience`` such rounds in a row stop the run with :class:`NonFiniteError`.
 """
 from __future__ import annotations
 
+import math
 import signal
 import threading
 from typing import Optional
@@ -58,3 +64,31 @@ class StopRequest:
         flags = torch.tensor([float(self.signum == s) for s in SIGNALS], device=accelerator.device)
         flags = accelerator.reduce(flags, reduction="sum")  # every process takes part, signalled or not
         return next((int(s) for s, f in zip(SIGNALS, flags.tolist()) if f > 0), None)
+
+
+class NonFiniteError(UserError, FloatingPointError):
+    """Training diverged (non-finite loss, gradients or weights); nothing non-finite was saved."""
+
+    exit_code = 1
+
+
+class NonFiniteGuard:
+    """Skip a round whose loss or gradient norm is NaN/inf (no step: the weights stay finite);
+    stop with a clear error after ``patience`` such rounds in a row."""
+
+    def __init__(self, patience: int, streak: int = 0):
+        self.patience = patience
+        self.streak = streak
+
+    def should_skip(self, loss: float, round_idx: int, grad_norm: float = 0.0) -> bool:
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self.streak = 0
+            return False
+        self.streak += 1
+        if self.streak >= self.patience:
+            raise NonFiniteError(
+                f"round {round_idx}: the loss was non-finite for {self.streak} rounds in a row "
+                f"(train.nan_patience={self.patience}); no step was taken in those rounds. Lower "
+                "train.learning_rate, check the teachers' outputs, or resume from the last checkpoint."
+            )
+        return True

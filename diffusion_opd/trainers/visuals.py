@@ -18,6 +18,8 @@ from __future__ import annotations
 import os
 from typing import Callable, Optional, Sequence
 
+from ..evaluation.core import eval_seed
+
 SAMPLES_DIR = "samples"
 CURVES_FILE = "curves.png"
 # (panel title, metric key prefix): one line per task in each panel that has any data
@@ -129,8 +131,9 @@ class SampleGrids:
         self.prompts = {task: list(rows[:num_images]) for task, rows in prompts.items()}
         self.teachers = teachers
         self.sampler = sampler
-        self.seeds = {task: [seed * 1000 + 100 * t + i for i in range(len(rows))]  # fixed for the whole run
-                      for t, (task, rows) in enumerate(self.prompts.items())}
+        # the evaluation seeds of these rows (fixed for the whole run): the images evaluation scores
+        self.seeds = {task: [eval_seed(seed, i) for i in range(len(rows))]
+                      for task, rows in self.prompts.items()}
         self._teacher_images: dict[str, list] = {}
 
     def path(self, task: str, round_idx: int) -> str:

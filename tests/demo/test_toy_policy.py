@@ -8,7 +8,7 @@ import torch
 
 from diffusion_opd.models import BASE, STUDENT, build_policy
 from diffusion_opd.models.toy import ToyPolicy, build_random_toy
-from diffusion_opd.rollout import rollout
+from diffusion_opd.rollout import Sampling, sample
 
 PROMPTS = ["a red square", 'a sign that says "T"', "a ring, masterpiece"]
 
@@ -87,9 +87,9 @@ def test_saved_student_loads_as_teacher_unchanged(toy_dir, teacher_dir):
 def test_rollout_is_per_sample_seeded_and_decodes(toy_dir):
     policy = build_policy(toy_dir, lora=dict(rank=4, alpha=8))
     embeds = policy.encode_prompts(PROMPTS)
-    kw = dict(num_steps=6, noise_level=0.7, guidance_scale=2.0, resolution=16)
-    batch = rollout(policy, embeds, [5, 6, 7], **kw)
-    alone = rollout(policy, embeds.select([1]), [6], **kw)
+    spec = Sampling(num_steps=6, noise_level=0.7, guidance_scale=2.0, resolution=16)
+    batch = sample(policy, embeds, [5, 6, 7], spec, keep_states=True)
+    alone = sample(policy, embeds.select([1]), [6], spec, keep_states=True)
     torch.testing.assert_close(batch.latents[1:2], alone.latents)  # a sample ignores its batch mates
     assert batch.log_probs[0].shape == (3,) and len(batch.states) == 6
     images = policy.decode(batch.latents)

@@ -19,7 +19,8 @@ import torch
 from PIL import Image
 
 from diffusion_opd.evaluation.run import (DATASET_REWARDS, MODEL_REWARDS, default_rewards, main, make_grid,
-                                          sample_seed, shard_indices)
+                                          shard_indices)
+from diffusion_opd.evaluation.core import eval_seed
 from diffusion_opd.evaluation.summary import GENEVAL_TAGS
 from tests.evaluation.tiny_geneval import build_tiny_geneval, write_car_rows
 from tests.shared_data import shared_datasets
@@ -113,9 +114,9 @@ def test_bad_arguments_fail_before_any_model_loads(tmp_path, capsys, tiny_sd3_di
 
 
 def test_seeds_shards_and_reward_sets():
-    seeds = [sample_seed(0, i) for i in range(1000)] + [sample_seed(1, i) for i in range(1000)]
+    seeds = [eval_seed(0, i) for i in range(1000)] + [eval_seed(1, i) for i in range(1000)]
     assert len(set(seeds)) == 2000 and all(0 <= s < 2**63 for s in seeds)
-    assert sample_seed(0, 5) == sample_seed(0, 5)
+    assert eval_seed(0, 5) == eval_seed(0, 5)
     shards = [shard_indices(5, r, 2) for r in range(2)]
     assert shards == [[0, 2, 4], [1, 3]]  # uneven, unpadded, disjoint, complete
     assert default_rewards("geneval") == ["geneval"] and default_rewards("ocr") == ["ocr"]
@@ -132,7 +133,7 @@ def test_ocr_end_to_end(ocr_base):
     rows = read_results(ocr_base)
     prompts = shared_datasets().joinpath("ocr", "test.txt").read_text().splitlines()[:3]
     assert [r["index"] for r in rows] == [0, 1, 2] and [r["prompt"] for r in rows] == prompts
-    assert [r["seed"] for r in rows] == [sample_seed(0, i) for i in range(3)]
+    assert [r["seed"] for r in rows] == [eval_seed(0, i) for i in range(3)]
     for r in rows:
         assert 0.0 <= r["scores"]["ocr"] <= 1.0 and isinstance(r["outputs"]["recognised"], str)
         assert pixels(ocr_base / r["image"]).shape == (64, 64, 3)
@@ -199,7 +200,7 @@ def test_two_processes_match_one(geneval_one_process, tmp_path):
 
 # ----------------------------------------------------------------------------- weights
 def _write_checkpoint(model_dir: str, round_dir: Path) -> dict:
-    """A training checkpoint folder (the files trainers/loop.save_checkpoint writes, through the
+    """A training checkpoint folder (the files trainers/checkpoint.save writes, through the
     same policy writer) holding random student and EMA weights; returns both states."""
     from safetensors.torch import save_file
 
@@ -221,13 +222,14 @@ def _write_checkpoint(model_dir: str, round_dir: Path) -> dict:
 
 def _student_images(policy, state, prompts, seeds):
     """What the student with ``state`` samples with the CLI's settings, decoded."""
-    from diffusion_opd.rollout import rollout
+    from diffusion_opd.evaluation.core import sample_images
+    from diffusion_opd.rollout import Sampling
 
     policy.load_student_state_dict(state)
-    with torch.no_grad(), one_thread():
-        traj = rollout(policy, policy.encode_prompts(prompts), seeds, num_steps=2, noise_level=0.0,
-                       guidance_scale=4.5, resolution=64, keep_states=False)
-        return [np.asarray(im, dtype=np.int16) for im in policy.decode(traj.latents)]
+    with one_thread():
+        images = sample_images(policy, prompts, seeds, Sampling(num_steps=2, noise_level=0.0, guidance_scale=4.5,
+                                                               resolution=64))
+        return [np.asarray(im, dtype=np.int16) for im in images]
 
 
 def test_checkpoint_and_lora_folders_load_and_change_images(tiny_sd3_dir, tiny_teacher_dirs, geneval_setup,

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from diffusion_opd.rewards import MissingCheckpointError, load_reward
+from diffusion_opd.rewards import load_reward
 from diffusion_opd.rewards.aesthetic import AestheticScorer
 from diffusion_opd.rewards.clip_common import to_pil
 
@@ -44,16 +44,6 @@ def test_full_path_matches_peers_formula(tiny_reward_ckpt_root, tiny_reward_opti
     np.testing.assert_allclose(scorer([test_images[i] for i in perm], ["x"] * 5)["aesthetic"], score[perm], atol=ATOL)
 
 
-def test_dtype_option(tiny_reward_options, test_images, test_prompts):
-    a = AestheticScorer(**tiny_reward_options["aesthetic"])(test_images, test_prompts)["aesthetic"]
-    half = AestheticScorer(dtype="bfloat16", **tiny_reward_options["aesthetic"])
-    b = half(test_images, test_prompts)["aesthetic"]
-    assert next(half.clip.model.parameters()).dtype == torch.bfloat16
-    assert next(half.head.parameters()).dtype == torch.float32 and b.dtype == np.float32
-    # bf16 embeddings move the unit vector by ~1e-2; the random head's gain is ~1 -> < 0.05.
-    np.testing.assert_allclose(b, a, atol=0.05)
-
-
 def test_hub_mirror_file_name_and_explicit_checkpoint(tiny_reward_ckpt_root, tmp_path, test_images, test_prompts):
     # The Hub mirror's name (trl-lib/ddpo-aesthetic-predictor :: aesthetic-model.pth) is accepted.
     (tmp_path / "aesthetic").mkdir()
@@ -77,13 +67,3 @@ def test_head_that_does_not_fit_the_clip_width_is_rejected(tiny_reward_ckpt_root
     with pytest.raises(ValueError, match="not a 768-1024-128-64-16-1 head"):
         AestheticScorer(checkpoint=str(tmp_path / "other.pth"),
                         model_path=str(tiny_reward_ckpt_root / "clip-vit-large-patch14")).load()
-
-
-def test_missing_checkpoint_names_path_and_command(tmp_path):
-    with pytest.raises(MissingCheckpointError) as err:
-        AestheticScorer(ckpt_root=str(tmp_path)).load()
-    msg = str(err.value)
-    assert str(tmp_path / "aesthetic" / "sac+logos+ava1-l14-linearMSE.pth") in msg
-    assert str(tmp_path / "aesthetic" / "aesthetic-model.pth") in msg
-    assert "python scripts/download_reward_ckpts.py --only aesthetic" in msg
-    assert "hf download trl-lib/ddpo-aesthetic-predictor aesthetic-model.pth" in msg

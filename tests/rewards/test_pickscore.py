@@ -1,9 +1,8 @@
 """PickScore on a tiny random CLIP: full path, formula, pairing, dtype, missing checkpoints."""
 import numpy as np
-import pytest
 import torch
 
-from diffusion_opd.rewards import MissingCheckpointError, load_reward
+from diffusion_opd.rewards import load_reward
 from diffusion_opd.rewards.clip_common import to_pil
 from diffusion_opd.rewards.pickscore import PickScoreScorer
 
@@ -44,42 +43,8 @@ def test_full_path_matches_peers_formula(tiny_reward_ckpt_root, tiny_reward_opti
     assert np.ptp(score) > 10 * ATOL  # the comparison is not vacuous: scores differ across pairs
 
 
-def test_image_i_is_scored_against_prompt_i_only(tiny_reward_options, test_images, test_prompts):
-    scorer = PickScoreScorer(batch_size=2, **tiny_reward_options["pickscore"])
-    base = scorer(test_images, test_prompts)["pickscore"]
-    perm = [3, 0, 4, 1, 2]
-    joint = scorer([test_images[i] for i in perm], [test_prompts[i] for i in perm])["pickscore"]
-    np.testing.assert_allclose(joint, base[perm], atol=ATOL)
-    one_by_one = [scorer([im], [p])["pickscore"][0] for im, p in zip(test_images, test_prompts)]
-    np.testing.assert_allclose(one_by_one, base, atol=ATOL)
-    shuffled = scorer(test_images, [test_prompts[i] for i in perm])["pickscore"]
-    assert not np.allclose(shuffled, base, atol=ATOL)  # the prompt actually matters
-
-
-def test_dtype_option(tiny_reward_options, test_images, test_prompts):
-    fp32 = PickScoreScorer(**tiny_reward_options["pickscore"])
-    bf16 = PickScoreScorer(dtype="bfloat16", **tiny_reward_options["pickscore"])
-    a, b = fp32(test_images, test_prompts)["pickscore"], bf16(test_images, test_prompts)["pickscore"]
-    assert next(bf16.clip.model.parameters()).dtype == torch.bfloat16
-    assert b.dtype == np.float32
-    # bf16 keeps 8 mantissa bits (rel. 4e-3 per op); through 2 layers the cosine moves < 0.02,
-    # times exp(scale)/26 ~ 3.8 -> < 0.08.
-    np.testing.assert_allclose(b, a, atol=0.08)
-    with pytest.raises(ValueError, match="unknown dtype"):
-        PickScoreScorer(dtype="float8")
-
-
 def test_local_folder_overrides(tiny_clip_model_dir, tiny_clip_processor_dir, tmp_path, test_images, test_prompts):
     scorer = PickScoreScorer(model_path=str(tiny_clip_model_dir), processor_path=str(tiny_clip_processor_dir),
                              ckpt_root=str(tmp_path))  # empty root: only the overrides can work
     ref = reference_pickscore(tiny_clip_model_dir, tiny_clip_processor_dir, test_images, test_prompts)
     np.testing.assert_allclose(scorer(test_images, test_prompts)["pickscore"], ref, atol=ATOL)
-
-
-def test_missing_checkpoint_names_path_and_command(tmp_path):
-    with pytest.raises(MissingCheckpointError) as err:
-        PickScoreScorer(ckpt_root=str(tmp_path)).load()
-    msg = str(err.value)
-    assert str(tmp_path / "pickscore" / "PickScore_v1") in msg
-    assert "python scripts/download_reward_ckpts.py --only pickscore" in msg
-    assert "hf download yuvalkirstain/PickScore_v1" in msg

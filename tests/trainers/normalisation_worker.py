@@ -1,6 +1,6 @@
 """Run by tests/trainers/test_stage1_fidelity.py under `torchrun --nproc_per_node 2` (real gloo):
 each rank backpropagates its share of a stage-1 update with the recipes' normalisation
-(trainers/rl.py update_scale) and averages gradients as the trainer does (trainers/loop.py
+(trainers/rl.py update_scale) and averages gradients as the trainer does (trainers/setup.py
 all_reduce_gradients); rank r writes its gradient and logged loss to <out>/grad<r>.pt."""
 import os
 import sys
@@ -41,7 +41,7 @@ def one_process_gradient():
 if __name__ == "__main__":
     from accelerate import Accelerator
 
-    from diffusion_opd.trainers.loop import all_reduce_gradients
+    from diffusion_opd.trainers.setup import all_reduce_gradients
 
     acc = Accelerator(cpu=True)
     assert acc.num_processes == 2, acc.num_processes

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from diffusion_opd.config import load_config
-from diffusion_opd.trainers.loop import build_policy_from_config, make_accelerator
 from diffusion_opd.trainers.metrics import PhaseTimer
+from diffusion_opd.trainers.setup import build_policy_from_config, make_accelerator
 from diffusion_opd.trainers.opd import OPD
 from diffusion_opd.trainers.run import Run
 

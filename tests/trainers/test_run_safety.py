@@ -15,11 +15,11 @@ from accelerate import Accelerator
 
 from diffusion_opd.config import ConfigError, load_config
 from diffusion_opd.trainers import checkpoint as ckpt
-from diffusion_opd.trainers.loop import NonFiniteError, load_checkpoint
 from diffusion_opd.trainers.metrics import read_metrics
 from diffusion_opd.trainers.opd import train
 from diffusion_opd.trainers.run import Run
 from diffusion_opd.trainers.run_dir import claim_output_dir
+from diffusion_opd.trainers.stop import NonFiniteError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(ROOT, "config", "opd.py") + ":tiny_mopd"
@@ -175,7 +175,7 @@ def test_manifest_catches_a_changed_byte(tmp_path):
 
 def test_fp16_loss_scaler_is_checkpointed_and_restored(tmp_path):
     """The GradScaler accelerate keeps for fp16 (a CPU GradScaler stands in: fp16 autocast needs
-    CUDA) goes through save_checkpoint and load_checkpoint unchanged."""
+    CUDA) goes through checkpoint.save and checkpoint.load unchanged."""
     run = Run(tiny(tmp_path / "a", "train.num_rounds=1"))
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=7)
     weight = torch.nn.Parameter(torch.ones(1))
@@ -193,7 +193,7 @@ def test_fp16_loss_scaler_is_checkpointed_and_restored(tmp_path):
     assert os.path.isfile(os.path.join(saved, "scaler.pt"))
 
     run.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=7)  # a fresh one
-    load_checkpoint(saved, run.accelerator, run.policy, run.optimizer, run.scheduler, run.ema)
+    ckpt.load(run, saved)
     restored = run.accelerator.scaler.state_dict()
     assert restored == scaler.state_dict() and restored["scale"] == 2.0**15 and restored["_growth_tracker"] == 2
     run.close()

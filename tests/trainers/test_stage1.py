@@ -42,8 +42,32 @@ def test_mean_reward_rises(runs, name):
           f"{sum(train_reward[:3]) / 3:.5f} (rounds 1-3) -> {sum(train_reward[-3:]) / 3:.5f} (rounds 8-10)")
     assert len(evals) == 2 and len(train_reward) == config.train.num_rounds
     # Same seeds and prompts before and after: the change is the policy's, not sampling noise.
-    assert evals[-1] > evals[0] + 0.002, evals
+    # The run's own evaluation scores 4 images (one per held-out prompt), whose noise alone moves
+    # the mean by ~0.005 (measured: a different seed rule moved the changes by up to 0.0056), so
+    # the rise is measured on 32: each held-out prompt x 8 evaluation seeds, base vs final student.
+    before, after = _heldout_brightness(config, samples_per_prompt=8)
+    print(f"{name}: held-out brightness over 32 samples {before:.5f} -> {after:.5f}")
+    assert after > before + 0.002, (before, after)
     assert sum(train_reward[-3:]) > sum(train_reward[:3])
+
+
+def _heldout_brightness(config, samples_per_prompt: int) -> tuple[float, float]:
+    """Mean held-out reward (the evaluation core) of the base and of the run's final student."""
+    from diffusion_opd.evaluation.core import evaluate_rows, mean_score
+    from diffusion_opd.models.base import BASE, STUDENT
+    from diffusion_opd.rewards.multi import task_scorer
+    from diffusion_opd.rollout import Sampling
+    from diffusion_opd.trainers import checkpoint as ckpt
+    from diffusion_opd.trainers.setup import build_policy_from_config, make_accelerator
+
+    policy = build_policy_from_config(config, make_accelerator(config))
+    policy.load_student_state_dict(ckpt.read_student(ckpt.round_dir(config.output_dir, config.train.num_rounds)))
+    (task, spec), = config.tasks.items()
+    rows = [{"prompt": p, "metadata": {}} for p in spec.eval_prompts for _ in range(samples_per_prompt)]
+    sampling = Sampling.from_config(config.sample, num_steps=config.eval.num_steps, noise_level=0.0)
+    scorer = task_scorer(spec.reward, "cpu")
+    return tuple(mean_score(evaluate_rows(policy, rows, range(len(rows)), sampling, config.seed, scorer,
+                                          adapter=adapter), "total") for adapter in (BASE, STUDENT))
 
 
 @pytest.mark.parametrize("name", ["grpo", "guard"])
