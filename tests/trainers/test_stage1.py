@@ -60,14 +60,27 @@ def _heldout_brightness(config, samples_per_prompt: int) -> tuple[float, float]:
     from diffusion_opd.trainers import checkpoint as ckpt
     from diffusion_opd.trainers.setup import build_policy_from_config, make_accelerator
 
+    from diffusion_opd.trainers.ema import EMA
+
     policy = build_policy_from_config(config, make_accelerator(config))
-    policy.load_student_state_dict(ckpt.read_student(ckpt.round_dir(config.output_dir, config.train.num_rounds)))
+    final = ckpt.round_dir(config.output_dir, config.train.num_rounds)
+    policy.load_student_state_dict(ckpt.read_student(final))
     (task, spec), = config.tasks.items()
     rows = [{"prompt": p, "metadata": {}} for p in spec.eval_prompts for _ in range(samples_per_prompt)]
     sampling = Sampling.from_config(config.sample, num_steps=config.eval.num_steps, noise_level=0.0)
     scorer = task_scorer(spec.reward, "cpu")
-    return tuple(mean_score(evaluate_rows(policy, rows, range(len(rows)), sampling, config.seed, scorer,
-                                          adapter=adapter), "total") for adapter in (BASE, STUDENT))
+
+    def mean(adapter):
+        return mean_score(evaluate_rows(policy, rows, range(len(rows)), sampling, config.seed, scorer,
+                                        adapter=adapter), "total")
+
+    before = mean(BASE)
+    if config.train.ema_decay > 0:  # the run evaluates its EMA weights: so does this
+        ema = EMA(policy.trainable_parameters(), config.train.ema_decay, config.train.ema_warmup)
+        ema.load_state_dict(torch.load(os.path.join(final, "ema_state.pt"), weights_only=False))
+        with ema.swapped_in():
+            return before, mean(STUDENT)
+    return before, mean(STUDENT)
 
 
 @pytest.mark.parametrize("name", ["grpo", "guard"])
