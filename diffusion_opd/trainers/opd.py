@@ -25,8 +25,8 @@ from ..recipes import RecipeSpec, register
 from ..rollout import Sampling, Step, replay_steps, rollout_steps, sample, timed
 from ..sampling import StepResult, transition_mean_std
 from ..seeds import train_step_indices
-from .setup import compile_enabled
 from .run import Run
+from .setup import compile_enabled
 
 StepLoss = Callable[[StepResult, torch.Tensor, float], torch.Tensor]
 

@@ -121,7 +121,7 @@ def build_policy_from_config(config, accelerator: Accelerator):
         merge_teachers=config.perf.merge_teachers,
     )
     if compile_enabled(config, accelerator.device):
-        n = policy.compile_blocks(backend=config.perf.compile_backend)
+        n = policy.compile_blocks(backend=config.perf.compile_backend, dynamic=config.perf.compile_dynamic)
         accelerator.print(f"[perf] torch.compile on {n} repeated transformer blocks (backend "
                           f"{config.perf.compile_backend}); the first round compiles" if n else
                           f"[perf] perf.compile: {type(policy).__name__} has no repeated blocks; nothing compiled")

@@ -1,7 +1,7 @@
 """Sharded training with PyTorch FSDP2 (``distributed.strategy = "fsdp"``).
 
 Under ``ddp`` (the default) every process holds the whole frozen backbone and the trainer
-averages the student's LoRA gradients itself, once per round (trainers/loop.py). Under ``fsdp``
+averages the student's LoRA gradients itself, once per round (trainers/setup.py). Under ``fsdp``
 every denoiser (the transformer with ALL its adapters: the student LoRA, the teacher LoRAs, the
 NFT old-policy copy; full-transformer teachers too) is cut with
 ``torch.distributed.fsdp.fully_shard``: each repeated transformer block is one shard group, the
