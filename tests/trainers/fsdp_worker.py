@@ -22,7 +22,7 @@ import torch.distributed as dist  # noqa: E402
 
 from diffusion_opd.config import load_config  # noqa: E402
 from diffusion_opd.trainers import sharding  # noqa: E402
-from diffusion_opd.trainers.loop import all_reduce_gradients  # noqa: E402
+from diffusion_opd.trainers.setup import all_reduce_gradients  # noqa: E402
 
 TINY = ["eval.every=0", "logging.progress=false", "train.num_rounds=2", "expect_world_size=2"]
 CASES = {  # name -> (config, overrides, keep only the first task)
