@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .base import BASE, STUDENT, Policy, PromptEmbeds, cfg_combine, check_prompts, guided
+from .base import BASE, STUDENT, Policy, PromptEmbeds, check_prompts, guided
 from .hub import resolve_adapter, resolve_folder
 from .lora import (AdapterMismatchError, AdapterSwitch, LoraAdapter, add_lora_adapter, add_student_adapter,
                    merge_adapter_into_layers, read_lora_adapter)
@@ -69,9 +69,13 @@ class DiffusersPolicy(Policy):
 
     pipeline_class: str = ""  # diffusers pipeline class name, e.g. "StableDiffusion3Pipeline"
     transformer_class: str = ""  # e.g. "SD3Transformer2DModel"
+    vae_class: str = "AutoencoderKL"
     # transformer config keys a full-transformer teacher must share with the backbone
     teacher_config_keys: tuple[str, ...] = ("in_channels", "out_channels", "patch_size", "joint_attention_dim",
                                             "pooled_projection_dim")
+    # the text conditioning tensors _encode_texts returns, in order (a family without a pooled
+    # embedding names others, e.g. Qwen-Image's token mask)
+    embed_keys: tuple[str, ...] = ("prompt_embeds", "pooled_prompt_embeds")
 
     def __init__(self, model_dir: str, *, dtype: torch.dtype, device: torch.device, lora: dict,
                  teachers: Sequence[TeacherSpec] = (), gradient_checkpointing: bool = False,
@@ -86,7 +90,9 @@ class DiffusersPolicy(Policy):
         self.scheduler_config = dict(FlowMatchEulerDiscreteScheduler.load_config(model_dir, subfolder="scheduler"))
         self.scheduler_shift = float(self.scheduler_config.get("shift", 1.0))
         self._vae_config = AutoencoderKL.load_config(model_dir, subfolder="vae")
-        self.vae_scale_factor = 2 ** (len(self._vae_config["block_out_channels"]) - 1)
+        vae = self._vae_config  # 2-D VAEs: one halving per extra block; the 3-D (Wan / Qwen) VAEs: per temporal flag
+        self.vae_scale_factor = 2 ** (len(vae["block_out_channels"]) - 1 if "block_out_channels" in vae
+                                      else len(vae["temperal_downsample"]))
 
         transformer = _diffusers_class(self.transformer_class).from_pretrained(
             model_dir, subfolder="transformer", torch_dtype=dtype)
@@ -131,9 +137,15 @@ class DiffusersPolicy(Policy):
         self._uncond: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
     # ---------------------------------------------------------------- what a family defines
-    def _encode_texts(self, pipe, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(prompt_embeds (B, L, D), pooled_prompt_embeds (B, P)) from the family's pipeline."""
+    def _encode_texts(self, pipe, texts: list[str]) -> tuple[torch.Tensor, ...]:
+        """One batch-first tensor per :attr:`embed_keys` (SD3 / FLUX: prompt_embeds (B, L, D),
+        pooled_prompt_embeds (B, P)) from the family's pipeline."""
         raise NotImplementedError
+
+    def _guided(self, v_u: torch.Tensor, v_c: torch.Tensor, scale) -> torch.Tensor:
+        """Classifier-free guidance from the uncond / cond velocities: ``base.guided``,
+        ``v_u + g (v_c - v_u)`` in float32; Qwen-Image adds its pipeline's rescale."""
+        return guided(v_u, v_c, scale)
 
     def _uses_cfg(self, guidance_scale: float) -> bool:
         """Whether ``guidance_scale`` means classifier-free guidance (an uncond branch)."""
@@ -143,6 +155,50 @@ class DiffusersPolicy(Policy):
                  guidance_scale: float) -> torch.Tensor:
         """One transformer forward: latents (B, C, H, W), per-sample sigma (B,) -> velocity like x."""
         raise NotImplementedError
+
+    def _scheduler_sigmas(self, num_steps: int, shift: Optional[float] = None, **set_timesteps) -> torch.Tensor:
+        """The ``num_steps + 1`` sigmas (float64, last 0) of the folder's own diffusers scheduler,
+        called as the family's pipeline calls it (``set_timesteps`` keyword arguments, e.g. the
+        pipeline's ``sigmas`` and ``mu``). ``shift``: a static shift instead of the scheduler's own
+        (dynamic shifting off). The scheduler's timestep at each sigma is remembered for
+        :meth:`_scheduler_timesteps` (Wan's UniPC feeds integer timesteps, not 1000 sigma)."""
+        import diffusers
+
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        config = dict(self.scheduler_config)
+        if shift is not None:
+            if shift <= 0:
+                raise ValueError(f"shift must be > 0, got {shift}")
+            config.update(use_dynamic_shifting=False, shift=shift, flow_shift=shift)
+            set_timesteps.pop("mu", None)
+        scheduler = getattr(diffusers, config.get("_class_name") or "FlowMatchEulerDiscreteScheduler").from_config(config)
+        if "sigmas" in set_timesteps:
+            scheduler.set_timesteps(**set_timesteps)
+        else:
+            scheduler.set_timesteps(num_steps, **set_timesteps)
+        sigmas = scheduler.sigmas.detach().to("cpu", torch.float64)
+        if len(sigmas) != num_steps + 1 or sigmas[-1] != 0:
+            raise ValueError(f"{self.model_dir}: the scheduler's {len(sigmas)} sigmas for {num_steps} steps do not end "
+                             "in 0; rollouts need one sigma per step and a final 0")
+        table = getattr(self, "_timestep_table", {})
+        table.update(zip(sigmas[:-1].float().tolist(), scheduler.timesteps.detach().cpu().float().tolist()))
+        self._timestep_table = table
+        self._timestep_keys = None  # rebuilt on the device at the next forward
+        return sigmas
+
+    def _scheduler_timesteps(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The scheduler's timestep for each per-sample sigma (B,) of a grid :meth:`_scheduler_sigmas`
+        produced, ``1000 sigma`` for any other sigma; on the device, without a host sync."""
+        table = getattr(self, "_timestep_table", None)
+        if not table:
+            return sigma * 1000.0
+        if self._timestep_keys is None:
+            self._timestep_keys = (torch.tensor(list(table), device=sigma.device),
+                                   torch.tensor(list(table.values()), device=sigma.device))
+        keys, values = self._timestep_keys
+        match = sigma.float()[:, None] == keys[None, :]
+        return torch.where(match.any(1), (match * values).sum(1), sigma * 1000.0).to(sigma.dtype)
 
     # ---------------------------------------------------------------- teachers
     def _load_teacher(self, spec: TeacherSpec) -> None:
@@ -210,8 +266,7 @@ class DiffusersPolicy(Policy):
         rows = []
         try:
             for i in range(0, len(texts), _ENCODE_CHUNK):
-                emb, pooled = self._encode_texts(pipe, texts[i:i + _ENCODE_CHUNK])
-                rows += list(zip(emb.cpu(), pooled.cpu()))
+                rows += list(zip(*(t.cpu() for t in self._encode_texts(pipe, texts[i:i + _ENCODE_CHUNK]))))
         finally:
             # Offloading frees ~11 GB (SD3.5 fp16) between calls but copies it both ways on every
             # call; the trainer encodes new prompts every round, so the default keeps them resident.
@@ -237,8 +292,7 @@ class DiffusersPolicy(Policy):
             self._cache.popitem(last=False)
 
         def pack(items):
-            return {"prompt_embeds": torch.stack([r[0] for r in items]).to(self.device, self.dtype),
-                    "pooled_prompt_embeds": torch.stack([r[1] for r in items]).to(self.device, self.dtype)}
+            return {k: torch.stack([r[i] for r in items]).to(self.device, self.dtype) for i, k in enumerate(self.embed_keys)}
 
         return PromptEmbeds(prompts, pack(rows), pack([self._uncond]))
 
@@ -279,7 +333,8 @@ class DiffusersPolicy(Policy):
         with self._active(adapter, x.shape[0]), torch.set_grad_enabled(grad):
             out = self._forward(module, x, t, cond, guidance_scale)
         if cfg:
-            out = cfg_combine(out, guidance_scale, detach_uncond)
+            v_u, v_c = out.chunk(2)
+            out = self._guided(v_u.detach() if detach_uncond else v_u, v_c, guidance_scale)
         return out.to(latents.dtype)
 
     def velocity_mixed(self, latents: torch.Tensor, sigma, embeds: PromptEmbeds, adapters: Sequence[str],
@@ -328,28 +383,33 @@ class DiffusersPolicy(Policy):
                 n, c = r[3] - r[2], offsets[(r, False)]
                 if self._uses_cfg(r[1]):
                     u = offsets[(r, True)]
-                    pieces.append(guided(out[u:u + n], out[c:c + n], r[1]).to(latents.dtype))
+                    pieces.append(self._guided(out[u:u + n], out[c:c + n], r[1]).to(latents.dtype))
                 else:
                     pieces.append(out[c:c + n].to(latents.dtype))
         return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
+    def _vae_model(self):
+        """The family's VAE (class named by :attr:`vae_class`), loaded on first use only."""
+        if self._vae is None:
+            self._vae = _diffusers_class(self.vae_class).from_pretrained(self.model_dir, subfolder="vae",
+                                                                         torch_dtype=self.dtype)
+            self._vae.requires_grad_(False).eval().to(self.device)
+        return self._vae
+
+    def _vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Rollout latents -> images (B, 3, H, W) in [-1, 1]: ``z = latents / scaling_factor +
+        shift_factor`` (the VAE config's constants: SD3 1.5305 / 0.0609, FLUX 0.3611 / 0.1159),
+        then the VAE decoder."""
+        vae = self._vae_model()
+        z = latents / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+        return vae.decode(z, return_dict=False)[0]
+
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, output_type: str = "pil"):
-        """Latents -> images ("pil": list of PIL images; "pt": float (B, 3, H, W) in [0, 1]).
-
-        ``z = latents / scaling_factor + shift_factor`` (the VAE config's constants: SD3 1.5305 /
-        0.0609, FLUX 0.3611 / 0.1159), then the VAE decoder.
-        """
+        """Latents -> images ("pil": list of PIL images; "pt": float (B, 3, H, W) in [0, 1])."""
         from diffusers.image_processor import VaeImageProcessor
 
-        if self._vae is None:  # loaded on first use only
-            from diffusers import AutoencoderKL
-
-            self._vae = AutoencoderKL.from_pretrained(self.model_dir, subfolder="vae", torch_dtype=self.dtype)
-            self._vae.requires_grad_(False).eval().to(self.device)
-        cfg = self._vae.config
-        z = latents.to(self.device, self.dtype) / cfg.scaling_factor + (cfg.shift_factor or 0.0)
-        images = self._vae.decode(z, return_dict=False)[0]
+        images = self._vae_decode(latents.to(self.device, self.dtype))
         return VaeImageProcessor(vae_scale_factor=self.vae_scale_factor).postprocess(images, output_type=output_type)
 
     # ---------------------------------------------------------------- student weights

@@ -14,13 +14,13 @@ from ..errors import ConfigError
 from .hub import ModelNotFoundError, resolve_adapter, resolve_pipeline_dir
 from .lora import LoraAdapter, read_lora_adapter
 from ..dtypes import parse_dtype
-from .specs import FAMILIES, GUIDANCE_MODES, parse_lora, parse_teachers
+from .specs import FAMILIES, GUIDANCE_MODES, VIDEO_FAMILIES, parse_lora, parse_teachers
 
 __all__ = ["pipeline_family", "policy_class", "build_policy"]
 
 
 def pipeline_family(model_dir: str) -> str:
-    """"sd3", "flux" or "toy" for a local pipeline folder, from ``model_index.json``'s ``_class_name``."""
+    """The family ("sd3", "flux", "qwen_image", "flux2", "wan", "toy") of a local pipeline folder, from ``model_index.json``'s ``_class_name``."""
     index = os.path.join(model_dir, "model_index.json")
     try:
         with open(index) as f:
@@ -43,6 +43,18 @@ def policy_class(family: str):
         from .flux import FluxPolicy
 
         return FluxPolicy
+    if family == "qwen_image":
+        from .qwen_image import QwenImagePolicy
+
+        return QwenImagePolicy
+    if family == "flux2":
+        from .flux2 import Flux2Policy
+
+        return Flux2Policy
+    if family == "wan":
+        from .wan import WanPolicy
+
+        return WanPolicy
     from .sd3 import SD3Policy
 
     return SD3Policy
@@ -64,8 +76,10 @@ def build_policy(
     embedded_guidance: float = 1.0,
     student_init: Optional[dict | LoraAdapter] = None,
     merge_teachers: bool = False,
+    num_frames: Optional[int] = None,
 ):
-    """Build the policy of the pipeline at ``model_path`` (Hub id or local folder), SD3 or FLUX.
+    """Build the policy of the pipeline at ``model_path`` (Hub id or local folder) of any family
+    in ``specs.FAMILIES``.
 
     Every argument is validated before any weight is read: dtype ("fp32"/"fp16"/"bf16"), the
     LoRA dict (rank, alpha, init, target_modules; defaults r 32, alpha 64, the family's targets
@@ -89,6 +103,9 @@ def build_policy(
     ``merge_teachers``: the teacher fast path, each LoRA teacher merged into its own frozen copy
     of the backbone (no LoRA work in teacher forwards; one backbone of memory per teacher, printed
     when they are built).
+
+    ``num_frames``: frames per video of a video family (Wan: 1 + a multiple of 4; default 81, the
+    pipeline's); refused for an image family.
     """
     torch_dtype = parse_dtype(dtype)
     parse_lora(lora)  # option errors first; the family's default targets are filled in below
@@ -104,12 +121,18 @@ def build_policy(
     init = read_student_init(student_init) if isinstance(student_init, dict) else student_init  # before the backbone
     model_dir = resolve_pipeline_dir(model_path, revision)
     family = pipeline_family(model_dir)
+    video = {}
+    if family in VIDEO_FAMILIES:
+        video = {} if num_frames is None else {"num_frames": num_frames}
+    elif num_frames not in (None, 0, 1):
+        raise ConfigError(f"sample.num_frames: {num_frames} frames but {model_dir} is an image model ({family}); "
+                          "set it to 0 or use a video pipeline (Wan)")
     return policy_class(family)(
         model_dir, dtype=torch_dtype, device=torch.device(device), lora=parse_lora(lora, family), teachers=specs,
         gradient_checkpointing=gradient_checkpointing, max_sequence_length=int(max_sequence_length),
         max_cached_prompts=max_cached_prompts, offload_text_encoders=offload_text_encoders, guidance=guidance,
         embedded_guidance=float(embedded_guidance), student_init=init,
-        merge_teachers=bool(merge_teachers))
+        merge_teachers=bool(merge_teachers), **video)
 
 
 def read_student_init(spec: dict) -> LoraAdapter:

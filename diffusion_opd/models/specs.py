@@ -8,12 +8,14 @@ from typing import Optional, Sequence
 
 from .base import BASE, STUDENT
 
-__all__ = ["FAMILIES", "DEFAULT_LORA", "DEFAULT_LORA_TARGETS", "GUIDANCE_MODES", "TeacherSpec", "parse_lora",
+__all__ = ["FAMILIES", "DEFAULT_LORA", "DEFAULT_LORA_TARGETS", "GUIDANCE_MODES", "VIDEO_FAMILIES", "TeacherSpec", "parse_lora",
            "parse_teachers"]
 
 
 # Model families: the diffusers pipeline class named in a folder's model_index.json -> family.
-FAMILIES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux", "ToyFlowPipeline": "toy"}
+FAMILIES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux", "QwenImagePipeline": "qwen_image",
+            "Flux2Pipeline": "flux2", "WanPipeline": "wan", "ToyFlowPipeline": "toy"}
+VIDEO_FAMILIES = ("wan",)  # rollout latents carry frames: (C, F', H, W)
 
 # What a policy's guidance_scale drives (see models.build_policy).
 GUIDANCE_MODES = ("auto", "embedded", "true_cfg")
@@ -30,8 +32,16 @@ _ATTENTION = (
 #   to_q / to_k / to_v of the 38 single-stream blocks (whose attention has no output projection:
 #   proj_out / proj_mlp are block-level and not adapted), the attention-only LoRA that Flow-GRPO
 #   and diffusers' FLUX LoRA examples train.
+# qwen_image: the same 8 projections of each of its 60 dual-stream blocks (the attention LoRA of
+#   diffusers' Qwen-Image examples; the MLPs and modulations stay frozen).
+# flux2: the 8 projections of the double-stream blocks plus the single-stream blocks' fused
+#   q/k/v + MLP input projection (attn.to_qkv_mlp_proj; their output projection shares the name
+#   attn.to_out with the double blocks' ModuleList, so it is not targeted).
+# wan: q / k / v / out of self- and cross-attention (attn1, attn2) of every block, the targets of
+#   diffusers' Wan LoRA examples.
 # toy: every Linear of the demo's MLP denoiser (models/toy.py), text and time conditioning included.
-DEFAULT_LORA_TARGETS = {"sd3": _ATTENTION, "flux": _ATTENTION,
+DEFAULT_LORA_TARGETS = {"sd3": _ATTENTION, "flux": _ATTENTION, "qwen_image": _ATTENTION,
+                        "flux2": _ATTENTION + ("attn.to_qkv_mlp_proj",), "wan": ("to_q", "to_k", "to_v", "to_out.0"),
                         "toy": ("cond_proj", "in_proj", "mod", "fc1", "fc2", "out_proj")}
 
 # DiffusionNFT / DiffusionOPD student LoRA: r 32, alpha 64 on the joint-attention projections.

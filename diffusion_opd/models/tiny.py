@@ -365,3 +365,191 @@ TINY_BUILDERS = {"tiny-sd3": build_tiny_sd3, "tiny-flux": build_tiny_flux, "toy"
 # checked against them); a builtin missing here is built in a temporary folder to read its config.
 TINY_TRANSFORMER_CONFIGS = {"tiny-sd3": {"_class_name": "SD3Transformer2DModel", **TINY_TRANSFORMER_CONFIG},
                             "tiny-flux": {"_class_name": "FluxTransformer2DModel", **TINY_FLUX_TRANSFORMER_CONFIG}}
+
+
+# ---------------------------------------------------------------- Qwen-Image, FLUX.2, Wan 2.1
+# The same idea for the three newer families: each pipeline's real components (its text encoder
+# class, transformer, VAE and scheduler settings) at tiny widths, written with save_pretrained so
+# every loading path of the real model runs. 64 px images; Wan adds frames (4k + 1).
+
+# Words of the tiny byte-level BPE vocabulary (the rest is spelled byte by byte). Qwen-Image's
+# prompt template is built from them so that its system prefix is 34 tokens, as with the real
+# tokenizer: the pipeline drops exactly that many tokens (prompt_template_encode_start_idx).
+_BPE_WORDS = ("system user Describe Ġthe Ġimage Ġby Ġdetailing Ġcolor Ġshape Ġsize Ġtexture Ġquantity Ġtext "
+              "Ġspatial Ġrelationships Ġof Ġobjects Ġand Ġbackground Ġa Ġphoto Ġsign Ġthat Ġsays Ġred Ġblue Ġgreen "
+              "Ġyellow Ġcat Ġdog Ġcar Ġcup Ġbird Ġvideo").split()
+
+
+def _byte_bpe(specials: list[str], extra_tokens: tuple[str, ...] = ()):
+    """A byte-level BPE ``tokenizers.Tokenizer`` (GPT-2 / Qwen / Mistral style) over the 256 byte
+    symbols plus :data:`_BPE_WORDS` (merges built letter by letter), then ``specials``."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {s: i for i, s in enumerate(_bytes_to_unicode().values())}
+    merges = []
+    for word in _BPE_WORDS:
+        for k in range(2, len(word) + 1):
+            if word[:k] not in vocab:
+                merges.append((word[:k - 1], word[k - 1]))
+                vocab[word[:k]] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    tok.add_tokens([AddedToken(s, normalized=False) for s in extra_tokens])
+    return tok
+
+
+def build_tiny_qwen_image(directory: str, seed: int = 0) -> str:
+    """Write a random tiny ``QwenImagePipeline`` to ``directory`` and return the path.
+
+    Qwen/Qwen-Image's parts: a Qwen2.5-VL text encoder (its last hidden state, the pipeline's
+    prompt template and dropped prefix), the MMDiT with 3-axis rotary positions and no guidance
+    embedding (true CFG), the causal 3-D VAE with per-channel latent mean / std, and the
+    scheduler settings of the Hub repo (dynamic exponential shift, base 0.5 / max 0.9 over
+    256..8192 tokens, shift_terminal 0.02). 64 px images: 16 x 8 x 8 latents, 16 packed tokens.
+    """
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline, \
+        QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2TokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                "<|video_pad|>"]
+    tokenizer = Qwen2TokenizerFast(tokenizer_object=_byte_bpe(specials), eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+    ids = {s: tokenizer.convert_tokens_to_ids(s) for s in specials}
+    torch.manual_seed(seed)
+    config = Qwen2_5_VLConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=2048,
+                         rope_scaling={"mrope_section": [2, 1, 1], "rope_type": "default", "type": "default"},
+                         bos_token_id=None, eos_token_id=ids["<|endoftext|>"], pad_token_id=ids["<|endoftext|>"]),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=32),
+        vocab_size=len(tokenizer), image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        bos_token_id=None, eos_token_id=ids["<|endoftext|>"], pad_token_id=ids["<|endoftext|>"])
+    pipe = QwenImagePipeline(
+        transformer=QwenImageTransformer2DModel(**TINY_QWEN_IMAGE_TRANSFORMER_CONFIG),
+        vae=AutoencoderKLQwenImage(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                   temperal_downsample=[False, True, True], latents_mean=_latent_stats(seed)[0],
+                                   latents_std=_latent_stats(seed)[1]),
+        text_encoder=Qwen2_5_VLForConditionalGeneration(config),
+        tokenizer=tokenizer,
+        scheduler=FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER_CONFIG),
+    )
+    return _save(pipe, directory)
+
+
+def _latent_stats(seed: int, channels: int = 16) -> tuple[list[float], list[float]]:
+    """Per-channel latent mean / std of a tiny 3-D VAE: away from (0, 1), so decode() really applies them."""
+    gen = torch.Generator().manual_seed(seed + 1000)
+    return ((torch.randn(channels, generator=gen) * 0.5).tolist(),
+            (1.0 + torch.rand(channels, generator=gen)).tolist())
+
+
+TINY_QWEN_IMAGE_TRANSFORMER_CONFIG = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=2,
+                                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                          guidance_embeds=False, axes_dims_rope=(4, 6, 6))
+# Qwen/Qwen-Image's scheduler/scheduler_config.json.
+QWEN_IMAGE_SCHEDULER_CONFIG = dict(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=8192, max_shift=0.9,
+                                   shift=1.0, shift_terminal=0.02, use_dynamic_shifting=True,
+                                   time_shift_type="exponential")
+
+# FLUX.2-dev's structure at tiny widths: 128 input channels (2x2 patches of the 32-channel latent),
+# double- then single-stream blocks, the guidance embedding, 4 rotary axes (t, h, w, l) adding up
+# to the head dim; joint_attention_dim = 3 stacked hidden layers of the text encoder.
+_MISTRAL_WIDTH = 16
+TINY_FLUX2_TRANSFORMER_CONFIG = dict(patch_size=1, in_channels=128, num_layers=1, num_single_layers=2,
+                                     attention_head_dim=8, num_attention_heads=2, joint_attention_dim=3 * _MISTRAL_WIDTH,
+                                     timestep_guidance_channels=32, mlp_ratio=2.0, axes_dims_rope=(2, 2, 2, 2),
+                                     guidance_embeds=True)
+# black-forest-labs/FLUX.2-dev's scheduler/scheduler_config.json (the pipeline computes mu itself).
+FLUX2_SCHEDULER_CONFIG = dict(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096, max_shift=1.15,
+                              shift=3.0, use_dynamic_shifting=True, time_shift_type="exponential")
+# A Mistral-style chat template: system message and user prompt in their markers (the real
+# template comes with the model's processor; the pipeline only relies on apply_chat_template).
+_MISTRAL_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}[SYSTEM_PROMPT]"
+                     "{{ m['content'][0]['text'] }}[/SYSTEM_PROMPT]{% else %}[INST]{{ m['content'][0]['text'] }}"
+                     "[/INST]{% endif %}{% endfor %}")
+
+
+def build_tiny_flux2(directory: str, seed: int = 0) -> str:
+    """Write a random tiny ``Flux2Pipeline`` to ``directory`` and return the path.
+
+    black-forest-labs/FLUX.2-dev's parts: a Mistral3 text encoder read at hidden layers 10, 20
+    and 30 (so 30 tiny layers) through a Pixtral processor's chat template with the pipeline's
+    system message (one token here), the FLUX.2 transformer (guidance embedding, 4-axis
+    positions), and the FLUX.2 VAE whose batch-norm statistics normalise the patchified latent
+    (random non-trivial statistics here). 64 px images: 128 x 4 x 4 latents, 16 tokens.
+    """
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
+    from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+    from transformers import (LlamaTokenizerFast, Mistral3Config, Mistral3ForConditionalGeneration,
+                              PixtralImageProcessor, PixtralProcessor)
+
+    specials = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[IMG]",
+                "[IMG_BREAK]", "[IMG_END]"]
+    tokenizer = LlamaTokenizerFast(tokenizer_object=_byte_bpe(specials, (SYSTEM_MESSAGE,)), bos_token="<s>",
+                                   eos_token="</s>", unk_token="<unk>", pad_token="<unk>", add_bos_token=False)
+    processor = PixtralProcessor(image_processor=PixtralImageProcessor(), tokenizer=tokenizer, patch_size=16,
+                                 chat_template=_MISTRAL_TEMPLATE)
+    torch.manual_seed(seed)
+    config = Mistral3Config(
+        text_config=dict(model_type="mistral", hidden_size=_MISTRAL_WIDTH, intermediate_size=32, num_hidden_layers=30,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=8, vocab_size=len(tokenizer),
+                         max_position_embeddings=1024, pad_token_id=0),
+        vision_config=dict(model_type="pixtral", hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                           num_attention_heads=2, head_dim=8, patch_size=16, image_size=64),
+        image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"), spatial_merge_size=1)
+    vae = AutoencoderKLFlux2(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4,
+                             latent_channels=32, sample_size=64, use_quant_conv=False, use_post_quant_conv=False)
+    gen = torch.Generator().manual_seed(seed + 1000)
+    vae.bn.running_mean.copy_(torch.randn(128, generator=gen) * 0.3)
+    vae.bn.running_var.copy_(0.5 + torch.rand(128, generator=gen))
+    pipe = Flux2Pipeline(transformer=Flux2Transformer2DModel(**TINY_FLUX2_TRANSFORMER_CONFIG), vae=vae,
+                         text_encoder=Mistral3ForConditionalGeneration(config), tokenizer=processor,
+                         scheduler=FlowMatchEulerDiscreteScheduler(**FLUX2_SCHEDULER_CONFIG))
+    return _save(pipe, directory)
+
+
+# Wan 2.1's DiT at tiny widths: patches (1, 2, 2) of the 16-channel video latent, text cross-attention
+# on UMT5 states; the head dim splits into rotary t / h / w parts (12 -> 4 / 4 / 4).
+TINY_WAN_TRANSFORMER_CONFIG = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16,
+                                   out_channels=16, text_dim=64, freq_dim=32, ffn_dim=32, num_layers=2,
+                                   cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+# The tiny Wan runs the flow-matching Euler scheduler with Wan 2.1's flow shift 3.0 (480p); the
+# released folders ship UniPC on the same shift (the policy reads either, see models/wan.py).
+WAN_SCHEDULER_CONFIG = dict(shift=3.0)
+
+
+def build_tiny_wan(directory: str, seed: int = 0) -> str:
+    """Write a random tiny ``WanPipeline`` (Wan 2.1 text-to-video) to ``directory``; return the path.
+
+    Wan-AI/Wan2.1-T2V's parts: a UMT5 text encoder (states zero-padded after the prompt, no
+    mask), the 3-D DiT, and the causal video VAE (8x spatial, 4x temporal compression, per-channel
+    latent mean / std). 64 px, 5 frames: 16 x 2 x 8 x 8 latents.
+    """
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    tokenizer = _t5_tokenizer()
+    t5 = _t5_config(tokenizer, TINY_WAN_TRANSFORMER_CONFIG["text_dim"]).to_dict()
+    mean, std = _latent_stats(seed)
+    pipe = WanPipeline(
+        transformer=WanTransformer3DModel(**TINY_WAN_TRANSFORMER_CONFIG),
+        vae=AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                             temperal_downsample=[False, True, True], latents_mean=mean, latents_std=std),
+        text_encoder=UMT5EncoderModel(UMT5Config(**{k: v for k, v in t5.items() if k in UMT5Config().to_dict()})),
+        tokenizer=tokenizer,
+        scheduler=FlowMatchEulerDiscreteScheduler(**WAN_SCHEDULER_CONFIG),
+    )
+    return _save(pipe, directory)
+
+
+TINY_BUILDERS.update({"tiny-qwen-image": build_tiny_qwen_image, "tiny-flux2": build_tiny_flux2,
+                      "tiny-wan": build_tiny_wan})
+TINY_TRANSFORMER_CONFIGS.update({
+    "tiny-qwen-image": {"_class_name": "QwenImageTransformer2DModel", **TINY_QWEN_IMAGE_TRANSFORMER_CONFIG},
+    "tiny-flux2": {"_class_name": "Flux2Transformer2DModel", **TINY_FLUX2_TRANSFORMER_CONFIG},
+    "tiny-wan": {"_class_name": "WanTransformer3DModel", **TINY_WAN_TRANSFORMER_CONFIG}})
