@@ -8,7 +8,8 @@ reuse them:
 - ``tiny_teacher_dirs``: ``{"peft": dir, "diffusers": dir}``, two different random teacher
   LoRAs for it, one per on-disk format (:func:`~diffusion_opd.models.tiny.write_random_teacher_lora`).
 - ``tiny_flux_dir`` / ``tiny_flux_teacher_dirs``: the same for a tiny random FluxPipeline.
-- ``tiny_family``: parametrised over the model families ("sd3", "flux"): a :class:`TinyFamily`
+- ``tiny_family``: parametrised over the model families ("sd3", "flux", "qwen_image", "flux2",
+  "wan"): a :class:`TinyFamily`
   with the folder, its teachers and how the family's own pipeline calls its transformer, so
   one test states a contract for every family.
 """
@@ -61,6 +62,30 @@ def tiny_flux_teacher_dirs(tiny_flux_dir, tmp_path_factory) -> dict:
     return _teacher_dirs(tiny_flux_dir, tmp_path_factory.mktemp("tiny_flux_teachers"))
 
 
+def _tiny_family_dir(name: str, tmp_path_factory) -> str:
+    from diffusion_opd.models.tiny import TINY_BUILDERS
+
+    return TINY_BUILDERS[name](str(tmp_path_factory.mktemp(name)), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_image_dir(tmp_path_factory) -> str:
+    """A random tiny Qwen-Image pipeline folder (Qwen2.5-VL text encoder, 3-D VAE, true CFG)."""
+    return _tiny_family_dir("tiny-qwen-image", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux2_dir(tmp_path_factory) -> str:
+    """A random tiny FLUX.2 pipeline folder (Mistral3 text encoder, guidance embedding, BN-normalised VAE)."""
+    return _tiny_family_dir("tiny-flux2", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def tiny_wan_dir(tmp_path_factory) -> str:
+    """A random tiny Wan 2.1 text-to-video pipeline folder (UMT5, 3-D DiT, video VAE)."""
+    return _tiny_family_dir("tiny-wan", tmp_path_factory)
+
+
 @dataclass
 class TinyFamily:
     """One model family's tiny pipeline and the facts a shared test needs about it."""
@@ -72,6 +97,43 @@ class TinyFamily:
     t5: str  # the pipeline attribute holding the T5 encoder
     guidance: float  # a guidance scale at which velocity() is ONE forward (no CFG branch)
     dead_lora_matrices: int  # student LoRA matrices that get no gradient (outputs unused)
+    latent: tuple = (16, 8, 8)  # latent_shape(64)
+    text_width_key: str = "joint_attention_dim"  # transformer config key of the text width (full-teacher check)
+    num_frames: int = 0  # video families: frames of the policy (build_policy's num_frames)
+
+    def build(self, **kwargs):
+        """``build_policy`` of this family's folder (video families at ``num_frames``)."""
+        from diffusion_opd.models import build_policy
+
+        return build_policy(self.dir, **({"num_frames": self.num_frames} if self.num_frames else {}), **kwargs)
+
+    def pipeline_kwargs(self, guidance: float) -> dict:
+        """Keyword arguments of the family's pipeline call at ``guidance`` (CFG families: CFG with
+        the empty negative prompt; guidance-distilled ones: the embedded guidance)."""
+        if self.name == "qwen_image":
+            return dict(true_cfg_scale=guidance, negative_prompt="")
+        if self.name == "wan":
+            return dict(guidance_scale=guidance, num_frames=self.num_frames)
+        return dict(guidance_scale=guidance)
+
+    def to_pipeline_latents(self, x):
+        """Rollout latents in the layout the family's pipeline returns with output_type="latent"."""
+        from diffusers import Flux2Pipeline, QwenImagePipeline
+
+        b, c = x.shape[:2]
+        if self.name in ("flux", "qwen_image"):  # packed 2x2 tokens
+            return QwenImagePipeline._pack_latents(x, b, c, *x.shape[-2:])
+        if self.name == "flux2":
+            return Flux2Pipeline._pack_latents(x)
+        return x
+
+    @property
+    def transformer_class(self) -> str:
+        """The diffusers transformer class named in the folder's model_index.json."""
+        import json
+
+        with open(os.path.join(self.dir, "model_index.json")) as f:
+            return json.load(f)["transformer"][1]
 
     @property
     def pipeline_class(self):
@@ -81,17 +143,30 @@ class TinyFamily:
 
     def no_text_kwargs(self) -> dict:
         """from_pretrained kwargs that skip the text encoders and the VAE."""
-        names = ("text_encoder", "text_encoder_2") + (("text_encoder_3",) if self.name == "sd3" else ())
+        names = {"sd3": ("text_encoder", "text_encoder_2", "text_encoder_3"),
+                 "flux": ("text_encoder", "text_encoder_2")}.get(self.name, ("text_encoder",))
         return {n: None for n in names + ("vae",)}
 
-    def reference_encode(self, pipe, prompts, max_sequence_length):
-        """(prompt_embeds, pooled) exactly as the family's pipeline computes them."""
+    def reference_encode(self, pipe, prompts, max_sequence_length) -> dict:
+        """The text conditioning exactly as the family's pipeline computes it, keyed as the policy's
+        (Qwen-Image: the pipeline's embeddings zero-padded to ``max_sequence_length`` with its token mask)."""
         if self.name == "sd3":
             emb, _, pooled, _ = pipe.encode_prompt(prompts, None, None, do_classifier_free_guidance=False,
                                                    max_sequence_length=max_sequence_length)
-            return emb, pooled
-        emb, pooled, _ = pipe.encode_prompt(prompts, None, max_sequence_length=max_sequence_length)
-        return emb, pooled
+            return {"prompt_embeds": emb, "pooled_prompt_embeds": pooled}
+        if self.name == "flux":
+            emb, pooled, _ = pipe.encode_prompt(prompts, None, max_sequence_length=max_sequence_length)
+            return {"prompt_embeds": emb, "pooled_prompt_embeds": pooled}
+        if self.name == "qwen_image":
+            emb, mask = pipe.encode_prompt(prompts, max_sequence_length=max_sequence_length)
+            mask = torch.ones(emb.shape[:2]) if mask is None else mask.float()
+            pad = max_sequence_length - emb.shape[1]
+            return {"prompt_embeds": torch.nn.functional.pad(emb, (0, 0, 0, pad)),
+                    "prompt_embeds_mask": torch.nn.functional.pad(mask, (0, pad))}
+        if self.name == "flux2":
+            return {"prompt_embeds": pipe.encode_prompt(prompts, max_sequence_length=max_sequence_length)[0]}
+        return {"prompt_embeds": pipe.encode_prompt(prompts, do_classifier_free_guidance=False,
+                                                    max_sequence_length=max_sequence_length)[0]}
 
     def reference_forward(self, transformer, x, sigma: float, cond: dict, guidance: float):
         """The transformer called the way the family's pipeline calls it (SD3: timestep 1000 sigma;
@@ -101,10 +176,25 @@ class TinyFamily:
             return transformer(hidden_states=x, timestep=torch.full((b,), 1000.0 * sigma),
                                encoder_hidden_states=cond["prompt_embeds"],
                                pooled_projections=cond["pooled_prompt_embeds"], return_dict=False)[0]
-        from diffusers import FluxPipeline
+        if self.name == "wan":
+            return transformer(hidden_states=x, timestep=torch.full((b,), 1000.0 * sigma),
+                               encoder_hidden_states=cond["prompt_embeds"], return_dict=False)[0]
+        from diffusers import Flux2Pipeline, FluxPipeline, QwenImagePipeline
 
         _, c, h, w = x.shape
         text = cond["prompt_embeds"]
+        if self.name == "qwen_image":
+            out = transformer(hidden_states=QwenImagePipeline._pack_latents(x, b, c, h, w),
+                              timestep=torch.full((b,), sigma), encoder_hidden_states=text,
+                              encoder_hidden_states_mask=cond["prompt_embeds_mask"].long(),
+                              img_shapes=[[(1, h // 2, w // 2)]] * b, return_dict=False)[0]
+            return QwenImagePipeline._unpack_latents(out, h * 8, w * 8, 8)[:, :, 0]
+        if self.name == "flux2":
+            ids = Flux2Pipeline._prepare_latent_ids(x)
+            out = transformer(hidden_states=Flux2Pipeline._pack_latents(x), timestep=torch.full((b,), sigma),
+                              guidance=torch.full((b,), guidance), encoder_hidden_states=text,
+                              txt_ids=Flux2Pipeline._prepare_text_ids(text), img_ids=ids, return_dict=False)[0]
+            return Flux2Pipeline._unpack_latents_with_ids(out, ids)
         out = transformer(
             hidden_states=FluxPipeline._pack_latents(x, b, c, h, w), timestep=torch.full((b,), sigma),
             guidance=torch.full((b,), guidance) if transformer.config.guidance_embeds else None,
@@ -114,12 +204,29 @@ class TinyFamily:
         return FluxPipeline._unpack_latents(out, h * 8, w * 8, 8)
 
 
-@pytest.fixture(scope="session", params=["sd3", "flux"])
-def tiny_family(request) -> TinyFamily:
+FAMILY_NAMES = ["sd3", "flux", "qwen_image", "flux2", "wan"]
+
+
+@pytest.fixture(scope="session", params=FAMILY_NAMES)
+def tiny_family(request, tmp_path_factory) -> TinyFamily:
     """The tiny pipeline of each model family in turn (shared, built once per session)."""
-    if request.param == "sd3":
+    name = request.param
+    if name == "sd3":
         return TinyFamily("sd3", request.getfixturevalue("tiny_sd3_dir"), request.getfixturevalue("tiny_teacher_dirs"),
                           "StableDiffusion3Pipeline", "text_encoder_3", guidance=1.0, dead_lora_matrices=2)
-    return TinyFamily("flux", request.getfixturevalue("tiny_flux_dir"),
-                      request.getfixturevalue("tiny_flux_teacher_dirs"), "FluxPipeline", "text_encoder_2",
-                      guidance=3.5, dead_lora_matrices=0)
+    if name == "flux":
+        return TinyFamily("flux", request.getfixturevalue("tiny_flux_dir"),
+                          request.getfixturevalue("tiny_flux_teacher_dirs"), "FluxPipeline", "text_encoder_2",
+                          guidance=3.5, dead_lora_matrices=0)
+    folder = request.getfixturevalue(f"tiny_{name}_dir")
+    teachers = _teacher_dirs(folder, tmp_path_factory.mktemp(f"tiny_{name}_teachers"))
+    if name == "qwen_image":
+        # the last block's text-stream output is unused: its to_add_out and (text queries feed only
+        # text outputs) add_q_proj get no gradient, A and B each
+        return TinyFamily(name, folder, teachers, "QwenImagePipeline", "text_encoder", guidance=1.0,
+                          dead_lora_matrices=4)
+    if name == "flux2":
+        return TinyFamily(name, folder, teachers, "Flux2Pipeline", "text_encoder", guidance=2.5, dead_lora_matrices=0,
+                          latent=(128, 4, 4))
+    return TinyFamily(name, folder, teachers, "WanPipeline", "text_encoder", guidance=1.0, dead_lora_matrices=0,
+                      latent=(16, 2, 8, 8), text_width_key="text_dim", num_frames=5)

@@ -1,9 +1,10 @@
-"""Random SD3 and FLUX models of the real architectures, built offline in code (tests, CPU smoke
-runs, GPU benchmarks). Nothing here downloads anything.
+"""Random models of the real architectures (SD3, FLUX.1, Qwen-Image, FLUX.2, Wan 2.1), built
+offline in code (tests, CPU smoke runs, GPU benchmarks). Nothing here downloads anything.
 
 * :func:`build_tiny_sd3` / :func:`build_tiny_flux` write a complete ``StableDiffusion3Pipeline`` /
   ``FluxPipeline`` folder (every component of the real pipeline, a few hundred kB of random
-  weights) in about a second.
+  weights) in about a second; :func:`build_tiny_qwen_image`, :func:`build_tiny_flux2` and
+  :func:`build_tiny_wan` the same for the newer families (a few seconds each).
 * :func:`write_random_teacher_lora` writes a random LoRA adapter for such a folder, in PEFT or
   diffusers format, strong enough that its velocities clearly differ from the base model's.
 * :func:`sd35_medium_transformer_config` / :func:`build_random_transformer`: the SD3.5-Medium
@@ -26,6 +27,9 @@ __all__ = [
     "TINY_TRANSFORMER_CONFIGS",
     "build_tiny_sd3",
     "build_tiny_flux",
+    "build_tiny_qwen_image",
+    "build_tiny_flux2",
+    "build_tiny_wan",
     "write_random_teacher_lora",
     "TINY_BUILDERS",
     "sd35_medium_transformer_config",
@@ -296,7 +300,7 @@ def write_random_teacher_lora(
     fmt: str = "peft",
     rank: int = 4,
     scale: float = 1.5,
-    target_modules: tuple[str, ...] = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"),
+    target_modules: Optional[tuple[str, ...]] = None,
     shared_seed: Optional[int] = None,
     specific_scale: float = 0.5,
 ) -> str:
@@ -305,7 +309,8 @@ def write_random_teacher_lora(
     ``shared_seed``: the adapter is ``shared + specific`` (concatenated along the rank, so it is
     one LoRA of rank 2 x ``rank``): a component drawn from ``shared_seed`` that every teacher
     with that seed has, plus this teacher's own component drawn from ``seed`` at
-    ``specific_scale`` times the scale. Real task teachers are fine-tunes of one base toward
+    ``specific_scale`` times the scale. ``target_modules``: default the image stream's attention
+    projections (``attn.to_q / to_k / to_v / to_out.0``; Wan: both attentions' ``to_q / ...``). Real task teachers are fine-tunes of one base toward
     better images and share much of their change; the tiny multi-task config mimics that.
 
     ``fmt="peft"``: ``adapter_config.json`` + ``adapter_model.safetensors`` with keys
@@ -323,6 +328,9 @@ def write_random_teacher_lora(
     if fmt not in ("peft", "diffusers"):
         raise ValueError(f"fmt must be 'peft' or 'diffusers', got {fmt!r}")
     config = getattr(diffusers, _transformer_class(pipeline_dir)).load_config(pipeline_dir, subfolder="transformer")
+    if target_modules is None:
+        target_modules = ("to_q", "to_k", "to_v", "to_out.0") if config["_class_name"] == "WanTransformer3DModel" \
+            else ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0")
     with torch.device("meta"):  # shapes only: the weights are never read
         transformer = getattr(diffusers, config["_class_name"]).from_config(config)
     parts = [(torch.Generator().manual_seed(seed), 1.0)]

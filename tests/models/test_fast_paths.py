@@ -18,8 +18,10 @@ def random_embeds(pol, n=3, tokens=12, seed=0):
     cfg, gen = pol.transformer.config, torch.Generator().manual_seed(seed)
 
     def draw(rows):
-        return {"prompt_embeds": torch.randn(rows, tokens, cfg.joint_attention_dim, generator=gen).to(pol.dtype),
-                "pooled_prompt_embeds": torch.randn(rows, cfg.pooled_projection_dim, generator=gen).to(pol.dtype)}
+        width = cfg.get("joint_attention_dim") or cfg.get("text_dim")
+        shapes = {"prompt_embeds": (tokens, width), "pooled_prompt_embeds": (cfg.get("pooled_projection_dim"),)}
+        return {k: torch.ones(rows, tokens, dtype=pol.dtype) if k == "prompt_embeds_mask"  # Qwen-Image: every token real
+                else torch.randn(rows, *shapes[k], generator=gen).to(pol.dtype) for k in pol.embed_keys}
 
     return PromptEmbeds([f"p{i}" for i in range(n)], draw(n), draw(1))
 
@@ -109,13 +111,14 @@ def test_mixed_adapter_batch_equals_one_forward_per_teacher(tiny_family):
     """Teacher rows of several tasks (different adapters, guidance on and off) in ONE forward give
     each row what its own teacher's forward gives (fp32: batch-shape re-association only). SD3:
     CFG rows and cond-only rows mixed; FLUX (guidance embedded): one scale per forward."""
-    pol = build_policy(tiny_family.dir, teachers=[dict(name="gen", path=tiny_family.teachers["peft"]),
+    pol = tiny_family.build(teachers=[dict(name="gen", path=tiny_family.teachers["peft"]),
                                                   dict(name="ocr", path=tiny_family.teachers["diffusers"])])
     _perturb_student(pol)
     embeds = random_embeds(pol, n=5, seed=3)
     x = torch.randn(5, *pol.latent_shape(64), generator=torch.Generator().manual_seed(4))
     adapters = ["gen", "ocr", "gen", BASE, "ocr"]
-    scales = [1.0, 4.5, 1.0, 4.5, 4.5] if tiny_family.name == "sd3" else [tiny_family.guidance] * 5
+    cfg_family = tiny_family.name in ("sd3", "qwen_image", "wan")  # guidance is CFG: rows with and without
+    scales = [1.0, 4.5, 1.0, 4.5, 4.5] if cfg_family else [tiny_family.guidance] * 5
     sigma = torch.tensor([0.9, 0.9, 0.5, 0.5, 0.2])
     forwards = []
     pol.transformer.register_forward_hook(lambda *a: forwards.append(1))
@@ -136,8 +139,8 @@ def test_merged_teachers_match_adapter_teachers_and_print_their_memory(tiny_fami
     mixed with the other teacher in ONE forward; its cost is printed: exactly one extra weight
     per adapted layer, not a backbone copy."""
     teachers = [dict(name="gen", path=tiny_family.teachers["peft"]), dict(name="ocr", path=tiny_family.teachers["diffusers"])]
-    adapters = build_policy(tiny_family.dir, teachers=teachers)
-    merged = build_policy(tiny_family.dir, teachers=teachers, merge_teachers=True)
+    adapters = tiny_family.build(teachers=teachers)
+    merged = tiny_family.build(teachers=teachers, merge_teachers=True)
     printed = capsys.readouterr().out
     for name in ("gen", "ocr"):
         layers = [m for m in adapters._switch.layers if name in m.lora_A]

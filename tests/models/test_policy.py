@@ -1,8 +1,9 @@
 """The policy contract on every model family's tiny random pipeline (CPU, fp32): tests that take
-``tiny_family`` run once for SD3 and once for FLUX (tests/conftest.py); the rest check
-family-independent argument handling on SD3."""
+``tiny_family`` run once per family: SD3, FLUX.1, Qwen-Image, FLUX.2, Wan 2.1 (tests/conftest.py);
+the rest check family-independent argument handling on SD3."""
 import os
 import random
+import re
 
 import numpy as np
 import pytest
@@ -35,7 +36,7 @@ def _rel(a, b):
 @pytest.fixture(scope="module")
 def policy(tiny_family):
     """Read-only policy: perturbed student + PEFT teacher 'gen' + diffusers teacher 'ocr'."""
-    pol = build_policy(tiny_family.dir, teachers=_teachers(tiny_family.teachers))
+    pol = tiny_family.build(teachers=_teachers(tiny_family.teachers))
     _perturb_student(pol)
     return pol
 
@@ -96,12 +97,16 @@ def _broken_copy(src, dst, edit):
 
 
 def test_mismatched_teacher_adapter_names_teacher_and_module(tiny_family, tmp_path):
-    key = "base_model.model.transformer_blocks.1.attn.to_k.lora_A.weight"
+    teacher = load_file(os.path.join(tiny_family.teachers["peft"], "adapter_model.safetensors"))
+    key = sorted(k for k in teacher if "to_k.lora_A" in k)[-1]  # the last adapted block's to_k
+    module = key[len("base_model.model."):-len(".lora_A.weight")]
+    missing = re.sub(r"\.\d+\.", ".7.", module, count=1)  # a block the tiny transformer does not have
+    linear = f"Linear({teacher[key].shape[1]} -> {teacher[key.replace('lora_A', 'lora_B')].shape[0]})"
 
-    def rename(sd):  # a module the tiny transformer does not have (it has 2 blocks of a kind)
+    def rename(sd):
         sd = dict(sd)
-        sd[key.replace("blocks.1", "blocks.7")] = sd.pop(key)
-        sd[key.replace("blocks.1", "blocks.7").replace("lora_A", "lora_B")] = sd.pop(key.replace("lora_A", "lora_B"))
+        for ab in ("lora_A", "lora_B"):
+            sd[f"base_model.model.{missing}.{ab}.weight"] = sd.pop(key.replace("lora_A", ab))
         return sd
 
     def widen(sd):  # an adapter made for a wider backbone
@@ -109,14 +114,10 @@ def test_mismatched_teacher_adapter_names_teacher_and_module(tiny_family, tmp_pa
         sd[key] = torch.zeros(sd[key].shape[0], 48)
         return sd
 
-    if tiny_family.name == "flux":  # one double-stream block: adapt a single-stream block's to_k instead
-        key = "base_model.model.single_transformer_blocks.1.attn.to_k.lora_A.weight"
-    block = key.split(".")[2]
-    for name, edit, detail in [("missing", rename, f"{block}.7.attn.to_k' does not exist"),
-                               ("wide", widen, f"{block}.1.attn.to_k' is Linear(32 -> 32)")]:
+    for name, edit, detail in [("missing", rename, f"{missing}' does not exist"), ("wide", widen, f"{module}' is {linear}")]:
         folder = _broken_copy(tiny_family.teachers["peft"], tmp_path / name, edit)
         with pytest.raises(AdapterMismatchError) as err:
-            build_policy(tiny_family.dir, teachers=[dict(name=f"t_{name}", path=folder)])
+            tiny_family.build(teachers=[dict(name=f"t_{name}", path=folder)])
         assert f"teacher 't_{name}'" in str(err.value) and detail in str(err.value)
 
 
@@ -127,9 +128,10 @@ def test_folder_without_adapter_weights_lists_what_it_expected(tiny_sd3_dir, tmp
 
 # ------------------------------------------------------------------ prompts
 def test_prompt_embeddings_are_cached_and_match_the_pipeline(tiny_family):
-    pol = build_policy(tiny_family.dir, max_sequence_length=32, max_cached_prompts=2)
+    pol = tiny_family.build(max_sequence_length=32, max_cached_prompts=2)
     t5_calls = []
-    getattr(pol._text_pipeline(), tiny_family.t5).register_forward_hook(lambda m, i, o: t5_calls.append(i[0].shape[0]))
+    getattr(pol._text_pipeline(), tiny_family.t5).register_forward_hook(
+        lambda m, a, k, o: t5_calls.append((a[0] if a else k["input_ids"]).shape[0]), with_kwargs=True)
     first = pol.encode_prompts(PROMPTS[:2])
     # the two prompts and the empty prompt, each in its own forward (batch-invariant embeddings)
     assert t5_calls == [1, 1, 1]
@@ -143,19 +145,19 @@ def test_prompt_embeddings_are_cached_and_match_the_pipeline(tiny_family):
     assert t5_calls == [1] * 5  # the least recently used prompt was evicted (cache of 2)
     # re-encoded in another company, the embedding is bit-identical (what exact resume relies on)
     assert torch.equal(evicted.cond["prompt_embeds"][0], first.cond["prompt_embeds"][0])
-    tokens = 77 + 32 if tiny_family.name == "sd3" else 32  # SD3 puts CLIP's 77 tokens before T5's; FLUX only T5
-    assert first.cond["prompt_embeds"].shape == (2, tokens, 64) and first.uncond["prompt_embeds"].shape == (1, tokens, 64)
+    tokens = 77 + 32 if tiny_family.name == "sd3" else 32  # SD3 puts CLIP's 77 tokens before T5's; the others one encoder
+    assert first.cond["prompt_embeds"].shape[:2] == (2, tokens) and first.uncond["prompt_embeds"].shape[:2] == (1, tokens)
 
     pipe = tiny_family.pipeline_class.from_pretrained(tiny_family.dir, transformer=None, vae=None)
-    emb, pooled = tiny_family.reference_encode(pipe, PROMPTS[:2], 32)
-    neg, neg_pooled = tiny_family.reference_encode(pipe, [""], 32)
+    ref = tiny_family.reference_encode(pipe, PROMPTS[:2], 32)
+    neg = tiny_family.reference_encode(pipe, [""], 32)
     # The pipeline encodes 2 rows in one batch where we encoded 1 at a time: the encoders' fp32
     # GEMMs may sum in another order, ~1e-7 relative on values of order 1.
     tol = dict(rtol=0, atol=1e-5)
-    torch.testing.assert_close(first.cond["prompt_embeds"], emb, **tol)
-    torch.testing.assert_close(first.cond["pooled_prompt_embeds"], pooled, **tol)
-    torch.testing.assert_close(first.uncond["prompt_embeds"], neg[:1], **tol)
-    torch.testing.assert_close(first.uncond["pooled_prompt_embeds"], neg_pooled[:1], **tol)
+    assert set(ref) == set(first.cond) == set(first.uncond)
+    for key in ref:
+        torch.testing.assert_close(first.cond[key], ref[key].to(first.cond[key].dtype), **tol)
+        torch.testing.assert_close(first.uncond[key], neg[key][:1].to(first.cond[key].dtype), **tol)
     assert pol._vae is None  # no image was needed, so the VAE was never loaded
 
 
@@ -167,7 +169,7 @@ def test_velocity_is_the_transformer_called_as_the_pipeline_calls_it(policy, bat
     with torch.no_grad():
         ref = tiny_family.reference_forward(policy.transformer, x, 0.6, embeds.cond, g)
     assert torch.equal(v, ref)
-    if tiny_family.name == "flux":  # the embedding really gets the scale
+    if tiny_family.name in ("flux", "flux2"):  # the embedding really gets the scale
         assert _rel(policy.velocity(x, 0.6, embeds, STUDENT, 1.0), v) > 0.01
     # a per-sample sigma tensor: row i equals the call with that row's float sigma
     sig = torch.tensor([0.9, 0.5, 0.1])
@@ -183,7 +185,7 @@ def cfg_policy(policy, tiny_family):
     """The policy with classifier-free guidance (FLUX: true CFG, embedding fixed at 1)."""
     if tiny_family.name == "sd3":
         return policy
-    pol = build_policy(tiny_family.dir, teachers=_teachers(tiny_family.teachers), guidance="true_cfg")
+    pol = tiny_family.build(teachers=_teachers(tiny_family.teachers), guidance="true_cfg")
     pol.load_student_state_dict(policy.student_state_dict())
     return pol
 
@@ -198,13 +200,15 @@ def test_batched_cfg_equals_two_separate_forwards(cfg_policy, batch):
         v_u = policy.velocity(x, 0.7, uncond, adapter, guidance_scale=1.0)
         # fp32: one batch of 6 vs two of 3 may change GEMM summation order (~1e-7 relative on
         # |v| ~ 3, i.e. ~1e-6); v_u + g (v_c - v_u) amplifies that by at most 2g = 9 -> 1e-5.
-        torch.testing.assert_close(v, v_u + g * (v_c - v_u), rtol=0, atol=1e-5)
+        # (Qwen-Image rescales v_u + g (v_c - v_u) per token to |v_c|: its pipeline's combination,
+        # checked against QwenImagePipeline in test_rollout)
+        torch.testing.assert_close(v, policy._combine_cfg(v_u, v_c, g), rtol=0, atol=1e-5)
         assert _rel(v, v_c) > 0.01  # guidance really changes the velocity
 
 
 def test_student_and_teachers_predict_different_velocities(tiny_family, batch):
     x, _ = batch
-    pol = build_policy(tiny_family.dir, teachers=_teachers(tiny_family.teachers))
+    pol = tiny_family.build(teachers=_teachers(tiny_family.teachers))
     embeds = batch[1]  # same pipeline folder, same text embeddings
     v = {a: pol.velocity(x, 0.5, embeds, a, 1.0) for a in (STUDENT, BASE, "gen", "ocr")}
     assert torch.equal(v[STUDENT], v[BASE])  # fresh student LoRA: B = 0, exactly the base model
@@ -235,13 +239,13 @@ def test_full_transformer_teacher(tiny_family, tmp_path, batch):
     import diffusers
 
     x, _ = batch
-    cls = getattr(diffusers, "SD3Transformer2DModel" if tiny_family.name == "sd3" else "FluxTransformer2DModel")
+    cls = getattr(diffusers, tiny_family.transformer_class)
     full = cls.from_pretrained(tiny_family.dir, subfolder="transformer")
     with torch.no_grad():
         for p in full.parameters():
             p.mul_(1.05)
     full.save_pretrained(tmp_path / "full")
-    pol = build_policy(tiny_family.dir, teachers=[dict(name="aes", path=str(tmp_path / "full"), kind="transformer")])
+    pol = tiny_family.build(teachers=[dict(name="aes", path=str(tmp_path / "full"), kind="transformer")])
     embeds, g = batch[1], tiny_family.guidance  # same pipeline folder, same text embeddings
     v = pol.velocity(x, 0.4, embeds, "aes", g)
     with torch.no_grad():
@@ -251,10 +255,10 @@ def test_full_transformer_teacher(tiny_family, tmp_path, batch):
     assert trainable == {id(p) for m in (pol.transformer,) for p in m.parameters() if p.requires_grad}
     assert not any(p.requires_grad for p in pol._full_teachers["aes"].parameters())
 
-    narrow = cls.from_config({**full.config, "joint_attention_dim": 48})
+    narrow = cls.from_config({**full.config, tiny_family.text_width_key: 40})
     narrow.save_pretrained(tmp_path / "narrow")
-    with pytest.raises(AdapterMismatchError, match="teacher 'bad'.*joint_attention_dim=48"):
-        build_policy(tiny_family.dir, teachers=[dict(name="bad", path=str(tmp_path / "narrow"), kind="transformer")])
+    with pytest.raises(AdapterMismatchError, match=f"teacher 'bad'.*{tiny_family.text_width_key}=40"):
+        tiny_family.build(teachers=[dict(name="bad", path=str(tmp_path / "narrow"), kind="transformer")])
 
 
 def test_velocity_rejects_unknown_adapter(policy, batch):
@@ -276,13 +280,14 @@ def test_random_adapter_switches_leave_only_the_student_trainable(policy, batch)
     # 100 switches through the public velocity(); a 2x2 latent (one patch) and 8 text tokens keep
     # each forward cheap; the adapter machinery is the same at any size.
     small = embeds.select([0])
-    small = PromptEmbeds(small.prompts, {**small.cond, "prompt_embeds": small.cond["prompt_embeds"][:, :8]},
-                         {**small.uncond, "prompt_embeds": small.uncond["prompt_embeds"][:, :8]})
+    tokens = ("prompt_embeds", "prompt_embeds_mask")  # per-token tensors (Qwen-Image has a token mask)
+    small = PromptEmbeds(small.prompts, {k: v[:, :8] if k in tokens else v for k, v in small.cond.items()},
+                         {k: v[:, :8] if k in tokens else v for k, v in small.uncond.items()})
     rng = random.Random(0)
     for _ in range(100):
         adapter = rng.choice([STUDENT, BASE, "gen", "ocr"])
         with torch.set_grad_enabled(rng.random() < 0.5):
-            policy.velocity(x[:1, :, :2, :2], rng.random(), small, adapter, rng.choice([1.0, 4.5]))
+            policy.velocity(x[:1, ..., :2, :2], rng.random(), small, adapter, rng.choice([1.0, 4.5]))
     assert _student_names(policy) == expected
     requiring_grad = {id(p) for p in policy.transformer.parameters() if p.requires_grad}
     assert {id(p) for p in policy.trainable_parameters()} == requiring_grad
@@ -293,10 +298,15 @@ def test_random_adapter_switches_leave_only_the_student_trainable(policy, batch)
     assert _rel(v, policy.velocity(x, 0.5, embeds, BASE, 1.0)) > 1e-3
 
 
+def _grad(p):
+    """A parameter's gradient (zeros when no graph reached it: a LoRA on an output nothing uses)."""
+    return torch.zeros_like(p) if p.grad is None else p.grad.clone()
+
+
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_teacher_forward_leaves_student_grad_bit_identical(tiny_family, batch, checkpointing):
-    x = batch[0][:, :, :4, :4]  # 32 px: the gradient bookkeeping does not depend on the size
-    pol = build_policy(tiny_family.dir, teachers=_teachers(tiny_family.teachers), gradient_checkpointing=checkpointing)
+    x = batch[0][..., :4, :4]  # 32 px: the gradient bookkeeping does not depend on the size
+    pol = tiny_family.build(teachers=_teachers(tiny_family.teachers), gradient_checkpointing=checkpointing)
     _perturb_student(pol)
     embeds = batch[1]  # same pipeline folder, same text embeddings
     params = pol.trainable_parameters()
@@ -305,14 +315,16 @@ def test_teacher_forward_leaves_student_grad_bit_identical(tiny_family, batch, c
         return pol.velocity(x, 0.5, embeds, STUDENT, 4.5).square().mean()
 
     student_loss().backward()
-    grads = [p.grad.clone() for p in params]
+    grads = [_grad(p) for p in params]
     # every LoRA matrix gets a gradient except, in SD3, the last block's add_q_proj A and B: that
-    # block is context_pre_only, so its text-token queries feed no output (FLUX: none unused)
+    # block is context_pre_only, so its text-token queries feed no output; Qwen-Image: the last
+    # block's text-stream output (to_add_out) feeds nothing, nor its text queries (add_q_proj);
+    # FLUX / FLUX.2 / Wan: none unused
     assert sum(bool(g.abs().sum() > 0) for g in grads) == len(grads) - tiny_family.dead_lora_matrices
     with torch.no_grad():
         for adapter in ("gen", "ocr", BASE):
             pol.velocity(x, 0.5, embeds, adapter, 4.5)
-    assert all(torch.equal(p.grad, g) for p, g in zip(params, grads))
+    assert all(torch.equal(_grad(p), g) for p, g in zip(params, grads))
 
     # A teacher forward between the student's forward and its backward (the fused training step;
     # with checkpointing the backward re-runs the student forward) gives the same gradient.
@@ -322,7 +334,7 @@ def test_teacher_forward_leaves_student_grad_bit_identical(tiny_family, batch, c
     with torch.no_grad():
         pol.velocity(x, 0.5, embeds, "gen", 4.5)
     loss.backward()
-    assert all(torch.equal(p.grad, g) for p, g in zip(params, grads))
+    assert all(torch.equal(_grad(p), g) for p, g in zip(params, grads))
 
 
 def test_grad_forwards_go_through_the_wrapped_student_module(tiny_family, batch):
@@ -335,8 +347,8 @@ def test_grad_forwards_go_through_the_wrapped_student_module(tiny_family, batch)
             self.calls += 1
             return self.inner(**kwargs)
 
-    x = batch[0][:, :, :4, :4]
-    pol = build_policy(tiny_family.dir)
+    x = batch[0][..., :4, :4]
+    pol = tiny_family.build()
     embeds = batch[1]  # same pipeline folder, same text embeddings
     wrapper = Wrapper(pol.transformer)
     pol.set_student_module(wrapper)
@@ -349,11 +361,13 @@ def test_grad_forwards_go_through_the_wrapped_student_module(tiny_family, batch)
 
 
 # ------------------------------------------------------------------ saving
-def _images(pipe, seeds=(1, 2, 3)):
+def _images(pipe, family, seeds=(1, 2, 3)):
+    """The family pipeline's images (Wan: videos) for PROMPTS, 4 steps at guidance 4.5."""
     pipe.set_progress_bar_config(disable=True)
     gens = [torch.Generator().manual_seed(s) for s in seeds]
-    return pipe(PROMPTS, height=64, width=64, num_inference_steps=4, guidance_scale=4.5, max_sequence_length=128,
-                generator=gens, output_type="np").images
+    out = pipe(prompt=PROMPTS, height=64, width=64, num_inference_steps=4, max_sequence_length=128, generator=gens,
+               output_type="np", **family.pipeline_kwargs(4.5))
+    return out.frames if family.num_frames else out.images
 
 
 def test_saved_student_loads_in_a_fresh_pipeline_with_identical_images(policy, tiny_family, tmp_path):
@@ -365,10 +379,10 @@ def test_saved_student_loads_in_a_fresh_pipeline_with_identical_images(policy, t
     fresh = pipeline.from_pretrained(folder)
     fresh.load_lora_weights(str(tmp_path / "lora"))  # StableDiffusion3Pipeline / FluxPipeline's own loader
     ours = pipeline.from_pretrained(folder, transformer=policy.transformer)
-    expected = _images(ours)
-    assert np.array_equal(_images(fresh), expected)
-    fresh.disable_lora()  # the LoRA really matters: without it the images differ
-    assert np.abs(_images(fresh) - expected).max() > 0.05
+    expected = _images(ours, tiny_family)
+    assert np.array_equal(_images(fresh, tiny_family), expected)
+    fresh.disable_lora()  # the LoRA really matters: without it the images differ (pixels in [0, 1];
+    assert np.abs(_images(fresh, tiny_family) - expected).max() > 0.01  # measured 0.02 (Qwen-Image) to > 0.05)
 
     # An explicit state (e.g. the EMA) is what gets written.
     state = {k: v * 0.5 for k, v in policy.student_state_dict().items()}
@@ -382,12 +396,12 @@ def test_saved_student_loads_in_a_fresh_pipeline_with_identical_images(policy, t
     # Merged into a full pipeline folder: the same images up to the round-off of W + s B A.
     policy.save_merged_pipeline(str(tmp_path / "merged"))
     merged = pipeline.from_pretrained(str(tmp_path / "merged"))
-    np.testing.assert_allclose(_images(merged), expected, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(_images(merged, tiny_family), expected, rtol=0, atol=1e-4)
 
 
 def test_student_state_dict_round_trip(tiny_family, batch):
     x, _ = batch
-    pol = build_policy(tiny_family.dir, lora=dict(rank=4, alpha=8))
+    pol = tiny_family.build(lora=dict(rank=4, alpha=8))
     embeds = batch[1]  # same pipeline folder, same text embeddings
     state = pol.student_state_dict()
     assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in state)
@@ -406,19 +420,26 @@ def test_student_state_dict_round_trip(tiny_family, batch):
 
 
 def test_latent_shape_and_decode(policy, tiny_family):
-    assert policy.latent_shape(64) == (16, 8, 8) and policy.latent_shape(512) == (16, 64, 64)
+    latent = tiny_family.latent
+    assert policy.latent_shape(64) == latent and policy.latent_shape(512) == (*latent[:-2], latent[-2] * 8, latent[-1] * 8)
     with pytest.raises(ValueError, match="multiple of 16"):
         policy.latent_shape(72)
     if tiny_family.name == "sd3":
         with pytest.raises(ValueError, match="exceeds"):
             policy.latent_shape(1024)  # pos_embed_max_size 32 patches x 2 x 8 = 512 px
     else:  # rotary positions: any size
-        assert policy.latent_shape(1024) == (16, 128, 128)
-    latents = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+        assert policy.latent_shape(1024)[-2:] == (latent[-2] * 16, latent[-1] * 16)
+    latents = torch.randn(2, *latent, generator=torch.Generator().manual_seed(0))
     images = policy.decode(latents)
-    assert len(images) == 2 and images[0].size == (64, 64)
     pt = policy.decode(latents, output_type="pt")
-    assert pt.shape == (2, 3, 64, 64) and 0 <= pt.min() and pt.max() <= 1
+    if tiny_family.num_frames:  # a video: one list of frames per sample, (B, F, 3, H, W) tensors
+        assert len(images) == 2 and len(images[0]) == tiny_family.num_frames and images[0][0].size == (64, 64)
+        assert pt.shape == (2, tiny_family.num_frames, 3, 64, 64)
+        images, pt = images[0], pt[0]
+    else:
+        assert len(images) == 2 and images[0].size == (64, 64)
+        assert pt.shape == (2, 3, 64, 64)
+    assert 0 <= pt.min() and pt.max() <= 1
     np.testing.assert_allclose(np.asarray(images[0]) / 255.0, pt[0].permute(1, 2, 0).numpy(), atol=1 / 255 + 1e-6)
 
 
@@ -430,10 +451,10 @@ def test_teacher_from_a_repo_layout_subfolder_and_weight_name(tiny_family, tmp_p
     shutil.copytree(tiny_family.teachers["peft"], tmp_path / "repo" / "GenEvalTeacher" / "lora")
     shutil.copy(os.path.join(tiny_family.teachers["diffusers"], "pytorch_lora_weights.safetensors"),
                 tmp_path / "repo" / "ocr_step_900.safetensors")
-    pol = build_policy(tiny_family.dir, teachers=[
+    pol = tiny_family.build(teachers=[
         dict(name="gen", path=str(tmp_path / "repo"), subfolder="GenEvalTeacher/lora"),
         dict(name="ocr", path=str(tmp_path / "repo"), weight_name="ocr_step_900.safetensors")])
-    ref = build_policy(tiny_family.dir, teachers=_teachers(tiny_family.teachers))
+    ref = tiny_family.build(teachers=_teachers(tiny_family.teachers))
     embeds = batch[1]
     for name in ("gen", "ocr"):
         assert torch.equal(pol.velocity(x, 0.5, embeds, name), ref.velocity(x, 0.5, embeds, name))
@@ -446,14 +467,14 @@ def test_half_precision_backbone_keeps_an_fp32_student(tiny_family, batch):
     x, _ = batch
     velocities = {}
     for dtype in ("fp32", "bf16"):
-        pol = build_policy(tiny_family.dir, dtype=dtype, teachers=_teachers(tiny_family.teachers))
+        pol = tiny_family.build(dtype=dtype, teachers=_teachers(tiny_family.teachers))
         _perturb_student(pol)
         embeds = pol.encode_prompts(PROMPTS)
         assert embeds.cond["prompt_embeds"].dtype == pol.dtype
         assert {p.dtype for p in pol.trainable_parameters()} == {torch.float32}  # AdamW needs fp32 weights
         v = pol.velocity(x, 0.5, embeds, STUDENT, 4.5)
         v.square().mean().backward()
-        assert v.dtype == torch.float32 and all(p.grad.dtype == torch.float32 for p in pol.trainable_parameters())
+        assert v.dtype == torch.float32 and all(_grad(p).dtype == torch.float32 for p in pol.trainable_parameters())
         velocities[dtype] = (v.detach(), pol.velocity(x, 0.5, embeds, "gen", 4.5))
     for i in range(2):
         # bf16 keeps 8 mantissa bits (relative step 2^-8 ~ 0.4%); through two blocks and CFG (x 8)
