@@ -83,7 +83,7 @@ def test_sde_noise_comes_from_each_samples_cpu_generator(policy, embeds):
 
 
 def _family_policy(tiny_family, **kwargs):
-    pol = build_policy(tiny_family.dir, teachers=[dict(name="gen", path=tiny_family.teachers["peft"])], **kwargs)
+    pol = tiny_family.build(teachers=[dict(name="gen", path=tiny_family.teachers["peft"])], **kwargs)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():  # a non-trivial student (a fresh LoRA equals the base model)
         for p in pol.trainable_parameters():
@@ -93,33 +93,34 @@ def _family_policy(tiny_family, **kwargs):
 
 # SD3: 10 steps with CFG 4.5; FLUX: 4 steps with the guidance embedding at 3.5 (FluxPipeline's
 # guidance_scale), and true CFG 4.5 against the empty prompt (its true_cfg_scale) with the embedding at 1.
+# Qwen-Image: 4 steps of true CFG 4.5 (true_cfg_scale, its norm rescale) against the empty negative
+# prompt; FLUX.2: 4 steps, embedded guidance 2.5; Wan: 4 steps, CFG 4.5, 5 frames.
 @pytest.mark.parametrize("true_cfg", [False, True])
 def test_ode_rollout_reproduces_the_diffusers_pipeline(tiny_family, true_cfg):
-    if tiny_family.name == "sd3" and not true_cfg:
-        pytest.skip("SD3's guidance is always classifier-free: covered by true_cfg=True")
+    cfg_only = tiny_family.name in ("sd3", "qwen_image", "wan")
+    if true_cfg != cfg_only and tiny_family.name != "flux":
+        pytest.skip("one guidance kind per family; FLUX.1 is checked with both")
     policy = _family_policy(tiny_family, **({"guidance": "true_cfg"} if tiny_family.name == "flux" and true_cfg else {}))
     steps, g = (10, 4.5) if tiny_family.name == "sd3" else (4, 4.5 if true_cfg else 3.5)
+    g = 2.5 if tiny_family.name == "flux2" else g
     embeds = policy.encode_prompts(PROMPTS)
     traj = _run(policy, embeds, SEEDS, 0.0, num_steps=steps, guidance_scale=g)
     assert torch.equal(traj.sigmas, policy.sigmas(steps, 64).float())
     pipe = tiny_family.pipeline_class.from_pretrained(tiny_family.dir, transformer=policy.transformer)
     pipe.set_progress_bar_config(disable=True)
-    kw = dict(guidance_scale=g)
+    kw = tiny_family.pipeline_kwargs(g)
     if tiny_family.name == "flux" and true_cfg:
         kw = dict(true_cfg_scale=g, negative_prompt="", guidance_scale=1.0)
-    latents = pipe(PROMPTS, height=64, width=64, num_inference_steps=steps, max_sequence_length=128,
-                   generator=[torch.Generator().manual_seed(s) for s in SEEDS], output_type="latent", **kw).images
-    if tiny_family.name == "flux":  # FluxPipeline returns packed latents
-        from diffusion_opd.models.flux import pack_latents
-
-        ours = pack_latents(traj.latents)
-    else:
-        ours = traj.latents
+    out = pipe(prompt=PROMPTS, height=64, width=64, num_inference_steps=steps, max_sequence_length=128,
+               generator=[torch.Generator().manual_seed(s) for s in SEEDS], output_type="latent", **kw)
+    latents = out.frames if tiny_family.num_frames else out.images
+    ours = tiny_family.to_pipeline_latents(traj.latents)  # FLUX / Qwen-Image / FLUX.2 return packed tokens
     # Same noise, schedule, guidance and Euler update; only float32 rounding differs (the
     # pipeline's float32 sigmas vs our float64 ones cast to float32, and FLUX's timestep
-    # 1000 sigma / 1000) and the order of a few fp32 sums (CFG batches): measured max |diff|
-    # 1.2e-6 (SD3, CFG), 3.6e-7 (FLUX, embedded guidance), 2.6e-6 (FLUX, true CFG x 4.5) on
-    # latents of order 1-5; a wrong shift, packing or guidance shows as O(0.1-1).
+    # 1000 sigma / 1000) and the order of a few fp32 sums (CFG batches, Qwen-Image's masked padding):
+    # measured max |diff| 1.2e-6 (SD3, CFG), 3.6e-7 (FLUX, embedded guidance), 2.6e-6 (FLUX,
+    # true CFG x 4.5), 1.5e-6 (Qwen-Image), 0 (FLUX.2), 1.9e-6 (Wan) on latents of order 1-5;
+    # a wrong shift, packing or guidance shows as O(0.1-1).
     print(f"{tiny_family.name} true_cfg={true_cfg}: max |rollout - pipeline| = {(ours - latents).abs().max():.3g}")
     torch.testing.assert_close(ours, latents, rtol=0, atol=1e-5)
     teacher = _run(policy, embeds, SEEDS, 0.0, num_steps=steps, guidance_scale=g, adapter="gen")
