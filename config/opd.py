@@ -145,6 +145,43 @@ def tiny_flux_mopd():
     return c
 
 
+def _tiny_family(c, name, family, guidance="auto"):
+    """tiny_mopd's recipe on the tiny random pipeline ``builtin:<name>`` of another family."""
+    c.model.path = f"builtin:{name}"
+    c.model.guidance = guidance
+    c.model.max_sequence_length = 32  # the prompts' distinguishing words fit after the template tokens
+    c.lora.target_modules = DEFAULT_LORA_TARGETS[family]
+    return c
+
+
+def tiny_qwen_image_mopd():
+    """tiny_mopd on a tiny random Qwen-Image (true CFG with its rescale, as QwenImagePipeline);
+    same acceptance bar: held-out distance to each teacher falls >= 50%."""
+    c = _tiny_family(tiny_mopd(), "tiny-qwen-image", "qwen_image")
+    c.run_name, c.output_dir = "tiny_qwen_image_mopd", "outputs/tiny_qwen_image_mopd"
+    return c
+
+
+def tiny_flux2_mopd():
+    """tiny_mopd on a tiny random FLUX.2 (guidance-distilled: the scales feed its guidance
+    embedding, one forward each); same acceptance bar."""
+    c = _tiny_family(tiny_mopd(), "tiny-flux2", "flux2", guidance="embedded")
+    c.run_name, c.output_dir = "tiny_flux2_mopd", "outputs/tiny_flux2_mopd"
+    c.sample.guidance_scale = 2.5
+    c.teachers.teacher_a.guidance_scale = 2.5
+    c.teachers.teacher_b.guidance_scale = 1.5
+    return c
+
+
+def tiny_wan_t2v_mopd():
+    """tiny_mopd on a tiny random Wan 2.1 text-to-video model: 5 frames of 64 px (16 x 2 x 8 x 8
+    latents), CFG; same acceptance bar (the held-out distance is over whole videos)."""
+    c = _tiny_family(tiny_mopd(), "tiny-wan", "wan")
+    c.run_name, c.output_dir = "tiny_wan_t2v_mopd", "outputs/tiny_wan_t2v_mopd"
+    c.sample.num_frames = 5
+    return c
+
+
 def _flux_dev(c):
     """FLUX.1-dev as the backbone (guidance-distilled: the guidance scales feed its embedding)."""
     c.model.path = FLUX_DEV
@@ -195,7 +232,8 @@ def sd35_large_mopd():
 
 
 CONFIGS = {f.__name__: f for f in (mopd, mopd_sde, sopd_geneval, sopd_ocr, sopd_pickscore, tiny_mopd, tiny_flux_mopd,
-                                   flux_mopd, sd35_large_mopd)}
+                                   tiny_qwen_image_mopd, tiny_flux2_mopd, tiny_wan_t2v_mopd, flux_mopd,
+                                   sd35_large_mopd)}
 
 
 def get_config(name="mopd"):

@@ -359,6 +359,18 @@ def validate_config(config, *, world_size: int = 1) -> None:
                           "(resume the run, or move it aside and start a new one)")
     if t.num_train_steps > s.num_steps:
         raise ConfigError(f"train.num_train_steps: {t.num_train_steps} > sample.num_steps ({s.num_steps})")
+    if s.num_frames:
+        from .models.specs import check_num_frames
+
+        check_num_frames(s.num_frames)
+    from .video import frame_indices
+
+    try:
+        frame_indices(81, s.reward_frames)
+    except ValueError as err:
+        raise ConfigError(f"sample.reward_frames: {err}") from None
+    if s.frame_reduce not in ("mean", "min"):
+        raise ConfigError(f"sample.frame_reduce: must be 'mean' or 'min', got {s.frame_reduce!r}")
     if s.resolution % 16:
         raise ConfigError(f"sample.resolution: {s.resolution} is not a multiple of 16 (VAE x8 * patch 2)")
     if t.loss in ("kl", "ppo") and s.noise_level == 0:

@@ -61,6 +61,9 @@ def get_config():
     c.sample.guidance_scale = 4.5  # student CFG for rollout and training
     c.sample.resolution = 512
     c.sample.shift = 0.0  # 0 = the pipeline scheduler's own shift (3.0 for SD3.5)
+    c.sample.num_frames = 0  # video models (Wan): frames per video, 1 + a multiple of 4; 0 = an image model
+    c.sample.reward_frames = "all"  # video: frames an image reward scores: all | first | middle | last | count:k | stride:k
+    c.sample.frame_reduce = "mean"  # video: an image reward's frame scores -> one per video: mean | min
 
     c.train = ml_collections.ConfigDict()
     c.train.num_rounds = 1000

@@ -30,17 +30,9 @@ import torch
 
 from ..errors import ConfigError
 from .diffusers_policy import DiffusersPolicy
+from .specs import check_num_frames
 
-__all__ = ["WanPolicy", "check_num_frames"]
-
-
-def check_num_frames(num_frames: int, temporal: int = 4) -> int:
-    """``num_frames`` if the causal video VAE can encode it (1 + a multiple of ``temporal``), else a ConfigError."""
-    if not isinstance(num_frames, int) or num_frames < 1 or (num_frames - 1) % temporal:
-        raise ConfigError(f"sample.num_frames: {num_frames!r} frames cannot be encoded by the video VAE (it keeps the "
-                          f"first frame and compresses the rest {temporal}x): use 1 + a multiple of {temporal}, "
-                          f"e.g. {max(1, (int(num_frames) - 1) // temporal * temporal + 1) if isinstance(num_frames, int) else 81}")
-    return num_frames
+__all__ = ["WanPolicy", "refuse_unbuilt_wan"]
 
 
 def refuse_unbuilt_wan(model_dir: str) -> None:

@@ -29,6 +29,8 @@ REGISTRY: dict[str, str] = {
     "brightness": "diffusion_opd.rewards.pixel:BrightnessScorer",
     "colorfulness": "diffusion_opd.rewards.pixel:ColorfulnessScorer",
     "target_color": "diffusion_opd.rewards.pixel:TargetColorScorer",
+    # weight-free, videos only: frame-to-frame change (see rewards/video.py)
+    "temporal_consistency": "diffusion_opd.rewards.video:TemporalConsistencyScorer",
     # The demo's toy world (weight-free, see rewards/toy.py).
     "toy_colour": "diffusion_opd.rewards.toy:ToyColourScorer",
     "toy_glyph": "diffusion_opd.rewards.toy:ToyGlyphScorer",

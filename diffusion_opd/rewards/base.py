@@ -123,6 +123,8 @@ class Scorer:
     """
 
     name: str = "reward"
+    scores_frames: bool = True  # an image reward that can score a video's frames (rewards/video.py)
+    video_only: bool = False  # a reward of whole videos (lists of frames), e.g. temporal_consistency
 
     def __init__(self, device: str = "cpu", batch_size: int = 16, **options: Any):
         if batch_size < 1:
@@ -155,6 +157,15 @@ class Scorer:
         images, prompts = list(images), list(prompts)
         if len(images) != len(prompts):
             raise ValueError(f"{self.name}: got {len(images)} images but {len(prompts)} prompts")
+        from ..video import is_video
+
+        videos = bool(images) and is_video(images[0])
+        if videos and not self.video_only:  # an image reward on videos: every frame, mean per video
+            from .video import score_frames
+
+            return score_frames(self, images, prompts, metadata)
+        if self.video_only and images and not videos:
+            raise ValueError(f"{self.name}: scores videos (lists of frames), got images")
         if metadata is not None and len(metadata) != len(images):
             raise ValueError(f"{self.name}: got {len(metadata)} metadata rows for {len(images)} images")
         self.check_inputs(prompts, None if metadata is None else list(metadata))

@@ -28,6 +28,8 @@ class MultiReward:
         device: str = "cpu",
         remote: Optional[dict[str, str]] = None,
         nan_policy: str = "propagate",
+        frames: str = "all",
+        frame_reduce: str = "mean",
         **per_reward_options: dict[str, Any],
     ):
         if not weights:
@@ -47,6 +49,7 @@ class MultiReward:
         if nan_policy not in ("propagate", "ignore"):
             raise ValueError(f"MultiReward: nan_policy must be 'propagate' or 'ignore', got '{nan_policy}'")
         self.weights = {k: float(v) for k, v in weights.items()}
+        self.frames, self.frame_reduce = frames, frame_reduce  # how image rewards score videos (rewards/video.py)
         self.nan_policy = nan_policy
         self.scorers = {}
         for name in weights:
@@ -61,8 +64,15 @@ class MultiReward:
         """Every reward's scores (namespaced extras) plus ``total``, one entry per image."""
         images, prompts = list(images), list(prompts)
         out: dict[str, np.ndarray] = {}
+        from ..video import is_video
+        from .video import score_frames
+
+        videos = bool(images) and is_video(images[0])
         for name, scorer in self.scorers.items():
-            scores = scorer(images, prompts, metadata)
+            if videos and not getattr(scorer, "video_only", False):
+                scores = score_frames(scorer, images, prompts, metadata, self.frames, self.frame_reduce)
+            else:
+                scores = scorer(images, prompts, metadata)
             for key, value in scores.items():
                 out[key if key == name or key.startswith(name) else f"{name}/{key}"] = value
         out["total"] = weighted_total(out, self.weights, self.nan_policy)
@@ -80,15 +90,16 @@ def weighted_total(scores: dict, weights: dict[str, float], nan_policy: str = "p
     return total.astype(np.float32)
 
 
-def task_scorer(spec: str, device: str) -> MultiReward:
+def task_scorer(spec: str, device: str, frames: str = "all", frame_reduce: str = "mean") -> MultiReward:
     """The scorer of a task's reward spec (``"ocr"`` or ``"ocr:1.0,pickscore:0.5"``), whose
-    ``"total"`` is the weighted sum. One per process, spec and device: reward models load once
-    and are shared by training, evaluation and the demo."""
+    ``"total"`` is the weighted sum; videos are scored on the frames ``frames`` selects, reduced
+    by ``frame_reduce`` (rewards/video.py). One per process, spec, device and frame choice:
+    reward models load once and are shared by training, evaluation and the demo."""
     from . import reward_weights
 
-    key = (spec, device)
+    key = (spec, device, frames, frame_reduce)
     if key not in _TASK_SCORERS:
-        _TASK_SCORERS[key] = MultiReward(reward_weights(spec), device=device)
+        _TASK_SCORERS[key] = MultiReward(reward_weights(spec), device=device, frames=frames, frame_reduce=frame_reduce)
     return _TASK_SCORERS[key]
 
 

@@ -53,6 +53,8 @@ def colour_match(grid: np.ndarray, target, weight: np.ndarray) -> float:
 
 
 class _ToyScorer(Scorer):
+    scores_frames = False  # the toy renderer's layout, not natural frames (rewards/video.py)
+
     def _score(self, images, prompts, metadata: Optional[list]):
         scores = []
         for image, prompt in zip(images, prompts):

@@ -27,11 +27,13 @@ class Preflight:
 
 def check_rewards(config) -> None:
     from ..rewards import reward_weights
+    from ..rewards.video import check_video_rewards
 
     for name, spec in config.tasks.items():
         if spec.reward:
             try:
                 reward_weights(spec.reward)  # one name or a weighted sum "ocr:1.0,pickscore:0.5"
+                check_video_rewards(spec.reward, video=bool(config.sample.num_frames))
             except ValueError as err:
                 raise ConfigError(f"tasks.{name}.reward: {err}") from None
 

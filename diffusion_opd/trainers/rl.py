@@ -120,7 +120,7 @@ def score_groups(run: Run, groups: list[Groups]) -> dict:
     for g in groups:
         with run.timer("reward"):
             images = run.policy.decode(g.traj.latents)
-            scores = task_scorer(c.tasks[g.task].reward, device)(images, [r["prompt"] for r in g.rows],
+            scores = task_scorer(c.tasks[g.task].reward, device, c.sample.reward_frames, c.sample.frame_reduce)(images, [r["prompt"] for r in g.rows],
                                                              [r["metadata"] for r in g.rows])
         g.rewards = torch.as_tensor(scores["total"], dtype=torch.float32, device=acc.device)
         # Advantages need every member of a group and, for the global std, the whole batch.

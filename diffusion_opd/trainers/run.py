@@ -229,7 +229,8 @@ class Run:
         spec = Sampling.from_config(c.sample, num_steps=c.eval.num_steps, noise_level=0.0)
         device = c.eval.reward_device if c.eval.reward_device != "auto" else str(acc.device)
         rows, indices = self.eval_rows(task)
-        records = evaluate_rows(self.policy, rows, indices, spec, c.seed, task_scorer(c.tasks[task].reward, device))
+        scorer = task_scorer(c.tasks[task].reward, device, c.sample.reward_frames, c.sample.frame_reduce)
+        records = evaluate_rows(self.policy, rows, indices, spec, c.seed, scorer)
         if self.world > 1:
             from accelerate.utils import gather_object
 

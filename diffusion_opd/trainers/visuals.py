@@ -76,9 +76,13 @@ def _wrap(text: str, face, width: int, max_lines: int) -> list[str]:
 
 def comparison_picture(title: str, rows: Sequence[tuple[str, Sequence]], prompts: Sequence[str]):
     """One picture: a title line, then one row of images per ``(label, images)`` (the label, e.g.
-    "teacher\nCFG 4.5", in a column on the left), then each column's prompt under the last row."""
+    "teacher\nCFG 4.5", in a column on the left), then each column's prompt under the last row.
+    A video (a list of frames) shows as a strip of its frames."""
     from PIL import Image, ImageDraw
 
+    from ..video import frame_strip, is_video
+
+    rows = [(label, [frame_strip(x) if is_video(x) else x for x in images]) for label, images in rows]  # videos: frame strips
     if not rows or any(len(images) != len(prompts) for _, images in rows) or not prompts:
         raise ValueError(f"comparison_picture: rows of {[len(i) for _, i in rows]} images for {len(prompts)} prompts")
     w, h = rows[0][1][0].size

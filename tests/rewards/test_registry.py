@@ -26,9 +26,10 @@ from diffusion_opd.rewards.base import resolve_dir, resolve_file
 
 REPO = Path(__file__).resolve().parents[2]
 WEIGHT_FREE = ["brightness", "colorfulness", "target_color"]
+VIDEO_ONLY = ["temporal_consistency"]  # weight-free, scores videos (tests/rewards/test_video.py)
 TOY = ["toy_aesthetic", "toy_colour", "toy_glyph"]  # the demo's world (tests/demo)
 ALL = sorted(["aesthetic", "clipscore", "geneval", "hpsv2", "imagereward", "ocr", "pickscore", "unifiedreward"]
-             + WEIGHT_FREE + TOY)
+             + WEIGHT_FREE + TOY + VIDEO_ONLY)
 
 
 def _script():
