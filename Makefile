@@ -11,7 +11,7 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
-EXTRAS ?= ocr,dev
+EXTRAS ?= ocr,video,dev
 PYTEST_ARGS ?=
 
 .PHONY: env demo smoke test test-slow test-all wheel-check constraints clean-env

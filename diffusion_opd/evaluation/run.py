@@ -49,6 +49,7 @@ from ..errors import UserError, run_cli
 from ..files import check_writable_folder, json_line
 from ..trainers.checkpoint import LORA_FILES, LORA_WEIGHTS, model_of_checkpoint, resolve_checkpoint
 from ..trainers.run_dir import LOCK_NAME, RunLock, move_aside
+from ..video import frame_strip, is_video, write_mp4
 from .summary import summarize, write_summary
 
 __all__ = [
@@ -115,7 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model.max_sequence_length", "--max_sequence_length", dest="max_sequence_length", type=int,
                    default=128, help="T5 tokens")
     p.add_argument("--max_samples", type=int, default=None, help="evaluate the first N rows only")
-    p.add_argument("--save_images", action="store_true")
+    p.add_argument("--save_images", action="store_true", help="also write each image (videos: an mp4 + a frame strip PNG)")
+    p.add_argument("--num_frames", type=int, default=0,
+                   help="video models (Wan): frames per video, 1 + a multiple of 4 (0: the pipeline's 81)")
+    p.add_argument("--fps", type=int, default=16, help="frame rate of the written mp4 files (Wan: 16)")
     p.add_argument("--output_dir", default=None, help="default: outputs/eval/<dataset>; a folder holding files is "
                    "refused unless --overwrite")
     p.add_argument("--overwrite", action="store_true",
@@ -357,15 +361,16 @@ def _png_bytes(image) -> bytes:
 
 # ----------------------------------------------------------------------------- run
 def _build_policy(plan: EvalPlan, device):
+    """The evaluated model (+ the evaluated adapter as a teacher)."""
     from ..models import build_policy
 
     args = plan.args
     return build_policy(
         plan.model, revision=args.revision, dtype=weight_dtype(args), device=device,
         # The student adapter is never sampled here: the smallest one keeps memory down.
-        lora=dict(rank=1, alpha=1, target_modules=["attn.to_q"]),
+        lora=dict(rank=1, alpha=1),  # the family's default targets (they differ between families)
         teachers=[plan.adapter] if plan.adapter else [],
-        max_sequence_length=args.max_sequence_length,
+        max_sequence_length=args.max_sequence_length, num_frames=args.num_frames or None,
     )
 
 
@@ -427,11 +432,15 @@ def evaluate(plan: EvalPlan) -> Optional[dict]:
         for record, image in zip(records, images):
             record["image"] = None
             record["nonfinite"] = record.pop("nonfinite")  # after image, as results.jsonl always had it
+            video = is_video(image)  # a video model's sample: its frames
             if args.save_images:
                 record["image"] = f"images/{record['index']:05d}.png"
-                image.save(out_dir / record["image"])
+                (frame_strip(image) if video else image).save(out_dir / record["image"])
+                if video:
+                    record["video"] = f"images/{record['index']:05d}.mp4"
+                    write_mp4(image, str(out_dir / record["video"]), fps=args.fps)
             if record["index"] < GRID_IMAGES:
-                grid_images.append((record["index"], _png_bytes(image)))
+                grid_images.append((record["index"], _png_bytes(frame_strip(image) if video else image)))
         # rank 0 reports for everyone: the ranks advance at the same pace, one batch at a time
         bar.update(min(len(plan.rows), bar.n + len(records) * world) - bar.n)
 

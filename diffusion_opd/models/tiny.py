@@ -293,6 +293,17 @@ def _transformer_class(pipeline_dir: str) -> str:
         return json.load(f)["transformer"][1]
 
 
+# Random teachers of the newer families adapt what their students adapt (models/specs.py): with
+# FLUX.2's single-stream blocks and Qwen-Image's text stream left out, a tiny teacher moves the
+# final latents too little for a 40-round distillation to measure (held-out distance -30%).
+_TEACHER_TARGETS = {
+    "WanTransformer3DModel": ("to_q", "to_k", "to_v", "to_out.0"),
+    "QwenImageTransformer2DModel": ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj",
+                                    "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"),
+    "Flux2Transformer2DModel": ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.to_qkv_mlp_proj"),
+}
+
+
 def write_random_teacher_lora(
     pipeline_dir: str,
     out_dir: str,
@@ -310,7 +321,8 @@ def write_random_teacher_lora(
     one LoRA of rank 2 x ``rank``): a component drawn from ``shared_seed`` that every teacher
     with that seed has, plus this teacher's own component drawn from ``seed`` at
     ``specific_scale`` times the scale. ``target_modules``: default the image stream's attention
-    projections (``attn.to_q / to_k / to_v / to_out.0``; Wan: both attentions' ``to_q / ...``). Real task teachers are fine-tunes of one base toward
+    projections (``attn.to_q / to_k / to_v / to_out.0``), for the newer families their default
+    student targets (:data:`_TEACHER_TARGETS`). Real task teachers are fine-tunes of one base toward
     better images and share much of their change; the tiny multi-task config mimics that.
 
     ``fmt="peft"``: ``adapter_config.json`` + ``adapter_model.safetensors`` with keys
@@ -329,8 +341,7 @@ def write_random_teacher_lora(
         raise ValueError(f"fmt must be 'peft' or 'diffusers', got {fmt!r}")
     config = getattr(diffusers, _transformer_class(pipeline_dir)).load_config(pipeline_dir, subfolder="transformer")
     if target_modules is None:
-        target_modules = ("to_q", "to_k", "to_v", "to_out.0") if config["_class_name"] == "WanTransformer3DModel" \
-            else ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0")
+        target_modules = _TEACHER_TARGETS.get(config["_class_name"], ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"))
     with torch.device("meta"):  # shapes only: the weights are never read
         transformer = getattr(diffusers, config["_class_name"]).from_config(config)
     parts = [(torch.Generator().manual_seed(seed), 1.0)]

@@ -30,8 +30,9 @@ CHECKPOINTS = {"none": {"repo_id": None, "files": [], "local": None,
 
 def score_frames(scorer: Scorer, videos: Sequence, prompts: Sequence[str], metadata: Optional[Sequence[dict]] = None,
                  frames: str = "all", reduce: str = "mean") -> dict[str, np.ndarray]:
-    """``scorer`` (an image reward) on the frames ``frames`` selects of each video, every key
-    reduced per video by ``reduce`` ("mean" | "min"); one entry per video."""
+    """``scorer`` (an image reward) on the frames ``frames`` selects of each video, every numeric
+    key reduced per video by ``reduce`` ("mean" | "min"), text keys kept as the per-frame list;
+    one entry per video."""
     if reduce not in FRAME_REDUCE:
         raise ValueError(f"frame_reduce must be one of {list(FRAME_REDUCE)}, got {reduce!r}")
     if not getattr(scorer, "scores_frames", True):
@@ -44,10 +45,17 @@ def score_frames(scorer: Scorer, videos: Sequence, prompts: Sequence[str], metad
         flat_meta += [None if metadata is None else metadata[i]] * len(chosen)
         counts.append(len(chosen))
     out = scorer(flat, flat_prompts, None if metadata is None else flat_meta)
-    bounds = np.cumsum([0] + counts)
+    bounds = list(zip(np.cumsum([0] + counts)[:-1], np.cumsum(counts)))
     op = np.mean if reduce == "mean" else np.min
-    return {k: np.asarray([op(np.asarray(v[a:b], dtype=np.float64)) for a, b in zip(bounds[:-1], bounds[1:])],
-                          dtype=np.float32) for k, v in out.items()}
+    result = {}
+    for key, values in out.items():
+        values = np.asarray(values)
+        if values.dtype.kind in "biuf":
+            result[key] = np.asarray([op(values[a:b].astype(np.float64)) for a, b in bounds], dtype=np.float32)
+        else:  # text outputs (OCR's recognised words): the per-frame values of each video
+            result[key] = np.empty(len(bounds), dtype=object)
+            result[key][:] = [list(values[a:b]) for a, b in bounds]
+    return result
 
 
 class TemporalConsistencyScorer(Scorer):

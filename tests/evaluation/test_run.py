@@ -347,3 +347,19 @@ def test_evaluations_never_mix_in_one_output_dir(tmp_path, capsys, tiny_sd3_dir)
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_video_model_writes_mp4_and_frame_strips(tiny_wan_dir, tmp_path):
+    """A Wan pipeline folder through the CLI: 5-frame videos, each saved as an mp4 (PyAV) and a
+    frame-strip PNG, the grid of strips, and an image reward (OCR) scored frame by frame."""
+    av = pytest.importorskip("av")
+    out = tmp_path / "wan_eval"
+    run_cli(["--dataset", "ocr", "--data_root", shared_datasets(), "--max_samples", "2", "--save_images",
+             "--model", tiny_wan_dir, "--num_frames", "5", "--fps", "8", "--output_dir", out, *SAMPLING])
+    rows = read_results(out)
+    assert [r["index"] for r in rows] == [0, 1] and all(0.0 <= r["scores"]["ocr"] <= 1.0 for r in rows)
+    for r in rows:
+        with av.open(str(out / r["video"])) as container:
+            assert sum(1 for _ in container.decode(video=0)) == 5
+        assert pixels(out / r["image"]).shape == (64, 5 * 64, 3)  # the 5 frames side by side
+    assert Image.open(out / "grid.png").size[0] >= 5 * 64
