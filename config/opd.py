@@ -11,6 +11,9 @@ DEFAULT_LORA_TARGETS = base.DEFAULT_LORA_TARGETS  # per model family (diffusion_
 HUB_REPO = "quanhaol/DiffusionOPD"  # the released teachers and student (LoRA subfolders)
 FLUX_DEV = "black-forest-labs/FLUX.1-dev"  # gated: accept the licence, `hf auth login`
 SD35_LARGE = "stabilityai/stable-diffusion-3.5-large"
+QWEN_IMAGE = "Qwen/Qwen-Image"
+FLUX2_DEV = "black-forest-labs/FLUX.2-dev"  # gated: accept the licence, `hf auth login`
+WAN21_T2V = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"  # the 14B folder (Wan-AI/Wan2.1-T2V-14B-Diffusers) runs alike
 
 
 def _released_teachers():
@@ -212,6 +215,70 @@ def flux_mopd():
     return c
 
 
+def _user_teachers(repo, guidance):
+    """The three task teachers as LoRA folders you provide (none are released for this model)."""
+    return {name: base.teacher(repo, f"{name}/lora", guidance_scale=guidance) for name in ("geneval", "ocr", "aesthetic")}
+
+
+def _large_model(c, path, family):
+    """A 20B-class backbone: bf16 weights, gradient checkpointing, the family's LoRA targets."""
+    c.model.path = path
+    c.model.dtype = "bf16"
+    c.mixed_precision = "bf16"
+    c.model.gradient_checkpointing = True
+    c.lora.target_modules = DEFAULT_LORA_TARGETS[family]
+    c.sample.shift = 0.0  # the pipeline's own (dynamic) shift
+    return c
+
+
+def qwen_image_mopd():
+    """The multi-teacher recipe on Qwen-Image. Geometry from the model card's example: 1328 px
+    (1:1), true CFG 4.0 against the negative prompt (QwenImagePipeline's true_cfg_scale, with its
+    norm rescale); 10 rollout steps as in mopd (the card samples 50). No Qwen-Image OPD teachers are
+    released: give yours (``teachers.<name>.path``). The 20B transformer needs sharding (FSDP) or
+    an 80 GB+ GPU per process for a LoRA round at this size."""
+    c = _large_model(mopd(), QWEN_IMAGE, "qwen_image")
+    c.run_name, c.output_dir = "qwen_image_mopd", "outputs/qwen_image_mopd"
+    c.model.max_sequence_length = 512  # prompt tokens after the template (the pipeline allows 1024)
+    c.sample.resolution = 1328
+    c.sample.guidance_scale = 4.0
+    c.train.batch_size = 1
+    c.teachers = _user_teachers("your-org/qwen-image-opd-teachers", 4.0)
+    return c
+
+
+def flux2_mopd():
+    """The multi-teacher recipe on FLUX.2-dev (guidance-distilled: the scales feed its guidance
+    embedding). Geometry from Flux2Pipeline's documented example: 1024 px (its default size),
+    embedded guidance 2.5; 10 rollout steps as in mopd (the example samples 50). Teachers: yours."""
+    c = _large_model(mopd(), FLUX2_DEV, "flux2")
+    c.run_name, c.output_dir = "flux2_mopd", "outputs/flux2_mopd"
+    c.model.guidance = "embedded"
+    c.model.max_sequence_length = 512  # Flux2Pipeline's default text length
+    c.sample.resolution = 1024
+    c.sample.guidance_scale = 2.5
+    c.train.batch_size = 1
+    c.teachers = _user_teachers("your-org/flux2-opd-teachers", 2.5)
+    return c
+
+
+def wan_t2v_mopd():
+    """The multi-teacher recipe on Wan 2.1 text-to-video. Geometry from the model card's example:
+    81 frames at 480p, CFG 5.0, flow shift 3.0 (the folder's scheduler); the rollout samples square
+    frames, so 480 x 480 (the card's 480 x 832 is not square); 10 rollout steps (the card samples
+    50). Image rewards score the videos frame by frame (``sample.reward_frames``). Teachers: yours."""
+    c = _large_model(mopd(), WAN21_T2V, "wan")
+    c.run_name, c.output_dir = "wan_t2v_mopd", "outputs/wan_t2v_mopd"
+    c.model.max_sequence_length = 512  # WanPipeline's default UMT5 length
+    c.sample.resolution = 480
+    c.sample.num_frames = 81
+    c.sample.guidance_scale = 5.0
+    c.sample.reward_frames = "count:8"
+    c.train.batch_size = 1
+    c.teachers = _user_teachers("your-org/wan-t2v-opd-teachers", 5.0)
+    return c
+
+
 def sd35_large_mopd():
     """The released recipe with SD3.5-Large as the backbone: the same SD3 code path, only the
     model and the (user-supplied) teachers differ. bf16 weights (the 8B transformer in fp16 needs
@@ -233,7 +300,7 @@ def sd35_large_mopd():
 
 CONFIGS = {f.__name__: f for f in (mopd, mopd_sde, sopd_geneval, sopd_ocr, sopd_pickscore, tiny_mopd, tiny_flux_mopd,
                                    tiny_qwen_image_mopd, tiny_flux2_mopd, tiny_wan_t2v_mopd, flux_mopd,
-                                   sd35_large_mopd)}
+                                   sd35_large_mopd, qwen_image_mopd, flux2_mopd, wan_t2v_mopd)}
 
 
 def get_config(name="mopd"):

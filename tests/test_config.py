@@ -231,3 +231,22 @@ def test_shipped_configs_load_by_name_from_any_folder(tmp_path, monkeypatch):
     assert to_dict(load_config("opd:tiny_mopd")) == to_dict(load_config("opd.py:tiny_mopd")) == by_path
     with pytest.raises(ConfigError, match=r"file 'nope' not found \(a file path, or a shipped config: .*grpo.*opd"):
         load_config("nope:x")
+
+
+@pytest.mark.parametrize("name, path, family, resolution, frames, guidance", [
+    ("qwen_image_mopd", "Qwen/Qwen-Image", "qwen_image", 1328, 0, 4.0),
+    ("flux2_mopd", "black-forest-labs/FLUX.2-dev", "flux2", 1024, 0, 2.5),
+    ("wan_t2v_mopd", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "wan", 480, 81, 5.0),
+])
+def test_newer_family_recipes(data_root, name, path, family, resolution, frames, guidance):
+    """The recipe on Qwen-Image / FLUX.2-dev / Wan 2.1 T2V: the geometry of each model card, the
+    family's LoRA targets, bf16 + checkpointing, three user-given teachers; valid as shipped."""
+    from diffusion_opd.models.specs import DEFAULT_LORA_TARGETS
+
+    c = load_config(f"{OPD}:{name}", [f"data_root={data_root}"])
+    validate_config(c, world_size=8)
+    assert (c.model.path, c.sample.resolution, c.sample.num_frames, c.sample.guidance_scale) == \
+        (path, resolution, frames, guidance)
+    assert tuple(c.lora.target_modules) == DEFAULT_LORA_TARGETS[family] and c.model.dtype == "bf16"
+    assert c.model.gradient_checkpointing and len(c.tasks) == 3 and {t.teacher for t in c.tasks.values()} == set(c.teachers)
+    assert c.model.guidance == ("embedded" if family == "flux2" else "auto")
