@@ -100,7 +100,22 @@ def tiny_multitask():
     return c
 
 
-CONFIGS = {f.__name__: f for f in (geneval, ocr, pickscore, multitask, tiny, tiny_colorful, tiny_multitask)}
+def tiny_wan_t2v():
+    """CI: NFT on a tiny random Wan 2.1 text-to-video model (5 frames of 32 px: 16 x 2 x 4 x 4
+    latents), reward = brightness scored on every frame and averaged per video; a video teacher
+    that then serves an OPD video student (tests/trainers/test_stage1.py)."""
+    c = _tiny("tiny_nft_wan_t2v")
+    c.model.path = "builtin:tiny-wan"
+    c.model.max_sequence_length = 32
+    c.lora.target_modules = base.DEFAULT_LORA_TARGETS["wan"]
+    c.sample.num_frames = 5
+    c.sample.reward_frames = "all"
+    c.sample.guidance_scale = 1.0  # no CFG: half the forwards on the CPU
+    return c
+
+
+CONFIGS = {f.__name__: f for f in (geneval, ocr, pickscore, multitask, tiny, tiny_colorful, tiny_multitask,
+                                   tiny_wan_t2v)}
 # Cascade NFT: the stages run in this order, each starting from the previous stage's student.
 CASCADES = {"cascade": ("geneval", "ocr", "pickscore"), "tiny_cascade": ("tiny", "tiny_colorful")}
 

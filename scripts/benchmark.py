@@ -165,7 +165,7 @@ def main(argv=None) -> int:
     if args.expected_memory:
         from round_budget import round_memory
 
-        print(json.dumps(round_memory(args.model), indent=1))
+        print(json.dumps(round_memory(args.model, resolution=MODELS[args.model].resolution), indent=1))
     if args.expected_flops or args.expected_memory:
         return 0
     paths = prepare_models(args.model, args.workdir, args.device)

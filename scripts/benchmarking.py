@@ -46,8 +46,12 @@ MODELS = {
     "sd3.5-medium": ModelSpec(resolution=512, text_tokens=77 + 256, student_rank=32, teacher_rank=32),
     # FLUX.1-dev (flux_mopd): 512 px, 512 T5 tokens, LoRA r 32; --expected-flops only (no timed round).
     "flux.1-dev": ModelSpec(resolution=512, text_tokens=512, student_rank=32, teacher_rank=32),
+    # The newer families at their recipes' geometry (config/opd.py): --expected-flops / --expected-memory only.
+    "qwen-image": ModelSpec(resolution=1328, text_tokens=512, student_rank=32, teacher_rank=32),
+    "flux.2-dev": ModelSpec(resolution=1024, text_tokens=512, student_rank=32, teacher_rank=32),
+    "wan2.1-t2v-1.3b": ModelSpec(resolution=480, text_tokens=512, student_rank=32, teacher_rank=32),
 }
-EXPECTED_ONLY = ("flux.1-dev",)  # models whose round is only predicted (models/architectures.py)
+EXPECTED_ONLY = ("flux.1-dev", "qwen-image", "flux.2-dev", "wan2.1-t2v-1.3b")  # rounds only predicted (models/architectures.py)
 
 
 @dataclass(frozen=True)
@@ -161,9 +165,12 @@ def expected_round_flops(model: str = "sd3.5-medium") -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     if model in EXPECTED_ONLY:
-        from round_budget import expected_flops_embedded_guidance
+        from round_budget import expected_flops_cfg, expected_flops_embedded_guidance
 
-        return expected_flops_embedded_guidance(model, MODELS[model])
+        from diffusion_opd.models.architectures import ARCHITECTURES
+
+        count = expected_flops_cfg if ARCHITECTURES[model].cfg else expected_flops_embedded_guidance
+        return count(model, MODELS[model])
     from diffusion_opd.models.specs import DEFAULT_LORA
     from diffusion_opd.models.tiny import TINY_TRANSFORMER_CONFIG, build_random_transformer, sd35_medium_transformer_config
 

@@ -30,7 +30,7 @@ import torch
 
 from diffusion_opd.models.architectures import ARCHITECTURES, meta_inputs, meta_student
 
-__all__ = ["expected_flops_embedded_guidance", "round_memory", "sharded_round_memory", "HUB_IDS", "fsdp_budget_line"]
+__all__ = ["expected_flops_embedded_guidance", "expected_flops_cfg", "round_memory", "sharded_round_memory", "HUB_IDS", "fsdp_budget_line"]
 
 GB = 1e9
 
@@ -53,6 +53,35 @@ def expected_flops_embedded_guidance(model: str, spec) -> dict:
     fused = sum(phases.values())
     return {"model": model, "forward_3_rows": fwd3, "backward_3_rows": bwd3, "fused_phases": phases,
             "fused": fused, "two_pass": fused + 27 * fwd3, "two_pass_over_fused": (fused + 27 * fwd3) / fused}
+
+
+def expected_flops_cfg(model: str, spec) -> dict:
+    """mopd's round for a model with classifier-free guidance (Qwen-Image, Wan): 3 tasks x 10
+    rollout forwards of 2 x ``images`` rows (uncond + cond), 9 trained steps x (teacher rows:
+    one cond-only teacher + two CFG teachers), 27 backwards of the CFG student; two_pass adds 27
+    replayed student forwards. ``images`` = 3 (the recipe's images per task per GPU) unless the
+    spec says otherwise."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    transformer = meta_student(model, spec.student_rank)
+    images = getattr(spec, "images", 3)
+
+    def count(rows: int, grad: bool) -> tuple[int, int]:
+        with FlopCounterMode(display=False) as counter, torch.set_grad_enabled(grad):
+            out = transformer(**meta_inputs(model, rows, spec.resolution))[0]
+            forward = counter.get_total_flops()
+            if grad:
+                out.float().square().mean().backward()
+        return forward, counter.get_total_flops() - forward
+
+    fwd_cfg, bwd_cfg = count(2 * images, True)
+    fwd_cond, _ = count(images, False)
+    phases = {"rollout": 30 * fwd_cfg, "teacher": 9 * (fwd_cond + 2 * fwd_cfg), "backward": 27 * bwd_cfg,
+              "optimizer": 0}
+    fused = sum(phases.values())
+    return {"model": model, f"forward_{2 * images}_rows": fwd_cfg, f"forward_{images}_rows": fwd_cond,
+            f"backward_{2 * images}_rows": bwd_cfg, "fused_phases": phases, "fused": fused,
+            "two_pass": fused + 27 * fwd_cfg, "two_pass_over_fused": (fused + 27 * fwd_cfg) / fused}
 
 
 class _FlashLikeAttention(torch.autograd.Function):
@@ -103,7 +132,7 @@ def activation_bytes(model: str, rows: int, resolution: int, rank: int = 32) -> 
     """Bytes autograd saves in one grad-enabled student forward of ``rows`` images, split into
     what each block saves, the blocks' inputs, and what is saved outside the blocks."""
     transformer = meta_student(model, rank)
-    blocks = [m for name in ("transformer_blocks", "single_transformer_blocks")
+    blocks = [m for name in ("transformer_blocks", "single_transformer_blocks", "blocks")
               for m in getattr(transformer, name, [])]
     seen: dict[int, torch.Tensor] = {}  # id -> tensor (kept alive so ids stay unique)
     total = [0]
@@ -150,15 +179,13 @@ def round_memory(model: str, *, resolution: int = 512, images: int = 3, rank: in
     import diffusers
 
     arch = ARCHITECTURES[model]
-    rows = images * (2 if arch.cfg else 1)  # CFG runs the uncond rows in the same batch
+    rows = images * (2 if arch.cfg else 1)  # CFG runs the uncond rows in the same batch (a video: one row)
     student = meta_student(model, rank)
     lora = sum(p.numel() for p in student.parameters() if p.requires_grad)
     backbone = sum(p.numel() for p in student.parameters() if not p.requires_grad)
     with torch.device("meta"):
         text = [cls(cfg) for cls, cfg in arch.text_encoders()]
-        from diffusion_opd.models.architectures import _vae
-
-        vae_cls, vae_cfg = _vae()
+        vae_cls, vae_cfg = arch.vae()
         vae = getattr(diffusers, vae_cls.__name__)(**vae_cfg)
     act = activation_bytes(model, rows, resolution, rank)
     parts = {

@@ -2,6 +2,7 @@
 import os
 import sys
 
+import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
@@ -72,3 +73,16 @@ def test_fsdp_round_memory_shards_what_fsdp_shards_and_refuses_what_cannot_fit()
         fsdp_budget_line(config, 8, gpu_bytes=8 * 10**9)
     config.distributed.strategy = "ddp"
     assert fsdp_budget_line(config, 8, gpu_bytes=8 * 10**9) is None  # ddp: not this check
+
+
+@pytest.mark.slow  # building the real-size models on the meta device takes minutes of CPU
+def test_wan21_video_round_memory_from_the_architecture():
+    """Wan 2.1 T2V-1.3B at its recipe geometry (81 frames, 480 px, one video): the published sizes
+    (1.42 B transformer, UMT5-XXL encoder 5.68 B) and a checkpointed round that fits one GPU."""
+    mem = round_memory("wan2.1-t2v-1.3b", resolution=480, images=1)
+    assert mem["parameters"]["transformer"] == 1_418_996_800 and mem["parameters"]["text_encoders"] == 5_680_910_336
+    assert mem["rows_per_forward"] == 2  # CFG: the uncond row in the same batch
+    act = mem["activation_detail"]
+    assert act["checkpointed_peak"] == act["block_inputs"] + act["outside_blocks"] + 2 * act["block_max"]
+    print(f"wan2.1-t2v-1.3b: memory {mem['total_gb']} GB per GPU")
+    assert 10e9 < mem["total_bytes"] < 60e9

@@ -15,6 +15,7 @@ from .specs import DEFAULT_LORA_TARGETS
 from .tiny import sd35_medium_transformer_config
 
 __all__ = ["Architecture", "ARCHITECTURES", "flux1_dev_transformer_config", "sd35_large_transformer_config",
+           "wan21_t2v_13b_transformer_config",
            "meta_student", "meta_inputs"]
 
 
@@ -55,6 +56,49 @@ def _vae():
                                layers_per_block=2, latent_channels=16)
 
 
+def _vae_of(class_name: str):
+    """A diffusers VAE class with its default (= released) config: the 3-D / FLUX.2 VAEs."""
+    def build():
+        import diffusers
+
+        return getattr(diffusers, class_name), {}
+    return build
+
+
+def _qwen25_vl_7b():
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    return Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLConfig(
+        text_config=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                         num_key_value_heads=4, vocab_size=152064),
+        vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584),
+        vocab_size=152064)
+
+
+def _mistral_small_31():
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    return Mistral3ForConditionalGeneration, Mistral3Config(
+        text_config=dict(model_type="mistral", hidden_size=5120, intermediate_size=32768, num_hidden_layers=40,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=131072),
+        vision_config=dict(model_type="pixtral", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                           num_attention_heads=16, head_dim=64, patch_size=14, image_size=1540))
+
+
+def _umt5_xxl():
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    return UMT5EncoderModel, UMT5Config(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
+                                        num_heads=64, feed_forward_proj="gated-gelu")
+
+
+def wan21_t2v_13b_transformer_config() -> dict:
+    """The transformer config of Wan-AI/Wan2.1-T2V-1.3B-Diffusers (the 14B: 40 heads, 40 layers, ffn 13824)."""
+    return dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+                text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+                qk_norm="rms_norm_across_heads", eps=1e-6)
+
+
 @dataclass(frozen=True)
 class Architecture:
     """One real model: its transformer and the parts around it, and how a round calls it."""
@@ -65,6 +109,8 @@ class Architecture:
     text_tokens: int  # prompt_embeds length in the recipe (SD3: 77 CLIP + T5 tokens; FLUX: T5 tokens)
     cfg: bool  # the student's guidance is CFG (two rows per image) rather than an embedding
     text_encoders: Callable[[], list] = field(default=lambda: [])  # (class, config) pairs
+    vae: Callable[[], tuple] = field(default=lambda: _vae())  # (class, config kwargs)
+    frames: int = 0  # video: frames per sample (its latent has (frames - 1) / 4 + 1 frames)
 
 
 ARCHITECTURES = {
@@ -74,6 +120,14 @@ ARCHITECTURES = {
                                 lambda: [_t5_xxl(), _clip(768, 12, 12, True), _clip(1280, 32, 20, True)]),
     "flux.1-dev": Architecture("flux", "FluxTransformer2DModel", flux1_dev_transformer_config, 512, False,
                                lambda: [_t5_xxl(), _clip(768, 12, 12, False)]),
+    # The diffusers classes' default configs are the released models' (Qwen/Qwen-Image 20 B,
+    # black-forest-labs/FLUX.2-dev 32 B); text lengths as the recipes set them (512 tokens).
+    "qwen-image": Architecture("qwen_image", "QwenImageTransformer2DModel", dict, 512, True,
+                               lambda: [_qwen25_vl_7b()], _vae_of("AutoencoderKLQwenImage")),
+    "flux.2-dev": Architecture("flux2", "Flux2Transformer2DModel", dict, 512, False,
+                               lambda: [_mistral_small_31()], _vae_of("AutoencoderKLFlux2")),
+    "wan2.1-t2v-1.3b": Architecture("wan", "WanTransformer3DModel", wan21_t2v_13b_transformer_config, 512, True,
+                                    lambda: [_umt5_xxl()], _vae_of("AutoencoderKLWan"), frames=81),
 }
 
 
@@ -98,6 +152,16 @@ def meta_student(name: str, rank: int, dtype=torch.bfloat16) -> torch.nn.Module:
     return model
 
 
+def _class_defaults(class_name: str) -> dict:
+    """The keyword defaults of a diffusers model class's constructor (its released config)."""
+    import inspect
+
+    import diffusers
+
+    params = inspect.signature(getattr(diffusers, class_name).__init__).parameters
+    return {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
+
+
 def meta_inputs(name: str, rows: int, resolution: int, dtype=torch.bfloat16) -> dict:
     """Keyword arguments of one transformer forward over ``rows`` images of ``resolution`` px,
     shaped as the policy builds them (FLUX: packed 2x2 tokens, position ids, guidance)."""
@@ -108,7 +172,20 @@ def meta_inputs(name: str, rows: int, resolution: int, dtype=torch.bfloat16) -> 
     def z(*shape):
         return torch.zeros(*shape, device="meta", dtype=dtype)
 
+    if arch.family == "wan":  # video: (rows, 16, F', h, w), UMT5 states
+        return dict(hidden_states=z(rows, cfg.get("in_channels", 16), (arch.frames - 1) // 4 + 1, side, side),
+                    timestep=z(rows), encoder_hidden_states=z(rows, arch.text_tokens, cfg["text_dim"]), return_dict=False)
+    defaults = _class_defaults(arch.transformer_class) if arch.family in ("qwen_image", "flux2") else {}
+    cfg = {**defaults, **cfg}
     text = z(rows, arch.text_tokens, cfg["joint_attention_dim"])
+    tokens = (side // 2) ** 2
+    if arch.family == "qwen_image":  # packed 2x2 tokens; no mask (every text token real)
+        return dict(hidden_states=z(rows, tokens, cfg["in_channels"]), timestep=z(rows), encoder_hidden_states=text,
+                    img_shapes=[[(1, side // 2, side // 2)]] * rows, return_dict=False)
+    if arch.family == "flux2":  # the patchified latent, one token per position; 4-axis ids
+        return dict(hidden_states=z(rows, tokens, cfg["in_channels"]), timestep=z(rows), guidance=z(rows).float(),
+                    encoder_hidden_states=text, txt_ids=z(rows, arch.text_tokens, 4), img_ids=z(rows, tokens, 4),
+                    return_dict=False)
     if arch.family == "flux":
         tokens = (side // 2) ** 2
         return dict(hidden_states=z(rows, tokens, cfg["in_channels"]), timestep=z(rows), guidance=z(rows).float(),

@@ -219,3 +219,23 @@ def test_cascade_killed_before_a_stages_first_checkpoint_continues(tmp_path):
     before = os.path.getmtime(os.path.join(finals[1], "trainer_state.json"))
     assert train_cascade(f"{NFT}:tiny_cascade", str(out), [*args, "overwrite=true"]) == finals
     assert os.path.getmtime(os.path.join(finals[1], "trainer_state.json")) > before  # trained again
+
+
+@pytest.mark.slow  # a few minutes of CPU: 10 NFT rounds of 16 videos, then 6 OPD rounds
+def test_a_video_teacher_trained_with_nft_on_a_per_frame_reward_distils_a_video_student(tmp_path):
+    """NFT on the tiny Wan (brightness of every frame, mean per video) raises the held-out reward;
+    its EMA checkpoint is then the OPD teacher of a video student, whose distance to it falls."""
+    config, rows = _train(f"{NFT}:tiny_wan_t2v", tmp_path / "nft")
+    evals = [r["eval/reward/bright"] for r in rows if "eval/reward/bright" in r]
+    print(f"video NFT: held-out per-frame brightness {evals[0]:.5f} -> {evals[-1]:.5f}")
+    assert len(evals) == 2 and evals[-1] > evals[0] + 0.002, evals
+    teacher = os.path.join(config.output_dir, "checkpoints", f"round-{config.train.num_rounds}", "ema")
+    opd = load_config(f"{ROOT}/config/opd.py:tiny_wan_t2v_mopd", [
+        f"output_dir={tmp_path}/opd", *QUIET, "train.num_rounds=6", "eval.every=6", "sample.resolution=32",
+        "sample.num_steps=4", "train.num_train_steps=3", "eval.num_steps=4", "save_every=6", "eval.sample_images=0"])
+    opd.teachers = {"bright_teacher": {**opd.teachers.teacher_a, "path": teacher, "guidance_scale": 1.0}}
+    opd.tasks = {"bright": {**opd.tasks.objects, "teacher": "bright_teacher"}}
+    train(opd)
+    dist = [r["eval/distance/bright"] for r in read_metrics(opd.output_dir) if "eval/distance/bright" in r]
+    print(f"OPD video student from the NFT video teacher: held-out distance {dist[0]:.4g} -> {dist[-1]:.4g}")
+    assert dist[-1] < 0.5 * dist[0]
