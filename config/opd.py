@@ -220,14 +220,23 @@ def _user_teachers(repo, guidance):
     return {name: base.teacher(repo, f"{name}/lora", guidance_scale=guidance) for name in ("geneval", "ocr", "aesthetic")}
 
 
-def _large_model(c, path, family):
-    """A 20B-class backbone: bf16 weights, gradient checkpointing, the family's LoRA targets."""
+def _large_model(name, path, family, resolution, guidance):
+    """mopd on a 20B-class backbone: bf16 weights, gradient checkpointing, the family's LoRA
+    targets, the pipeline's own (dynamic) shift, 512 text tokens, one image (video) per task per
+    GPU, the model card's resolution and guidance, and three user-given teachers at that guidance."""
+    c = mopd()
+    c.run_name, c.output_dir = name, f"outputs/{name}"
     c.model.path = path
     c.model.dtype = "bf16"
     c.mixed_precision = "bf16"
     c.model.gradient_checkpointing = True
+    c.model.max_sequence_length = 512  # the pipelines' default text length (Qwen-Image allows 1024)
     c.lora.target_modules = DEFAULT_LORA_TARGETS[family]
-    c.sample.shift = 0.0  # the pipeline's own (dynamic) shift
+    c.sample.shift = 0.0
+    c.sample.resolution = resolution
+    c.sample.guidance_scale = guidance
+    c.train.batch_size = 1
+    c.teachers = _user_teachers(f"your-org/{name.removesuffix('_mopd').replace('_', '-')}-opd-teachers", guidance)
     return c
 
 
@@ -237,28 +246,15 @@ def qwen_image_mopd():
     norm rescale); 10 rollout steps as in mopd (the card samples 50). No Qwen-Image OPD teachers are
     released: give yours (``teachers.<name>.path``). The 20B transformer needs sharding (FSDP) or
     an 80 GB+ GPU per process for a LoRA round at this size."""
-    c = _large_model(mopd(), QWEN_IMAGE, "qwen_image")
-    c.run_name, c.output_dir = "qwen_image_mopd", "outputs/qwen_image_mopd"
-    c.model.max_sequence_length = 512  # prompt tokens after the template (the pipeline allows 1024)
-    c.sample.resolution = 1328
-    c.sample.guidance_scale = 4.0
-    c.train.batch_size = 1
-    c.teachers = _user_teachers("your-org/qwen-image-opd-teachers", 4.0)
-    return c
+    return _large_model("qwen_image_mopd", QWEN_IMAGE, "qwen_image", resolution=1328, guidance=4.0)
 
 
 def flux2_mopd():
     """The multi-teacher recipe on FLUX.2-dev (guidance-distilled: the scales feed its guidance
     embedding). Geometry from Flux2Pipeline's documented example: 1024 px (its default size),
     embedded guidance 2.5; 10 rollout steps as in mopd (the example samples 50). Teachers: yours."""
-    c = _large_model(mopd(), FLUX2_DEV, "flux2")
-    c.run_name, c.output_dir = "flux2_mopd", "outputs/flux2_mopd"
+    c = _large_model("flux2_mopd", FLUX2_DEV, "flux2", resolution=1024, guidance=2.5)
     c.model.guidance = "embedded"
-    c.model.max_sequence_length = 512  # Flux2Pipeline's default text length
-    c.sample.resolution = 1024
-    c.sample.guidance_scale = 2.5
-    c.train.batch_size = 1
-    c.teachers = _user_teachers("your-org/flux2-opd-teachers", 2.5)
     return c
 
 
@@ -267,15 +263,9 @@ def wan_t2v_mopd():
     81 frames at 480p, CFG 5.0, flow shift 3.0 (the folder's scheduler); the rollout samples square
     frames, so 480 x 480 (the card's 480 x 832 is not square); 10 rollout steps (the card samples
     50). Image rewards score the videos frame by frame (``sample.reward_frames``). Teachers: yours."""
-    c = _large_model(mopd(), WAN21_T2V, "wan")
-    c.run_name, c.output_dir = "wan_t2v_mopd", "outputs/wan_t2v_mopd"
-    c.model.max_sequence_length = 512  # WanPipeline's default UMT5 length
-    c.sample.resolution = 480
+    c = _large_model("wan_t2v_mopd", WAN21_T2V, "wan", resolution=480, guidance=5.0)
     c.sample.num_frames = 81
-    c.sample.guidance_scale = 5.0
     c.sample.reward_frames = "count:8"
-    c.train.batch_size = 1
-    c.teachers = _user_teachers("your-org/wan-t2v-opd-teachers", 5.0)
     return c
 
 

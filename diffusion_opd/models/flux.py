@@ -94,13 +94,18 @@ class FluxPolicy(DiffusersPolicy):
             self._image_ids[(h, w)] = ids.to(self.device, self.dtype)
         return self._image_ids[(h, w)]
 
+    def _guidance(self, b: int, guidance_scale: float) -> Optional[torch.Tensor]:
+        """The (b,) guidance-embedding input: ``guidance_scale`` when it drives the embedding,
+        ``embedded_guidance`` under true CFG; None for a transformer without the embedding."""
+        if not self.transformer.config.guidance_embeds:
+            return None
+        value = guidance_scale if self.guidance_mode == "embedded" else self.embedded_guidance
+        return torch.full((b,), float(value), device=self.device, dtype=torch.float32)
+
     def _forward(self, module, x, sigma, cond, guidance_scale):
         b, _, h, w = x.shape
         text = cond["prompt_embeds"]
-        guidance = None
-        if self.transformer.config.guidance_embeds:
-            value = guidance_scale if self.guidance_mode == "embedded" else self.embedded_guidance
-            guidance = torch.full((b,), float(value), device=self.device, dtype=torch.float32)
+        guidance = self._guidance(b, guidance_scale)
         out = module(hidden_states=pack_latents(x), timestep=sigma.to(x.dtype), guidance=guidance,
                      pooled_projections=cond["pooled_prompt_embeds"], encoder_hidden_states=text,
                      txt_ids=torch.zeros(text.shape[1], 3, device=self.device, dtype=self.dtype),

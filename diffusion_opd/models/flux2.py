@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .diffusers_policy import DiffusersPolicy
+from .flux import FluxPolicy
 
 __all__ = ["Flux2Policy"]
 
@@ -72,13 +73,12 @@ class Flux2Policy(DiffusersPolicy):
             self._ids[key] = torch.cartesian_prod(*axes).unsqueeze(0).expand(b, -1, -1).to(self.device)
         return self._ids[key]
 
+    _guidance = FluxPolicy._guidance  # the guidance embedding's input, as FLUX.1's
+
     def _forward(self, module, x, sigma, cond, guidance_scale):
         b, c, h, w = x.shape
         text = cond["prompt_embeds"]
-        guidance = None
-        if self.transformer.config.guidance_embeds:
-            value = guidance_scale if self.guidance_mode == "embedded" else self.embedded_guidance
-            guidance = torch.full((b,), float(value), device=self.device, dtype=torch.float32)
+        guidance = self._guidance(b, guidance_scale)
         out = module(hidden_states=x.reshape(b, c, h * w).permute(0, 2, 1),
                      timestep=self._scheduler_timesteps(sigma).to(x.dtype) / 1000, guidance=guidance,
                      encoder_hidden_states=text, txt_ids=self._position_ids("text", b, text.shape[1]),

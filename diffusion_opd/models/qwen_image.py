@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .diffusers_policy import DiffusersPolicy
-from .flux import pack_latents, unpack_latents
+from .flux import FluxPolicy, pack_latents, unpack_latents
 
 __all__ = ["QwenImagePolicy"]
 
@@ -63,13 +63,7 @@ class QwenImagePolicy(DiffusersPolicy):
         kwargs = dict(mu=mu) if cfg.get("use_dynamic_shifting") else {}
         return self._scheduler_sigmas(num_steps, shift, sigmas=np.linspace(1.0, 1 / num_steps, num_steps), **kwargs)
 
-    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
-        """(16, resolution / 8, resolution / 8); the side must split into 2x2 patches."""
-        step = self.vae_scale_factor * 2
-        if resolution <= 0 or resolution % step:
-            raise ValueError(f"resolution must be a positive multiple of {step}, got {resolution}")
-        side = resolution // self.vae_scale_factor
-        return (self.transformer.config.in_channels // 4, side, side)
+    latent_shape = FluxPolicy.latent_shape  # (16, H / 8, W / 8) split into 2x2 patches, as FLUX.1's
 
     def _forward(self, module, x, sigma, cond, guidance_scale):
         b, _, h, w = x.shape
