@@ -73,14 +73,12 @@ class QwenImagePolicy(DiffusersPolicy):
                      img_shapes=[[(1, h // 2, w // 2)]] * b, return_dict=False)[0]
         return unpack_latents(out, h, w)
 
-    def _combine_cfg(self, out, scale, detach_uncond=False):
+    def _guided(self, v_u, v_c, scale):
         """QwenImagePipeline's true CFG: ``comb = v_u + g (v_c - v_u)``, each packed token rescaled
         to the conditional velocity's norm (``comb * |v_c| / |comb|`` over its 64 channels)."""
-        v_u, v_c = out.float().chunk(2)
         h, w = v_c.shape[-2:]
-        u, c = pack_latents(v_u.detach() if detach_uncond else v_u), pack_latents(v_c)
-        g = scale.reshape(-1, 1, 1) if torch.is_tensor(scale) else scale
-        comb = u + g * (c - u)
+        u, c = pack_latents(v_u.float()), pack_latents(v_c.float())
+        comb = u + scale * (c - u)
         return unpack_latents(comb * (c.norm(dim=-1, keepdim=True) / comb.norm(dim=-1, keepdim=True)), h, w)
 
     def _vae_decode(self, latents):

@@ -202,7 +202,7 @@ def test_batched_cfg_equals_two_separate_forwards(cfg_policy, batch):
         # |v| ~ 3, i.e. ~1e-6); v_u + g (v_c - v_u) amplifies that by at most 2g = 9 -> 1e-5.
         # (Qwen-Image rescales v_u + g (v_c - v_u) per token to |v_c|: its pipeline's combination,
         # checked against QwenImagePipeline in test_rollout)
-        torch.testing.assert_close(v, policy._combine_cfg(v_u, v_c, g), rtol=0, atol=1e-5)
+        torch.testing.assert_close(v, policy._guided(v_u, v_c, g), rtol=0, atol=1e-5)
         assert _rel(v, v_c) > 0.01  # guidance really changes the velocity
 
 
