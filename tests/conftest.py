@@ -230,3 +230,22 @@ def tiny_family(request, tmp_path_factory) -> TinyFamily:
                           latent=(128, 4, 4))
     return TinyFamily(name, folder, teachers, "WanPipeline", "text_encoder", guidance=1.0, dead_lora_matrices=0,
                       latent=(16, 2, 8, 8), text_width_key="text_dim", num_frames=5)
+
+
+# Contract tests that build several policies (or copies of the backbone) per family: for the newer
+# families they run in `make test-slow` only, to keep `make test` within its time budget (the cheaper
+# contract tests, parity, saving and training run for every family in `make test`).
+_SLOW_FOR_NEWER_FAMILIES = {
+    "test_half_precision_backbone_keeps_an_fp32_student", "test_teacher_from_a_repo_layout_subfolder_and_weight_name",
+    "test_full_transformer_teacher", "test_mismatched_teacher_adapter_names_teacher_and_module",
+    "test_merged_teachers_match_adapter_teachers_and_print_their_memory",
+    "test_teacher_forward_leaves_student_grad_bit_identical"}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        spec = getattr(item, "callspec", None)
+        if spec is not None and spec.params.get("tiny_family") in FAMILY_NAMES[2:] \
+                and item.originalname in _SLOW_FOR_NEWER_FAMILIES:
+            item.add_marker(pytest.mark.slow)
