@@ -119,6 +119,7 @@ def build_policy_from_config(config, accelerator: Accelerator):
         embedded_guidance=config.model.embedded_guidance,
         student_init=student_init,
         merge_teachers=config.perf.merge_teachers,
+        num_frames=config.sample.num_frames or None,
     )
     if compile_enabled(config, accelerator.device):
         n = policy.compile_blocks(backend=config.perf.compile_backend, dynamic=config.perf.compile_dynamic)
