@@ -106,18 +106,23 @@ def test_guard_ratio_centred_where_plain_ratio_drifts(runs):
     assert abs(mean_guard - 1) < 0.25 * abs(mean_plain - 1)
 
 
-def test_a_teacher_trained_here_distils_with_opd(runs, tmp_path):
-    """The NFT run's final checkpoint's EMA weights (what the references evaluate and save) are an
-    OPD teacher as is (no conversion)."""
-    config, _ = runs["nft"]
-    teacher = os.path.join(config.output_dir, "checkpoints", f"round-{config.train.num_rounds}", "ema")
-    opd = load_config(f"{ROOT}/config/opd.py:tiny_mopd", [
-        f"output_dir={tmp_path}/opd", *QUIET, "train.num_rounds=6", "eval.every=6", "sample.resolution=32",
-        "sample.num_steps=4", "train.num_train_steps=3", "eval.num_steps=4", "save_every=6"])
+def _distil_from_nft(nft_config, opd_name: str, out) -> list[float]:
+    """6 OPD rounds of ``config/opd.py:<opd_name>`` (32 px, 4 steps) on one task whose teacher is
+    the NFT run's final EMA checkpoint; returns the held-out distances (first, last)."""
+    teacher = os.path.join(nft_config.output_dir, "checkpoints", f"round-{nft_config.train.num_rounds}", "ema")
+    opd = load_config(f"{ROOT}/config/opd.py:{opd_name}", [
+        f"output_dir={out}", *QUIET, "train.num_rounds=6", "eval.every=6", "sample.resolution=32",
+        "sample.num_steps=4", "train.num_train_steps=3", "eval.num_steps=4", "save_every=6", "eval.sample_images=0"])
     opd.teachers = {"bright_teacher": {**opd.teachers.teacher_a, "path": teacher, "guidance_scale": 1.0}}
     opd.tasks = {"bright": {**opd.tasks.objects, "teacher": "bright_teacher"}}
     train(opd)
-    dist = [r["eval/distance/bright"] for r in read_metrics(opd.output_dir) if "eval/distance/bright" in r]
+    return [r["eval/distance/bright"] for r in read_metrics(opd.output_dir) if "eval/distance/bright" in r]
+
+
+def test_a_teacher_trained_here_distils_with_opd(runs, tmp_path):
+    """The NFT run's final checkpoint's EMA weights (what the references evaluate and save) are an
+    OPD teacher as is (no conversion)."""
+    dist = _distil_from_nft(runs["nft"][0], "tiny_mopd", tmp_path / "opd")
     print(f"OPD from the NFT teacher: held-out distance {dist[0]:.4g} -> {dist[-1]:.4g}")
     assert dist[-1] < 0.5 * dist[0]
 
@@ -229,13 +234,6 @@ def test_a_video_teacher_trained_with_nft_on_a_per_frame_reward_distils_a_video_
     evals = [r["eval/reward/bright"] for r in rows if "eval/reward/bright" in r]
     print(f"video NFT: held-out per-frame brightness {evals[0]:.5f} -> {evals[-1]:.5f}")
     assert len(evals) == 2 and evals[-1] > evals[0] + 0.002, evals
-    teacher = os.path.join(config.output_dir, "checkpoints", f"round-{config.train.num_rounds}", "ema")
-    opd = load_config(f"{ROOT}/config/opd.py:tiny_wan_t2v_mopd", [
-        f"output_dir={tmp_path}/opd", *QUIET, "train.num_rounds=6", "eval.every=6", "sample.resolution=32",
-        "sample.num_steps=4", "train.num_train_steps=3", "eval.num_steps=4", "save_every=6", "eval.sample_images=0"])
-    opd.teachers = {"bright_teacher": {**opd.teachers.teacher_a, "path": teacher, "guidance_scale": 1.0}}
-    opd.tasks = {"bright": {**opd.tasks.objects, "teacher": "bright_teacher"}}
-    train(opd)
-    dist = [r["eval/distance/bright"] for r in read_metrics(opd.output_dir) if "eval/distance/bright" in r]
+    dist = _distil_from_nft(config, "tiny_wan_t2v_mopd", tmp_path / "opd")
     print(f"OPD video student from the NFT video teacher: held-out distance {dist[0]:.4g} -> {dist[-1]:.4g}")
     assert dist[-1] < 0.5 * dist[0]
