@@ -23,6 +23,8 @@ from typing import Optional
 
 import torch
 
+from diffusion_opd.trainers.metrics import PhaseTimer
+
 __all__ = ["MODELS", "EXPECTED_ONLY", "VARIANTS", "Settings", "default_variants", "resolve_variants", "prepare_models",
            "run_variant", "expected_round_flops", "matmul_peak", "PhaseProfile", "dynamo_counters", "profile_summary"]
 
@@ -208,48 +210,27 @@ def expected_round_flops(model: str = "sd3.5-medium") -> dict:
 
 
 # ---------------------------------------------------------------------------- timing helpers
-class PhaseProfile:
-    """A drop-in for the trainer's ``PhaseTimer`` that reports EXCLUSIVE seconds per phase and,
-    while a ``FlopCounterMode`` is attached, exclusive FLOPs per phase.
-
-    The trainer nests phases in fused mode (``teacher`` and ``backward`` run inside
-    ``rollout``); subtracting the children keeps the phases additive. CUDA is synchronised at
-    every boundary, as ``PhaseTimer`` does, so GPU work lands in the phase that launched it.
-    """
+class PhaseProfile(PhaseTimer):
+    """The trainer's ``PhaseTimer`` (exclusive seconds per phase, CUDA synchronised at every
+    boundary when ``sync``) that also charges exclusive FLOPs per phase while a
+    ``FlopCounterMode`` is attached as ``counter``: the same stretch accounting, a second reading."""
 
     def __init__(self, device: torch.device, sync: bool = True):
-        self.sync = sync and device.type == "cuda"
-        self.seconds: dict[str, float] = {}
+        super().__init__(device, enabled=True, sync=sync)
         self.flops: dict[str, int] = {}
         self.counter = None  # a FlopCounterMode while counting
-        self._stack: list[list[float]] = []
 
-    def _flop_total(self) -> int:
-        return self.counter.get_total_flops() if self.counter is not None else 0
+    def _read(self):
+        return super()._read(), (self.counter.get_total_flops() if self.counter is not None else 0)
 
-    @contextmanager
-    def __call__(self, name: str):
-        if self.sync:
-            torch.cuda.synchronize()
-        start, flops0 = time.perf_counter(), self._flop_total()
-        self._stack.append([0.0, 0])  # seconds and FLOPs of nested phases
-        try:
-            yield
-        finally:
-            if self.sync:
-                torch.cuda.synchronize()
-            seconds, flops = time.perf_counter() - start, self._flop_total() - flops0
-            child_s, child_f = self._stack.pop()
-            self.seconds[name] = self.seconds.get(name, 0.0) + seconds - child_s
-            self.flops[name] = self.flops.get(name, 0) + flops - child_f
-            if self._stack:
-                self._stack[-1][0] += seconds
-                self._stack[-1][1] += flops
+    def _charge(self, name: str, start, end) -> None:
+        super()._charge(name, start[0], end[0])
+        self.flops[name] = self.flops.get(name, 0) + end[1] - start[1]
 
     def reset(self) -> dict[str, float]:
         """Seconds per phase since the last reset (the ``PhaseTimer`` contract); clears FLOPs too."""
-        out, self.seconds, self.flops = self.seconds, {}, {}
-        return out
+        self.flops = {}
+        return super().reset()
 
 
 def _sync(device: torch.device) -> None:

@@ -87,35 +87,36 @@ class PhaseTimer:
     its wall time only.
     """
 
-    def __init__(self, device: torch.device, enabled: bool = True):
+    def __init__(self, device: torch.device, enabled: bool = True, sync: bool = True):
         self.enabled = enabled
-        self.sync = enabled and device.type == "cuda"
+        self.sync = enabled and sync and device.type == "cuda"
         self.seconds: dict[str, float] = {}
-        self._stack: list[list] = []  # [name, start of its current uninterrupted stretch]
+        self._stack: list[list] = []  # [name, reading at the start of its current uninterrupted stretch]
 
-    def _now(self) -> float:
+    def _read(self):
+        """The reading a stretch starts and ends with (a subclass may read more than the clock)."""
         if self.sync:
             torch.cuda.synchronize()
         return time.perf_counter()
 
-    def _charge(self, name: str, seconds: float) -> None:
-        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+    def _charge(self, name: str, start, end) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + end - start
 
     @contextmanager
     def __call__(self, name: str):
         if not self.enabled:
             yield
             return
-        now = self._now()
+        now = self._read()
         if self._stack:  # pause the enclosing phase
-            self._charge(self._stack[-1][0], now - self._stack[-1][1])
+            self._charge(self._stack[-1][0], self._stack[-1][1], now)
         frame = [name, now]
         self._stack.append(frame)
         try:
             yield
         finally:
-            now = self._now()
-            self._charge(name, now - frame[1])
+            now = self._read()
+            self._charge(name, frame[1], now)
             self._stack.pop()
             if self._stack:  # resume the enclosing phase
                 self._stack[-1][1] = now

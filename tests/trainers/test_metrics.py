@@ -50,3 +50,31 @@ def test_phase_timer_synchronises_cuda_only_when_enabled(monkeypatch):
                 pass
         assert len(calls) == syncs
         assert set(timer.reset()) == ({"rollout", "teacher", "backward"} if enabled else set())
+
+
+def test_benchmark_phase_profile_is_the_phase_timer_with_exclusive_flops():
+    """scripts/benchmarking.py's PhaseProfile keeps PhaseTimer's exclusive seconds and also
+    charges FLOPs to the innermost phase: a 2 n^3 matmul inside `teacher` is not `rollout`'s."""
+    import os
+    import sys
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "scripts"))
+    from benchmarking import PhaseProfile
+
+    timer, a = PhaseProfile(torch.device("cpu")), torch.ones(8, 8)
+    assert isinstance(timer, PhaseTimer)
+    with FlopCounterMode(display=False) as counter:
+        a @ a  # the counter's first op pays its set-up (about a second): before any phase
+        timer.counter = counter
+        with timer("rollout"):
+            a @ a  # 2 * 8^3 = 1024 FLOPs
+            with timer("teacher"):
+                a @ a
+                a @ a
+                time.sleep(0.05)
+    assert timer.flops == {"rollout": 1024, "teacher": 2048}
+    seconds = timer.reset()
+    assert seconds["teacher"] >= 0.05 > seconds["rollout"]  # the sleep is the inner phase's only
+    assert timer.flops == {} and timer.reset() == {}
