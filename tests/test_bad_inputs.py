@@ -58,6 +58,15 @@ TABLE = [
      "--guidance_scale must be a finite number in [0, 100]"),
     ("eval unknown reward option", "eval", ["--output_dir", "{tmp}/eval", "--reward_option", "ocr.bogus_option=1"],
      "reward 'ocr' has no option 'bogus_option'"),
+    # video (Wan): refused before the tiny pipeline is built
+    ("video config with a reward that cannot score frames", "train",
+     ["--config", f"{NFT}:tiny_wan_t2v", "output_dir={tmp}/run", "tasks.bright.reward=toy_colour"],
+     "tasks.bright.reward: reward 'toy_colour' scores only images of its own kind and cannot score video frames"),
+    ("frame count the video VAE cannot encode", "train",
+     ["--config", f"{NFT}:tiny_wan_t2v", "output_dir={tmp}/run", "sample.num_frames=6"],
+     "sample.num_frames: 6 frames cannot be encoded by the video VAE"),
+    ("eval frame count the video VAE cannot encode", "eval", ["--output_dir", "{tmp}/eval", "--num_frames", "6"],
+     "--num_frames: 6 frames cannot be encoded by the video VAE"),
 ]
 if not torch.cuda.is_available():  # refused, not silently run on the CPU
     TABLE.append(("device=cuda without a GPU", "train", ["--config", f"{OPD}:tiny_mopd", "output_dir={tmp}/run",

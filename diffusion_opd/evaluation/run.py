@@ -242,6 +242,10 @@ def plan_from_args(args: argparse.Namespace) -> EvalPlan:
         raise ValueError(f"--noise_level must be a finite number, got {args.noise_level}")
     if args.max_samples is not None and args.max_samples < 1:
         raise ValueError(f"--max_samples must be >= 1, got {args.max_samples}")
+    if args.num_frames:  # a video model's frame count, before the VAE meets it
+        from ..models.specs import check_num_frames
+
+        check_num_frames(args.num_frames, key="--num_frames")
     if args.resolution % 16:
         raise ValueError(f"--resolution must be a multiple of 16 (VAE x8, patch 2), got {args.resolution}")
     if args.solver == "ode":

@@ -20,14 +20,15 @@ VIDEO_FAMILIES = ("wan",)  # rollout latents carry frames: (C, F', H, W)
 VIDEO_TEMPORAL_FACTOR = 4  # Wan's causal video VAE: the first frame, then 4 frames per latent frame
 
 
-def check_num_frames(num_frames, temporal: int = VIDEO_TEMPORAL_FACTOR) -> int:
+def check_num_frames(num_frames, temporal: int = VIDEO_TEMPORAL_FACTOR, key: str = "sample.num_frames") -> int:
     """``num_frames`` if a causal video VAE can encode it (1 + a multiple of ``temporal``), else a
-    one-line :class:`~diffusion_opd.errors.ConfigError` naming ``sample.num_frames``."""
+    one-line :class:`~diffusion_opd.errors.ConfigError` naming ``key`` (the config key, or the
+    evaluation CLI's ``--num_frames``)."""
     from ..errors import ConfigError
 
     if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1 or (num_frames - 1) % temporal:
         near = max(1, (num_frames - 1) // temporal * temporal + 1) if isinstance(num_frames, int) else 81
-        raise ConfigError(f"sample.num_frames: {num_frames!r} frames cannot be encoded by the video VAE (it keeps the "
+        raise ConfigError(f"{key}: {num_frames!r} frames cannot be encoded by the video VAE (it keeps the "
                           f"first frame and compresses the rest {temporal}x): use 1 + a multiple of {temporal}, "
                           f"e.g. {near}")
     return num_frames
