@@ -59,13 +59,18 @@ TABLE = [
     ("eval unknown reward option", "eval", ["--output_dir", "{tmp}/eval", "--reward_option", "ocr.bogus_option=1"],
      "reward 'ocr' has no option 'bogus_option'"),
     # video (Wan): refused before the tiny pipeline is built
-    ("video config with a reward that cannot score frames", "train",
-     ["--config", f"{NFT}:tiny_wan_t2v", "output_dir={tmp}/run", "tasks.bright.reward=toy_colour"],
-     "tasks.bright.reward: reward 'toy_colour' scores only images of its own kind and cannot score video frames"),
-    ("frame count the video VAE cannot encode", "train",
-     ["--config", f"{NFT}:tiny_wan_t2v", "output_dir={tmp}/run", "sample.num_frames=6"],
-     "sample.num_frames: 6 frames cannot be encoded by the video VAE"),
-    ("eval frame count the video VAE cannot encode", "eval", ["--output_dir", "{tmp}/eval", "--num_frames", "6"],
+    ("video: a reward that cannot score frames", "train", ["--config", f"{OPD}:tiny_wan_t2v_mopd", "output_dir={tmp}/run",
+                                                          "tasks.objects.reward=toy_colour"],
+     "tasks.objects.reward: reward 'toy_colour' scores only images of its own kind and cannot score video frames; use "
+     "an image reward that reads natural images (e.g. brightness, ocr, pickscore)"),
+    ("video: a frame count the VAE cannot encode", "train", ["--config", f"{NFT}:tiny_wan_t2v", "output_dir={tmp}/run",
+                                                            "sample.num_frames=6"],
+     "sample.num_frames: 6 frames cannot be encoded by the video VAE (it keeps the first frame and compresses the "
+     "rest 4x): use 1 + a multiple of 4, e.g. 5"),
+    ("video: an unknown frame key", "train", ["--config", f"{OPD}:tiny_wan_t2v_mopd", "output_dir={tmp}/run",
+                                             "sample.reward_frames=some"],
+     "sample.reward_frames: unknown frame key 'some'; valid: all, first, middle, last, count:<k>, stride:<k>"),
+    ("eval: a frame count the VAE cannot encode", "eval", ["--output_dir", "{tmp}/eval", "--num_frames", "6"],
      "--num_frames: 6 frames cannot be encoded by the video VAE"),
 ]
 if not torch.cuda.is_available():  # refused, not silently run on the CPU
