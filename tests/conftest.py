@@ -9,7 +9,8 @@ reuse them:
   LoRAs for it, one per on-disk format (:func:`~diffusion_opd.models.tiny.write_random_teacher_lora`).
 - ``tiny_flux_dir`` / ``tiny_flux_teacher_dirs``: the same for a tiny random FluxPipeline.
 - ``tiny_family``: parametrised over the model families ("sd3", "flux", "qwen_image", "flux2",
-  "wan"): a :class:`TinyFamily`
+  "wan", and "wan22": Wan 2.2 A14B's two experts, for the contracts listed in
+  :data:`WAN22_CONTRACTS`): a :class:`TinyFamily`
   with the folder, its teachers and how the family's own pipeline calls its transformer, so
   one test states a contract for every family.
 """
@@ -86,6 +87,12 @@ def tiny_wan_dir(tmp_path_factory) -> str:
     return _tiny_family_dir("tiny-wan", tmp_path_factory)
 
 
+@pytest.fixture(scope="session")
+def tiny_wan22_dir(tmp_path_factory) -> str:
+    """A random tiny Wan 2.2 A14B pipeline folder (two experts switched at boundary_ratio 0.875)."""
+    return _tiny_family_dir("tiny-wan22", tmp_path_factory)
+
+
 @dataclass
 class TinyFamily:
     """One model family's tiny pipeline and the facts a shared test needs about it."""
@@ -100,20 +107,58 @@ class TinyFamily:
     latent: tuple = (16, 8, 8)  # latent_shape(64)
     text_width_key: str = "joint_attention_dim"  # transformer config key of the text width (full-teacher check)
     num_frames: int = 0  # video families: frames of the policy (build_policy's num_frames)
+    guidance_scale_2: float = 0.0  # Wan 2.2 A14B: the low-noise expert's CFG scale (0: the same)
 
     def build(self, **kwargs):
         """``build_policy`` of this family's folder (video families at ``num_frames``)."""
         from diffusion_opd.models import build_policy
 
-        return build_policy(self.dir, **({"num_frames": self.num_frames} if self.num_frames else {}), **kwargs)
+        extra = {"num_frames": self.num_frames} if self.num_frames else {}
+        if self.guidance_scale_2:
+            extra["guidance_scale_2"] = self.guidance_scale_2
+        return build_policy(self.dir, **extra, **kwargs)
+
+    @property
+    def family(self) -> str:
+        """The policy family (models/specs.py): Wan 2.1 and Wan 2.2 A14B are both "wan"."""
+        return "wan" if self.name == "wan22" else self.name
+
+    @property
+    def experts(self) -> tuple:
+        """The pipeline's denoiser components (Wan 2.2 A14B: the high- and the low-noise expert)."""
+        return ("transformer", "transformer_2") if self.name == "wan22" else ("transformer",)
+
+    def denoisers(self, module) -> dict:
+        """The pipeline's denoiser components for the policy's ``transformer`` (Wan 2.2: its two experts)."""
+        return {name: getattr(module, name) for name in self.experts} if self.name == "wan22" else dict(transformer=module)
+
+    def lora_files(self) -> list:
+        """What ``save_student`` writes (Wan 2.2: the low-noise expert's adapter in a subfolder)."""
+        return ["pytorch_lora_weights.safetensors"] + (["transformer_2"] if self.name == "wan22" else [])
+
+    def load_lora(self, pipe, folder: str, **kwargs) -> None:
+        """The pipeline's own loader on a saved student (Wan 2.2: once more into ``transformer_2``)."""
+        pipe.load_lora_weights(folder, **kwargs)
+        if self.name == "wan22":
+            pipe.load_lora_weights(os.path.join(folder, "transformer_2"), load_into_transformer_2=True, **kwargs)
+
+    def lora_state(self, pipe, adapter_name: str) -> dict:
+        """The pipeline's LoRA weights of ``adapter_name``, named as the policy's student state."""
+        from peft.utils import get_peft_model_state_dict
+
+        if self.name != "wan22":
+            return get_peft_model_state_dict(pipe.transformer, adapter_name=adapter_name)
+        return {f"{expert}.{k}": v for expert in self.experts
+                for k, v in get_peft_model_state_dict(getattr(pipe, expert), adapter_name=adapter_name).items()}
 
     def pipeline_kwargs(self, guidance: float) -> dict:
         """Keyword arguments of the family's pipeline call at ``guidance`` (CFG families: CFG with
         the empty negative prompt; guidance-distilled ones: the embedded guidance)."""
         if self.name == "qwen_image":
             return dict(true_cfg_scale=guidance, negative_prompt="")
-        if self.name == "wan":
-            return dict(guidance_scale=guidance, num_frames=self.num_frames)
+        if self.family == "wan":
+            return dict(guidance_scale=guidance, num_frames=self.num_frames,
+                        **({"guidance_scale_2": self.guidance_scale_2} if self.guidance_scale_2 else {}))
         return dict(guidance_scale=guidance)
 
     def to_pipeline_latents(self, x):
@@ -176,7 +221,12 @@ class TinyFamily:
             return transformer(hidden_states=x, timestep=torch.full((b,), 1000.0 * sigma),
                                encoder_hidden_states=cond["prompt_embeds"],
                                pooled_projections=cond["pooled_prompt_embeds"], return_dict=False)[0]
-        if self.name == "wan":
+        if self.name == "wan22":  # the expert WanPipeline runs at this timestep
+            from diffusion_opd.models.tiny import WAN22_BOUNDARY_RATIO
+
+            expert = "transformer" if sigma >= WAN22_BOUNDARY_RATIO else "transformer_2"
+            transformer = getattr(transformer, expert, transformer)
+        if self.family == "wan":
             return transformer(hidden_states=x, timestep=torch.full((b,), 1000.0 * sigma),
                                encoder_hidden_states=cond["prompt_embeds"], return_dict=False)[0]
         from diffusers import Flux2Pipeline, FluxPipeline, QwenImagePipeline
@@ -204,7 +254,7 @@ class TinyFamily:
         return FluxPipeline._unpack_latents(out, h * 8, w * 8, 8)
 
 
-FAMILY_NAMES = ["sd3", "flux", "qwen_image", "flux2", "wan"]
+FAMILY_NAMES = ["sd3", "flux", "qwen_image", "flux2", "wan", "wan22"]
 
 
 @pytest.fixture(scope="session", params=FAMILY_NAMES)
@@ -228,8 +278,18 @@ def tiny_family(request, tmp_path_factory) -> TinyFamily:
     if name == "flux2":
         return TinyFamily(name, folder, teachers, "Flux2Pipeline", "text_encoder", guidance=2.5, dead_lora_matrices=0,
                           latent=(128, 4, 4))
+    # Wan 2.2 A14B at its card's guidance pair: 4.0 (high noise) / 3.0 (low noise, guidance_scale_2)
     return TinyFamily(name, folder, teachers, "WanPipeline", "text_encoder", guidance=1.0, dead_lora_matrices=0,
-                      latent=(16, 2, 8, 8), text_width_key="text_dim", num_frames=5)
+                      latent=(16, 2, 8, 8), text_width_key="text_dim", num_frames=5,
+                      guidance_scale_2=3.0 if name == "wan22" else 0.0)
+
+
+# The contracts Wan 2.2 A14B's two experts are held to in `make test` (schedule + rollout parity
+# with WanPipeline, velocity = the expert the pipeline runs, save -> load_lora_weights, state
+# round trip, mixed-teacher batches); every other family contract runs for it in `make test-slow`.
+WAN22_CONTRACTS = {"test_ode_rollout_reproduces_the_diffusers_pipeline",
+                   "test_velocity_is_the_transformer_called_as_the_pipeline_calls_it",
+                   "test_saved_student_loads_in_a_fresh_pipeline_with_identical_images"}
 
 
 # Contract tests that build several policies (or copies of the backbone) per family: for the newer
@@ -246,6 +306,7 @@ _SLOW_FOR_NEWER_FAMILIES = {
 def pytest_collection_modifyitems(config, items):
     for item in items:
         spec = getattr(item, "callspec", None)
-        if spec is not None and spec.params.get("tiny_family") in FAMILY_NAMES[2:] \
-                and item.originalname in _SLOW_FOR_NEWER_FAMILIES:
+        family = spec.params.get("tiny_family") if spec is not None else None
+        if family in FAMILY_NAMES[2:] and item.originalname in _SLOW_FOR_NEWER_FAMILIES \
+                or family == "wan22" and item.originalname not in WAN22_CONTRACTS:
             item.add_marker(pytest.mark.slow)

@@ -97,7 +97,7 @@ def _family_policy(tiny_family, **kwargs):
 # prompt; FLUX.2: 4 steps, embedded guidance 2.5; Wan: 4 steps, CFG 4.5, 5 frames.
 @pytest.mark.parametrize("true_cfg", [False, True])
 def test_ode_rollout_reproduces_the_diffusers_pipeline(tiny_family, true_cfg):
-    cfg_only = tiny_family.name in ("sd3", "qwen_image", "wan")
+    cfg_only = tiny_family.family in ("sd3", "qwen_image", "wan")
     if true_cfg != cfg_only and tiny_family.name != "flux":
         pytest.skip("one guidance kind per family; FLUX.1 is checked with both")
     policy = _family_policy(tiny_family, **({"guidance": "true_cfg"} if tiny_family.name == "flux" and true_cfg else {}))
@@ -106,7 +106,7 @@ def test_ode_rollout_reproduces_the_diffusers_pipeline(tiny_family, true_cfg):
     embeds = policy.encode_prompts(PROMPTS)
     traj = _run(policy, embeds, SEEDS, 0.0, num_steps=steps, guidance_scale=g)
     assert torch.equal(traj.sigmas, policy.sigmas(steps, 64).float())
-    pipe = tiny_family.pipeline_class.from_pretrained(tiny_family.dir, transformer=policy.transformer)
+    pipe = tiny_family.pipeline_class.from_pretrained(tiny_family.dir, **tiny_family.denoisers(policy.transformer))
     pipe.set_progress_bar_config(disable=True)
     kw = tiny_family.pipeline_kwargs(g)
     if tiny_family.name == "flux" and true_cfg:

@@ -46,6 +46,9 @@ def get_config():
     # with the empty prompt (FLUX: the embedding then gets embedded_guidance); embedded = demand it.
     c.model.guidance = "auto"
     c.model.embedded_guidance = 1.0
+    # Wan 2.2 A14B: the low-noise expert's CFG scale (WanPipeline's guidance_scale_2, the card's 3.0
+    # beside guidance 4.0); 0 = each call's own scale in both experts (the pipeline's default).
+    c.model.guidance_scale_2 = 0.0
 
     # The student LoRA (DiffusionNFT / released recipe defaults).
     c.lora = ml_collections.ConfigDict()

@@ -76,6 +76,8 @@ class DiffusersPolicy(Policy):
     # the text conditioning tensors _encode_texts returns, in order (a family without a pooled
     # embedding names others, e.g. Qwen-Image's token mask)
     embed_keys: tuple[str, ...] = ("prompt_embeds", "pooled_prompt_embeds")
+    # pipeline components the text-encoding pipeline is loaded without (the denoisers, the VAE)
+    text_pipeline_skips: tuple[str, ...] = ("transformer", "vae")
 
     def __init__(self, model_dir: str, *, dtype: torch.dtype, device: torch.device, lora: dict,
                  teachers: Sequence[TeacherSpec] = (), gradient_checkpointing: bool = False,
@@ -94,8 +96,7 @@ class DiffusersPolicy(Policy):
         self.vae_scale_factor = 2 ** (len(vae["block_out_channels"]) - 1 if "block_out_channels" in vae
                                       else len(vae["temperal_downsample"]))
 
-        transformer = _diffusers_class(self.transformer_class).from_pretrained(
-            model_dir, subfolder="transformer", torch_dtype=dtype)
+        transformer = self._load_denoiser()
         transformer.requires_grad_(False)
         transformer.to(self.device)
         add_student_adapter(transformer, lora, STUDENT, student_init)
@@ -137,6 +138,11 @@ class DiffusersPolicy(Policy):
         self._uncond: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
     # ---------------------------------------------------------------- what a family defines
+    def _load_denoiser(self) -> torch.nn.Module:
+        """The module every adapter goes on: the folder's ``transformer`` (Wan 2.2 A14B: both experts)."""
+        return _diffusers_class(self.transformer_class).from_pretrained(self.model_dir, subfolder="transformer",
+                                                                         torch_dtype=self.dtype)
+
     def _encode_texts(self, pipe, texts: list[str]) -> tuple[torch.Tensor, ...]:
         """One batch-first tensor per :attr:`embed_keys` (SD3 / FLUX: prompt_embeds (B, L, D),
         pooled_prompt_embeds (B, P)) from the family's pipeline."""
@@ -146,6 +152,11 @@ class DiffusersPolicy(Policy):
         """Classifier-free guidance from the uncond / cond velocities: ``base.guided``,
         ``v_u + g (v_c - v_u)`` in float32; Qwen-Image adds its pipeline's rescale."""
         return guided(v_u, v_c, scale)
+
+    def _cfg_scale(self, guidance_scale: float, sigma: torch.Tensor):
+        """The CFG scale of rows at per-sample ``sigma`` (B,) for a call at ``guidance_scale``:
+        the same for every row; Wan 2.2 A14B's low-noise expert may take its own."""
+        return guidance_scale
 
     def _uses_cfg(self, guidance_scale: float) -> bool:
         """Whether ``guidance_scale`` means classifier-free guidance (an uncond branch)."""
@@ -253,7 +264,7 @@ class DiffusersPolicy(Policy):
     def _text_pipeline(self):
         if self._text_pipe is None:
             self._text_pipe = _diffusers_class(self.pipeline_class).from_pretrained(
-                self.model_dir, transformer=None, vae=None, torch_dtype=self.dtype)
+                self.model_dir, **dict.fromkeys(self.text_pipeline_skips), torch_dtype=self.dtype)
             self._text_pipe.set_progress_bar_config(disable=True)
         return self._text_pipe
 
@@ -320,8 +331,7 @@ class DiffusersPolicy(Policy):
         (:meth:`_uses_cfg`) the uncond and cond rows run in ONE batched forward and the result is
         ``v_u + g (v_c - v_u)``.
         """
-        t = self.per_sample_sigma(latents, sigma, embeds, adapter)
-        b = latents.shape[0]
+        t = sigma_rows = self.per_sample_sigma(latents, sigma, embeds, adapter)
         x = latents.to(self.device, self.dtype)
         cfg = self._uses_cfg(guidance_scale)
         cond = {k: v.to(self.dtype) for k, v in (embeds.cfg_rows() if cfg else embeds.cond).items()}
@@ -334,7 +344,7 @@ class DiffusersPolicy(Policy):
             out = self._forward(module, x, t, cond, guidance_scale)
         if cfg:
             v_u, v_c = out.chunk(2)
-            out = self._guided(v_u.detach() if detach_uncond else v_u, v_c, guidance_scale)
+            out = self._guided(v_u.detach() if detach_uncond else v_u, v_c, self._cfg_scale(guidance_scale, sigma_rows))
         return out.to(latents.dtype)
 
     def velocity_mixed(self, latents: torch.Tensor, sigma, embeds: PromptEmbeds, adapters: Sequence[str],
@@ -383,7 +393,8 @@ class DiffusersPolicy(Policy):
                 n, c = r[3] - r[2], offsets[(r, False)]
                 if self._uses_cfg(r[1]):
                     u = offsets[(r, True)]
-                    pieces.append(self._guided(out[u:u + n], out[c:c + n], r[1]).to(latents.dtype))
+                    scale = self._cfg_scale(r[1], t[r[2]:r[3]])
+                    pieces.append(self._guided(out[u:u + n], out[c:c + n], scale).to(latents.dtype))
                 else:
                     pieces.append(out[c:c + n].to(latents.dtype))
         return torch.cat(pieces) if len(pieces) > 1 else pieces[0]

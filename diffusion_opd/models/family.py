@@ -77,6 +77,7 @@ def build_policy(
     student_init: Optional[dict | LoraAdapter] = None,
     merge_teachers: bool = False,
     num_frames: Optional[int] = None,
+    guidance_scale_2: Optional[float] = None,
 ):
     """Build the policy of the pipeline at ``model_path`` (Hub id or local folder) of any family
     in ``specs.FAMILIES``.
@@ -105,7 +106,9 @@ def build_policy(
     when they are built).
 
     ``num_frames``: frames per video of a video family (Wan: 1 + a multiple of 4; default 81, the
-    pipeline's); refused for an image family.
+    pipeline's); refused for an image family. ``guidance_scale_2``: Wan 2.2 A14B's low-noise expert's
+    CFG scale (WanPipeline's ``guidance_scale_2``; None = the call's scale, its default); refused
+    for a model with one transformer.
     """
     torch_dtype = parse_dtype(dtype)
     parse_lora(lora)  # option errors first; the family's default targets are filled in below
@@ -122,8 +125,13 @@ def build_policy(
     model_dir = resolve_pipeline_dir(model_path, revision)
     family = pipeline_family(model_dir)
     video = {}
+    if guidance_scale_2 is not None and family != "wan":
+        raise ConfigError(f"model.guidance_scale_2: {guidance_scale_2} but {model_dir} is a {family} model; it is the "
+                          "low-noise expert's CFG scale of Wan 2.2 A14B: leave it 0 (unset)")
     if family in VIDEO_FAMILIES:
         video = {} if num_frames is None else {"num_frames": num_frames}
+        if guidance_scale_2 is not None:
+            video["guidance_scale_2"] = float(guidance_scale_2)
     elif num_frames not in (None, 0, 1):
         raise ConfigError(f"sample.num_frames: {num_frames} frames but {model_dir} is an image model ({family}); "
                           "set it to 0 or use a video pipeline (Wan)")

@@ -8,6 +8,13 @@ Two on-disk formats are read (both what the published checkpoints use):
   ``transformer.<module>.lora_A.weight``; the LoraConfig is in the safetensors metadata when
   diffusers >= 0.34 wrote it, otherwise ranks come from the shapes and alpha = rank (the
   convention every diffusers loader applies).
+
+A two-expert model (Wan 2.2 A14B: a high-noise and a low-noise transformer) has one adapter per
+expert: the first expert's in the folder itself, the second's in its subfolder ``transformer_2``
+(same format; diffusers loads it with ``load_lora_weights(folder + "/transformer_2",
+load_into_transformer_2=True)``). Read together they are ONE adapter on a module holding both
+experts as ``transformer`` and ``transformer_2`` (models/wan.py): module names
+``transformer.<module>`` / ``transformer_2.<module>``.
 """
 from __future__ import annotations
 
@@ -24,7 +31,7 @@ from ..errors import UserError
 from ..files import DamagedFileError, check_against_manifest
 from .hub import ModelNotFoundError
 
-__all__ = ["AdapterMismatchError", "LoraAdapter", "read_lora_adapter", "check_adapter_fits", "add_lora_adapter",
+__all__ = ["SECOND_EXPERT", "join_expert_adapters", "AdapterMismatchError", "LoraAdapter", "read_lora_adapter", "check_adapter_fits", "add_lora_adapter",
            "lora_conflicts", "add_student_adapter", "save_peft_adapter", "AdapterSwitch",
            "merge_adapter_into_layers"]
 
@@ -32,6 +39,8 @@ PEFT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 DIFFUSERS_FILES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
 _PREFIXES = ("base_model.model.", "transformer.")  # PEFT, diffusers
 _METADATA_KEY = "lora_adapter_metadata"  # where diffusers stores the LoraConfig
+SECOND_EXPERT = "transformer_2"  # a two-expert pipeline's second denoiser; its adapter's subfolder
+FIRST_EXPERT = "transformer"
 
 
 class AdapterMismatchError(UserError, ValueError):
@@ -75,10 +84,51 @@ def _find_weights(folder: str, weight_name: Optional[str]) -> str:
 
 
 def read_lora_adapter(folder: str, weight_name: Optional[str] = None) -> LoraAdapter:
-    """Read a PEFT- or diffusers-format LoRA for the transformer from ``folder``.
+    """Read a PEFT- or diffusers-format LoRA for the transformer from ``folder``; a two-expert
+    adapter (LoRA weights in ``folder/transformer_2`` too) as one adapter on both experts.
 
     Text-encoder LoRA keys (diffusers format) are ignored: only the transformer is adapted.
     """
+    second = os.path.join(folder, SECOND_EXPERT)
+    if any(os.path.isfile(os.path.join(second, n)) for n in ((weight_name,) if weight_name else PEFT_FILES + DIFFUSERS_FILES)):
+        return join_expert_adapters({FIRST_EXPERT: _read_one_adapter(folder, weight_name),
+                                     SECOND_EXPERT: _read_one_adapter(second, weight_name)})
+    return _read_one_adapter(folder, weight_name)
+
+
+def join_expert_adapters(parts: dict[str, LoraAdapter]) -> LoraAdapter:
+    """One adapter from one per expert (``{"transformer": a, "transformer_2": b}``): module names
+    prefixed with the expert, each module's own rank and alpha kept (rank / alpha patterns on the
+    full names wherever they differ from the most common)."""
+    from peft import LoraConfig
+    from peft.utils.other import get_pattern_key
+
+    rslora = {bool(a.config.use_rslora) for a in parts.values()}
+    if len(rslora) > 1:
+        raise AdapterMismatchError(f"{' and '.join(a.source for a in parts.values())}: one expert's LoRA uses rsLoRA "
+                                   "scaling and the other's does not; give both experts the same kind of adapter")
+    state, ranks, alphas = {}, {}, {}
+    for expert, adapter in parts.items():
+        state.update({f"{expert}.{k}": v for k, v in adapter.state_dict.items()})
+        pattern = adapter.config.alpha_pattern or {}
+        for module in adapter.modules:
+            ranks[f"{expert}.{module}"] = adapter.state_dict[f"{module}.lora_B.weight"].shape[1]
+            key = get_pattern_key(list(pattern), module) if pattern else module
+            alphas[f"{expert}.{module}"] = pattern.get(key, adapter.config.lora_alpha)
+
+    def common(values):
+        values = list(values)
+        return max(set(values), key=values.count)
+
+    r, alpha = common(ranks.values()), common(alphas.values())
+    config = LoraConfig(r=r, lora_alpha=alpha, use_rslora=rslora.pop(),
+                        rank_pattern={m: v for m, v in ranks.items() if v != r},
+                        alpha_pattern={m: v for m, v in alphas.items() if v != alpha})
+    config.target_modules = sorted(ranks)
+    return LoraAdapter(state, config, " + ".join(a.source for a in parts.values()))
+
+
+def _read_one_adapter(folder: str, weight_name: Optional[str]) -> LoraAdapter:
     from peft import LoraConfig
 
     path = _find_weights(folder, weight_name)

@@ -1,10 +1,11 @@
-"""Random models of the real architectures (SD3, FLUX.1, Qwen-Image, FLUX.2, Wan 2.1), built
+"""Random models of the real architectures (SD3, FLUX.1, Qwen-Image, FLUX.2, Wan 2.1 / 2.2), built
 offline in code (tests, CPU smoke runs, GPU benchmarks). Nothing here downloads anything.
 
 * :func:`build_tiny_sd3` / :func:`build_tiny_flux` write a complete ``StableDiffusion3Pipeline`` /
   ``FluxPipeline`` folder (every component of the real pipeline, a few hundred kB of random
   weights) in about a second; :func:`build_tiny_qwen_image`, :func:`build_tiny_flux2` and
-  :func:`build_tiny_wan` the same for the newer families (a few seconds each).
+  :func:`build_tiny_wan` the same for the newer families (a few seconds each);
+  :func:`build_tiny_wan22` Wan 2.2 A14B's two-expert layout.
 * :func:`write_random_teacher_lora` writes a random LoRA adapter for such a folder, in PEFT or
   diffusers format, strong enough that its velocities clearly differ from the base model's.
 * :func:`sd35_medium_transformer_config` / :func:`build_random_transformer`: the SD3.5-Medium
@@ -19,6 +20,8 @@ from typing import Optional
 
 import torch
 
+from .lora import SECOND_EXPERT
+
 __all__ = [
     "TINY_TRANSFORMER_CONFIG",
     "TINY_SD35_TRANSFORMER_CONFIG",
@@ -30,6 +33,7 @@ __all__ = [
     "build_tiny_qwen_image",
     "build_tiny_flux2",
     "build_tiny_wan",
+    "build_tiny_wan22",
     "write_random_teacher_lora",
     "TINY_BUILDERS",
     "sd35_medium_transformer_config",
@@ -332,13 +336,26 @@ def write_random_teacher_lora(
     metadata (alpha = rank, as loaders assume). A and B are N(0, scale^2 / fan_in), so the update
     ``B A x`` is of the order of ``scale^2 * |x|``; on the tiny model the default scale 1.5 moves
     the velocity by about 30% of its norm (scale 1: ~12%, 0.5: ~3%).
+
+    A two-expert pipeline (Wan 2.2 A14B: ``transformer_2`` in its ``model_index.json``) gets one
+    adapter per expert: the low-noise expert's in ``out_dir/transformer_2`` in the same format
+    (drawn from ``seed + 1000`` / ``shared_seed + 1000``; the layout models/lora.py reads).
     """
+    if fmt not in ("peft", "diffusers"):
+        raise ValueError(f"fmt must be 'peft' or 'diffusers', got {fmt!r}")
+    from .wan import two_experts
+
+    if two_experts(pipeline_dir):
+        _write_random_lora(pipeline_dir, os.path.join(out_dir, SECOND_EXPERT), seed + 1000, fmt, rank, scale,
+                           target_modules, None if shared_seed is None else shared_seed + 1000, specific_scale)
+    return _write_random_lora(pipeline_dir, out_dir, seed, fmt, rank, scale, target_modules, shared_seed, specific_scale)
+
+
+def _write_random_lora(pipeline_dir, out_dir, seed, fmt, rank, scale, target_modules, shared_seed, specific_scale):
     import diffusers
     from peft import LoraConfig
     from safetensors.torch import save_file
 
-    if fmt not in ("peft", "diffusers"):
-        raise ValueError(f"fmt must be 'peft' or 'diffusers', got {fmt!r}")
     config = getattr(diffusers, _transformer_class(pipeline_dir)).load_config(pipeline_dir, subfolder="transformer")
     if target_modules is None:
         target_modules = _TEACHER_TARGETS.get(config["_class_name"], ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"))
@@ -548,6 +565,28 @@ def build_tiny_wan(directory: str, seed: int = 0) -> str:
     mask), the 3-D DiT, and the causal video VAE (8x spatial, 4x temporal compression, per-channel
     latent mean / std). 64 px, 5 frames: 16 x 2 x 8 x 8 latents.
     """
+    return _save(_tiny_wan_pipeline(seed, WAN_SCHEDULER_CONFIG), directory)
+
+
+# Wan 2.2 T2V A14B's inference settings (the Wan team's t2v_A14B config): the high-noise expert
+# runs timesteps >= 0.875 x 1000, flow shift 12 (so at 4 steps, 1000 / 973 / 923 go to the
+# high-noise expert and 800 to the low-noise one: both experts run in every tiny rollout).
+WAN22_BOUNDARY_RATIO = 0.875
+WAN22_SCHEDULER_CONFIG = dict(shift=12.0)
+
+
+def build_tiny_wan22(directory: str, seed: int = 0) -> str:
+    """Write a random tiny two-expert ``WanPipeline`` (Wan 2.2 T2V A14B's layout) to ``directory``.
+
+    The Wan 2.1 parts of :func:`build_tiny_wan` plus ``transformer_2`` (the low-noise expert, a
+    second DiT of the same shape with its own random weights) and ``boundary_ratio`` in
+    ``model_index.json``: ``transformer`` denoises timesteps >= boundary x 1000, ``transformer_2``
+    the rest, as WanPipeline switches them.
+    """
+    return _save(_tiny_wan_pipeline(seed, WAN22_SCHEDULER_CONFIG, two_experts=True), directory)
+
+
+def _tiny_wan_pipeline(seed: int, scheduler: dict, two_experts: bool = False):
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -555,20 +594,25 @@ def build_tiny_wan(directory: str, seed: int = 0) -> str:
     tokenizer = _t5_tokenizer()
     t5 = _t5_config(tokenizer, TINY_WAN_TRANSFORMER_CONFIG["text_dim"]).to_dict()
     mean, std = _latent_stats(seed)
-    pipe = WanPipeline(
+    experts = {}
+    if two_experts:
+        experts = dict(transformer_2=WanTransformer3DModel(**TINY_WAN_TRANSFORMER_CONFIG),
+                       boundary_ratio=WAN22_BOUNDARY_RATIO)
+    return WanPipeline(
         transformer=WanTransformer3DModel(**TINY_WAN_TRANSFORMER_CONFIG),
         vae=AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                              temperal_downsample=[False, True, True], latents_mean=mean, latents_std=std),
         text_encoder=UMT5EncoderModel(UMT5Config(**{k: v for k, v in t5.items() if k in UMT5Config().to_dict()})),
         tokenizer=tokenizer,
-        scheduler=FlowMatchEulerDiscreteScheduler(**WAN_SCHEDULER_CONFIG),
+        scheduler=FlowMatchEulerDiscreteScheduler(**scheduler),
+        **experts,
     )
-    return _save(pipe, directory)
 
 
 TINY_BUILDERS.update({"tiny-qwen-image": build_tiny_qwen_image, "tiny-flux2": build_tiny_flux2,
-                      "tiny-wan": build_tiny_wan})
+                      "tiny-wan": build_tiny_wan, "tiny-wan22": build_tiny_wan22})
 TINY_TRANSFORMER_CONFIGS.update({
     "tiny-qwen-image": {"_class_name": "QwenImageTransformer2DModel", **TINY_QWEN_IMAGE_TRANSFORMER_CONFIG},
     "tiny-flux2": {"_class_name": "Flux2Transformer2DModel", **TINY_FLUX2_TRANSFORMER_CONFIG},
-    "tiny-wan": {"_class_name": "WanTransformer3DModel", **TINY_WAN_TRANSFORMER_CONFIG}})
+    "tiny-wan": {"_class_name": "WanTransformer3DModel", **TINY_WAN_TRANSFORMER_CONFIG},
+    "tiny-wan22": {"_class_name": "WanTransformer3DModel", **TINY_WAN_TRANSFORMER_CONFIG}})

@@ -120,6 +120,7 @@ def build_policy_from_config(config, accelerator: Accelerator):
         student_init=student_init,
         merge_teachers=config.perf.merge_teachers,
         num_frames=config.sample.num_frames or None,
+        guidance_scale_2=config.model.guidance_scale_2 or None,
     )
     if compile_enabled(config, accelerator.device):
         n = policy.compile_blocks(backend=config.perf.compile_backend, dynamic=config.perf.compile_dynamic)

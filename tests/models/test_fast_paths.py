@@ -117,7 +117,7 @@ def test_mixed_adapter_batch_equals_one_forward_per_teacher(tiny_family):
     embeds = random_embeds(pol, n=5, seed=3)
     x = torch.randn(5, *pol.latent_shape(64), generator=torch.Generator().manual_seed(4))
     adapters = ["gen", "ocr", "gen", BASE, "ocr"]
-    cfg_family = tiny_family.name in ("sd3", "qwen_image", "wan")  # guidance is CFG: rows with and without
+    cfg_family = tiny_family.family in ("sd3", "qwen_image", "wan")  # guidance is CFG: rows with and without
     scales = [1.0, 4.5, 1.0, 4.5, 4.5] if cfg_family else [tiny_family.guidance] * 5
     sigma = torch.tensor([0.9, 0.9, 0.5, 0.5, 0.2])
     forwards = []
@@ -163,7 +163,7 @@ def test_merged_teachers_match_adapter_teachers_and_print_their_memory(tiny_fami
         forwards.clear()
         torch.testing.assert_close(merged.velocity_mixed(x, 0.7, embeds, *rows),
                                    adapters.velocity_mixed(x, 0.7, embeds, *rows), rtol=1e-4, atol=1e-5)
-        assert len(forwards) == (1 if tiny_family.name in ("sd3", "qwen_image", "wan") else 2)  # guidance embedded (FLUX, FLUX.2): one forward per scale
+        assert len(forwards) == (1 if tiny_family.family in ("sd3", "qwen_image", "wan") else 2)  # guidance embedded (FLUX, FLUX.2): one forward per scale
 
 
 def test_compiled_blocks_do_not_recompile_on_adapter_switches(tiny_sd3_dir, tiny_teacher_dirs, teacher_policy):
