@@ -185,6 +185,18 @@ def tiny_wan_t2v_mopd():
     return c
 
 
+def tiny_wan22_t2v_mopd():
+    """tiny_wan_t2v_mopd on a tiny random Wan 2.2 A14B (two experts: the high-noise one at model
+    timesteps >= 875, the low-noise one below, shift 12: both run in every rollout). The student LoRA
+    spans both experts, each teacher is one adapter per expert; the low-noise expert's CFG scale is
+    model.guidance_scale_2 (3/4 of the high-noise scale, as the card's 3.0 / 4.0). Same acceptance bar."""
+    c = _tiny_family(tiny_mopd(), "tiny-wan22", "wan")
+    c.run_name, c.output_dir = "tiny_wan22_t2v_mopd", "outputs/tiny_wan22_t2v_mopd"
+    c.sample.num_frames = 5
+    c.model.guidance_scale_2 = 1.5
+    return c
+
+
 def _flux_dev(c):
     """FLUX.1-dev as the backbone (guidance-distilled: the guidance scales feed its embedding)."""
     c.model.path = FLUX_DEV
@@ -289,7 +301,7 @@ def sd35_large_mopd():
 
 
 CONFIGS = {f.__name__: f for f in (mopd, mopd_sde, sopd_geneval, sopd_ocr, sopd_pickscore, tiny_mopd, tiny_flux_mopd,
-                                   tiny_qwen_image_mopd, tiny_flux2_mopd, tiny_wan_t2v_mopd, flux_mopd,
+                                   tiny_qwen_image_mopd, tiny_flux2_mopd, tiny_wan_t2v_mopd, tiny_wan22_t2v_mopd, flux_mopd,
                                    sd35_large_mopd, qwen_image_mopd, flux2_mopd, wan_t2v_mopd)}
 
 

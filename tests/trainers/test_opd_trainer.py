@@ -1,7 +1,7 @@
 """The OPD trainer on the tiny model of every family (CPU): it learns, one step per round,
 invariances, NaN guard. Tests taking ``family_config`` run once per model family (tiny_mopd,
-tiny_flux_mopd, tiny_qwen_image_mopd, tiny_flux2_mopd, tiny_wan_t2v_mopd; the video model's
-distillation is slow: 40 rounds of minutes of CPU)."""
+tiny_flux_mopd, tiny_qwen_image_mopd, tiny_flux2_mopd, tiny_wan_t2v_mopd; the video models'
+distillation, Wan 2.1 and Wan 2.2 A14B's two experts, is slow: 40 rounds of minutes of CPU)."""
 import os
 
 import pytest
@@ -27,7 +27,8 @@ def tiny(tmp_path, *overrides, name="tiny_mopd"):
 # CPU, 40 rounds: held-out distance -30% / -28% (Qwen-Image), -42% / -27% (FLUX.2) with every step
 # trained); the per-step contract, fused == two_pass and resume hold for them as for the others.
 @pytest.mark.parametrize("family_config", ["tiny_mopd", "tiny_flux_mopd",
-                                           pytest.param("tiny_wan_t2v_mopd", marks=pytest.mark.slow)])
+                                           pytest.param("tiny_wan_t2v_mopd", marks=pytest.mark.slow),
+                                           pytest.param("tiny_wan22_t2v_mopd", marks=pytest.mark.slow)])
 def test_tiny_mopd_distils_each_task_with_one_step_per_round(tmp_path, family_config):
     config = tiny(tmp_path, name=family_config)
     run = train(config)
