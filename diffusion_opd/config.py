@@ -335,7 +335,7 @@ def validate_config(config, *, world_size: int = 1) -> None:
         "train.stop_after_round": t.stop_after_round, "sample.noise_level": s.noise_level,
         "sample.guidance_scale": s.guidance_scale, "eval.every": config.eval.every,
         "eval.sample_images": config.eval.sample_images,
-        "expect_world_size": config.expect_world_size,
+        "expect_world_size": config.expect_world_size, "distributed.gpu_memory_gb": config.distributed.gpu_memory_gb,
     }
     for key, value in non_negative.items():
         if not value >= 0:

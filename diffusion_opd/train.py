@@ -12,7 +12,9 @@ teacher trained here is a checkpoint folder (``<output_dir>/checkpoints/round-N`
 config's ``teachers.<name>.path`` at it. Overrides may be written ``key=value``, ``--key=value``
 or ``--config.key=value`` / ``--config.key value``; unknown keys are rejected. A cascade takes
 ``output_dir=`` (default ``outputs/<cascade name>``) and applies the other overrides to every stage.
-``--validate_only`` runs every check a real run makes before loading weights, then exits.
+``--validate_only`` runs every check a real run makes before loading weights, prints the per-GPU
+memory of a round of a counted real model under ddp and fsdp (diffusion_opd/budget.py) and refuses
+in one line a GPU it cannot fit (``distributed.gpu_memory_gb``, else CUDA's), then exits.
 """
 import argparse
 import os
@@ -47,15 +49,19 @@ def _main(argv):
         return 0
     config = load_config(args.config, overrides)
     if args.validate_only:
+        from .budget import budget_line, gpu_memory_bytes
         from .recipes import recipe_spec
         from .trainers.preflight import preflight
         from .trainers.sharding import ACCELERATE_CONFIGS
 
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         preflight(config, world_size)
+        budget = budget_line(config, world_size, gpu_memory_bytes(config))  # a GPU too small: one-line ConfigError
         print(config)
         print(recipe_spec(config.recipe).derived_geometry(config, world_size))
         print(f"accelerate_config: {ACCELERATE_CONFIGS[config.distributed.strategy]}")  # read by launch.sh
+        if budget:
+            print(budget)
         return 0
     from .trainers.recipes import train
 

@@ -31,7 +31,7 @@ from diffusion_opd.errors import run_cli  # noqa: E402
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=list(MODELS), default="tiny")
+    p.add_argument("--model", choices=[*MODELS, *EXPECTED_ONLY], default="tiny")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--output", help="JSON file to write (required unless --expected-flops)")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds per variant")
@@ -52,15 +52,15 @@ def parse_args(argv=None):
     p.add_argument("--expected-flops", action="store_true",
                    help="only print the round's FLOPs predicted from the architecture (meta device, no GPU)")
     p.add_argument("--expected-memory", action="store_true",
-                   help="only print the per-GPU memory of a round with gradient checkpointing, counted from the "
-                        "architecture (scripts/round_budget.py; sd3.5-medium or flux.1-dev)")
+                   help="only print the per-GPU memory of a round at the model's recipe geometry under ddp and fsdp "
+                        "over 2 / 4 / 8 GPUs, counted from the architecture (diffusion_opd/budget.py)")
     p.add_argument("--in-process", action="store_true",
                    help="run the variants in this process (faster start; peak RSS then accumulates)")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one variant, write --worker-output
     p.add_argument("--worker-output", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.expected_memory and args.model == "tiny":
-        p.error("--expected-memory: use --model sd3.5-medium or flux.1-dev (the tiny model needs no budget)")
+        p.error("--expected-memory: use a real model, e.g. --model sd3.5-medium (the tiny model needs no budget)")
     if args.expected_flops or args.expected_memory:
         return args
     if args.model in EXPECTED_ONLY:
@@ -163,9 +163,11 @@ def main(argv=None) -> int:
     if args.expected_flops:
         print(json.dumps(expected_round_flops(args.model), indent=1))
     if args.expected_memory:
-        from round_budget import round_memory
+        from diffusion_opd.budget import recipe_geometry, round_memory
 
-        print(json.dumps(round_memory(args.model, resolution=MODELS[args.model].resolution), indent=1))
+        geometry = recipe_geometry(args.model)
+        print(json.dumps({f"{strategy} x{n}": round_memory(args.model, geometry, strategy, n)
+                          for strategy, n in (("ddp", 1), ("fsdp", 2), ("fsdp", 4), ("fsdp", 8))}, indent=1))
     if args.expected_flops or args.expected_memory:
         return 0
     paths = prepare_models(args.model, args.workdir, args.device)

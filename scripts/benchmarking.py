@@ -46,14 +46,10 @@ MODELS = {
     "tiny": ModelSpec(resolution=64, text_tokens=77 + 16, student_rank=8, teacher_rank=8),
     # The SD3.5-Medium transformer (random weights), 512 px, 77 + 256 text tokens, LoRA r 32.
     "sd3.5-medium": ModelSpec(resolution=512, text_tokens=77 + 256, student_rank=32, teacher_rank=32),
-    # FLUX.1-dev (flux_mopd): 512 px, 512 T5 tokens, LoRA r 32; --expected-flops only (no timed round).
-    "flux.1-dev": ModelSpec(resolution=512, text_tokens=512, student_rank=32, teacher_rank=32),
-    # The newer families at their recipes' geometry (config/opd.py): --expected-flops / --expected-memory only.
-    "qwen-image": ModelSpec(resolution=1328, text_tokens=512, student_rank=32, teacher_rank=32),
-    "flux.2-dev": ModelSpec(resolution=1024, text_tokens=512, student_rank=32, teacher_rank=32),
-    "wan2.1-t2v-1.3b": ModelSpec(resolution=480, text_tokens=512, student_rank=32, teacher_rank=32),
 }
-EXPECTED_ONLY = ("flux.1-dev", "qwen-image", "flux.2-dev", "wan2.1-t2v-1.3b")  # rounds only predicted (models/architectures.py)
+# Rounds only predicted, at their recipe's geometry (diffusion_opd.budget.RECIPES: resolution,
+# frames, images, guidance, text length from config/opd.py): --expected-flops / --expected-memory.
+EXPECTED_ONLY = ("sd3.5-large", "flux.1-dev", "flux.2-dev", "qwen-image", "wan2.1-t2v-1.3b", "wan2.1-t2v-14b")
 
 
 @dataclass(frozen=True)
@@ -154,25 +150,22 @@ def prepare_models(model: str, workdir: str, device: str) -> dict:
 
 # ---------------------------------------------------------------------------- expected FLOPs
 def expected_round_flops(model: str = "sd3.5-medium") -> dict:
-    """FLOPs of one mopd round predicted from per-forward counts of the real architecture on the
-    ``meta`` device (no memory, no GPU; seconds on a CPU).
+    """FLOPs of one mopd round predicted from per-forward counts of the architecture on the
+    ``meta`` device (no memory, no GPU; seconds on a CPU), composed the way the trainer runs the
+    round (diffusion_opd.budget.round_flops; the tiny benchmark's exact phase FLOPs check it,
+    tests/test_benchmark.py).
 
-    Counts a student-LoRA forward at 6 rows (3 images x CFG), at 3 rows (the CFG-1.0 teacher)
-    and the backward of a 6-row forward, then composes the round the way the trainer runs it
-    (the tiny benchmark's exact phase FLOPs check this composition, tests/test_benchmark.py):
-    fused = 3 tasks x 10 rollout forwards (6 rows) + 9 steps x (3 + 6 + 6 teacher rows)
-    + 27 backwards; two_pass adds 27 replayed student forwards.
+    tiny and sd3.5-medium: the benchmarked round's geometry (3 tasks x 3 images, CFG 4.5, teacher
+    CFG 1.0 / 4.5 / 4.5, 10 steps of which 9 trained, the text length of ``MODELS``); the other
+    models at their recipe's geometry (diffusion_opd.budget.RECIPES).
     """
     from peft import LoraConfig
     from torch.utils.flop_counter import FlopCounterMode
 
+    from diffusion_opd.budget import Geometry, expected_flops, round_flops
+
     if model in EXPECTED_ONLY:
-        from round_budget import expected_flops_cfg, expected_flops_embedded_guidance
-
-        from diffusion_opd.models.architectures import ARCHITECTURES
-
-        count = expected_flops_cfg if ARCHITECTURES[model].cfg else expected_flops_embedded_guidance
-        return count(model, MODELS[model])
+        return expected_flops(model)
     from diffusion_opd.models.specs import DEFAULT_LORA
     from diffusion_opd.models.tiny import TINY_TRANSFORMER_CONFIG, build_random_transformer, sd35_medium_transformer_config
 
@@ -199,14 +192,8 @@ def expected_round_flops(model: str = "sd3.5-medium") -> dict:
                 out.float().square().mean().backward()
         return forward, counter.get_total_flops() - forward
 
-    fwd6, _ = count(6, False)
-    fwd3, _ = count(3, False)
-    _, bwd6 = count(6, True)
-    phases = {"rollout": 30 * fwd6, "teacher": 9 * (fwd3 + 2 * fwd6), "backward": 27 * bwd6, "optimizer": 0}
-    fused = sum(phases.values())
-    return {"model": model, "forward_6_rows": fwd6, "forward_3_rows": fwd3, "backward_6_rows": bwd6,
-            "fused_phases": phases, "fused": fused, "two_pass": fused + 27 * fwd6,
-            "two_pass_over_fused": (fused + 27 * fwd6) / fused}
+    geometry = Geometry(resolution=spec.resolution, text_tokens=spec.text_tokens, rank=spec.student_rank)
+    return round_flops(count, geometry, model)
 
 
 # ---------------------------------------------------------------------------- timing helpers

@@ -149,6 +149,9 @@ def get_config():
     c.distributed = ml_collections.ConfigDict()
     c.distributed.strategy = "ddp"  # ddp: every process holds the whole model | fsdp: FSDP2, 1/N of every weight each
     c.distributed.reshard_after_forward = True  # fsdp: free a block's gathered weights after its forward (memory)
+    # The memory of the GPU a run will use, for --validate_only's budget (diffusion_opd/budget.py): 0 = read it
+    # from CUDA (unknown on a machine without one); > 0 = this many GB (planning a run from another machine)
+    c.distributed.gpu_memory_gb = 0.0
 
     c.logging = ml_collections.ConfigDict()
     # Experiment trackers through accelerate (comma-separated): wandb, tensorboard, mlflow, comet_ml,

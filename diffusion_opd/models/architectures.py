@@ -1,5 +1,5 @@
 """The real-size architectures (public configs, no weights) built on the ``meta`` device: what
-the benchmark's expected FLOPs and the round-memory budget (``diffusion_opd/memory.py``) count.
+the benchmark's expected FLOPs and the round budget (``diffusion_opd/budget.py``) count.
 
 Nothing here allocates memory or downloads anything: a meta tensor has a shape and a dtype only.
 """
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -15,8 +15,8 @@ from .specs import DEFAULT_LORA_TARGETS
 from .tiny import sd35_medium_transformer_config
 
 __all__ = ["Architecture", "ARCHITECTURES", "flux1_dev_transformer_config", "sd35_large_transformer_config",
-           "wan21_t2v_13b_transformer_config",
-           "meta_student", "meta_inputs"]
+           "wan21_t2v_13b_transformer_config", "wan21_t2v_14b_transformer_config",
+           "meta_student", "meta_inputs", "architecture_of"]
 
 
 def flux1_dev_transformer_config() -> dict:
@@ -99,6 +99,11 @@ def wan21_t2v_13b_transformer_config() -> dict:
                 qk_norm="rms_norm_across_heads", eps=1e-6)
 
 
+def wan21_t2v_14b_transformer_config() -> dict:
+    """The transformer config of Wan-AI/Wan2.1-T2V-14B-Diffusers (dim 5120: 40 heads of 128, 40 layers)."""
+    return {**wan21_t2v_13b_transformer_config(), "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40}
+
+
 @dataclass(frozen=True)
 class Architecture:
     """One real model: its transformer and the parts around it, and how a round calls it."""
@@ -128,6 +133,8 @@ ARCHITECTURES = {
                                lambda: [_mistral_small_31()], _vae_of("AutoencoderKLFlux2")),
     "wan2.1-t2v-1.3b": Architecture("wan", "WanTransformer3DModel", wan21_t2v_13b_transformer_config, 512, True,
                                     lambda: [_umt5_xxl()], _vae_of("AutoencoderKLWan"), frames=81),
+    "wan2.1-t2v-14b": Architecture("wan", "WanTransformer3DModel", wan21_t2v_14b_transformer_config, 512, True,
+                                   lambda: [_umt5_xxl()], _vae_of("AutoencoderKLWan"), frames=81),
 }
 
 
@@ -141,7 +148,8 @@ def meta_student(name: str, rank: int, dtype=torch.bfloat16) -> torch.nn.Module:
 
     arch = ARCHITECTURES[name]
     with torch.device("meta"):
-        model = getattr(diffusers, arch.transformer_class)(**arch.transformer_config()).to(dtype)
+        # nn.Module.to: diffusers' own .to() warns about fp32-kept modules, of which none matter on meta
+        model = torch.nn.Module.to(getattr(diffusers, arch.transformer_class)(**arch.transformer_config()), dtype)
         model.requires_grad_(False)
         model.add_adapter(LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(DEFAULT_LORA_TARGETS[arch.family])),
                           adapter_name="student")
@@ -162,10 +170,36 @@ def _class_defaults(class_name: str) -> dict:
     return {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
 
 
-def meta_inputs(name: str, rows: int, resolution: int, dtype=torch.bfloat16) -> dict:
+def _full_config(arch: Architecture) -> dict:
+    """The architecture's transformer config with its class defaults filled in (JSON-normalised)."""
+    import json
+
+    return json.loads(json.dumps({**_class_defaults(arch.transformer_class), **arch.transformer_config()}))
+
+
+def architecture_of(transformer_config: dict) -> Optional[str]:
+    """The name in ARCHITECTURES whose transformer a folder's ``transformer/config.json`` describes
+    (same diffusers class, every constructor argument equal), else None: the budget counts only
+    architectures it knows, whatever path or Hub id they were loaded from."""
+    import json
+
+    given = json.loads(json.dumps({k: v for k, v in transformer_config.items() if not k.startswith("_")}))
+    for name, arch in ARCHITECTURES.items():
+        if transformer_config.get("_class_name") != arch.transformer_class:
+            continue
+        full = _full_config(arch)
+        if all(given.get(k, v) == v for k, v in full.items()):
+            return name
+    return None
+
+
+def meta_inputs(name: str, rows: int, resolution: int, dtype=torch.bfloat16, frames: int = 0,
+                text_tokens: int = 0) -> dict:
     """Keyword arguments of one transformer forward over ``rows`` images of ``resolution`` px,
-    shaped as the policy builds them (FLUX: packed 2x2 tokens, position ids, guidance)."""
+    shaped as the policy builds them (FLUX: packed 2x2 tokens, position ids, guidance). A video
+    has ``frames`` frames (0: the architecture's); ``text_tokens`` 0: the architecture's length."""
     arch = ARCHITECTURES[name]
+    frames, n_text = frames or arch.frames, text_tokens or arch.text_tokens
     cfg = arch.transformer_config()
     side = resolution // 8
 
@@ -173,24 +207,24 @@ def meta_inputs(name: str, rows: int, resolution: int, dtype=torch.bfloat16) -> 
         return torch.zeros(*shape, device="meta", dtype=dtype)
 
     if arch.family == "wan":  # video: (rows, 16, F', h, w), UMT5 states
-        return dict(hidden_states=z(rows, cfg.get("in_channels", 16), (arch.frames - 1) // 4 + 1, side, side),
-                    timestep=z(rows), encoder_hidden_states=z(rows, arch.text_tokens, cfg["text_dim"]), return_dict=False)
+        return dict(hidden_states=z(rows, cfg.get("in_channels", 16), (frames - 1) // 4 + 1, side, side),
+                    timestep=z(rows), encoder_hidden_states=z(rows, n_text, cfg["text_dim"]), return_dict=False)
     defaults = _class_defaults(arch.transformer_class) if arch.family in ("qwen_image", "flux2") else {}
     cfg = {**defaults, **cfg}
-    text = z(rows, arch.text_tokens, cfg["joint_attention_dim"])
+    text = z(rows, n_text, cfg["joint_attention_dim"])
     tokens = (side // 2) ** 2
     if arch.family == "qwen_image":  # packed 2x2 tokens; no mask (every text token real)
         return dict(hidden_states=z(rows, tokens, cfg["in_channels"]), timestep=z(rows), encoder_hidden_states=text,
                     img_shapes=[[(1, side // 2, side // 2)]] * rows, return_dict=False)
     if arch.family == "flux2":  # the patchified latent, one token per position; 4-axis ids
         return dict(hidden_states=z(rows, tokens, cfg["in_channels"]), timestep=z(rows), guidance=z(rows).float(),
-                    encoder_hidden_states=text, txt_ids=z(rows, arch.text_tokens, 4), img_ids=z(rows, tokens, 4),
+                    encoder_hidden_states=text, txt_ids=z(rows, n_text, 4), img_ids=z(rows, tokens, 4),
                     return_dict=False)
     if arch.family == "flux":
         tokens = (side // 2) ** 2
         return dict(hidden_states=z(rows, tokens, cfg["in_channels"]), timestep=z(rows), guidance=z(rows).float(),
                     pooled_projections=z(rows, cfg["pooled_projection_dim"]), encoder_hidden_states=text,
-                    txt_ids=z(arch.text_tokens, 3), img_ids=z(tokens, 3), return_dict=False)
+                    txt_ids=z(n_text, 3), img_ids=z(tokens, 3), return_dict=False)
     return dict(hidden_states=z(rows, cfg["in_channels"], side, side), timestep=z(rows),
                 encoder_hidden_states=text, pooled_projections=z(rows, cfg["pooled_projection_dim"]),
                 return_dict=False)

@@ -16,7 +16,7 @@ ACCELERATE_CONFIG=scripts/accelerate_configs/multi_gpu.yaml
 if [[ " $* " != *" --cascade "* ]]; then
   CHECKED=$(WORLD_SIZE="$NUM_GPUS" "$PYTHON" scripts/train.py expect_world_size="$NUM_GPUS" "$@" --validate_only)
   ACCELERATE_CONFIG=$(printf '%s\n' "$CHECKED" | sed -n 's/^accelerate_config: //p')
-  printf '%s\n' "$CHECKED" | grep '^\[fsdp\]' || true  # the per-GPU memory of an fsdp round
+  printf '%s\n' "$CHECKED" | grep '^\[budget\]' || true  # the per-GPU memory of a round (ddp and fsdp)
 elif [[ " $* " == *" distributed.strategy=fsdp "* ]]; then
   ACCELERATE_CONFIG=scripts/accelerate_configs/fsdp2.yaml
 fi
