@@ -102,9 +102,11 @@ def tiny_multitask():
 
 def tiny_wan_t2v():
     """CI: NFT on a tiny random Wan 2.1 text-to-video model (5 frames of 32 px: 16 x 2 x 4 x 4
-    latents), reward = brightness scored on every frame and averaged per video; a video teacher
-    that then serves an OPD video student (tests/trainers/test_stage1.py)."""
+    latents) on the built-in motion prompts (``video_motion``), reward = brightness scored on every
+    frame and averaged per video; a video teacher that then serves an OPD video student
+    (tests/trainers/test_stage1.py)."""
     c = _tiny("tiny_nft_wan_t2v")
+    c.tasks = {"bright": base.reward_task("video_motion", reward="brightness")}
     c.model.path = "builtin:tiny-wan"
     c.model.max_sequence_length = 32
     c.lora.target_modules = base.DEFAULT_LORA_TARGETS["wan"]

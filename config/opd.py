@@ -274,8 +274,12 @@ def wan_t2v_mopd():
     """The multi-teacher recipe on Wan 2.1 text-to-video. Geometry from the model card's example:
     81 frames at 480p, CFG 5.0, flow shift 3.0 (the folder's scheduler); the rollout samples square
     frames, so 480 x 480 (the card's 480 x 832 is not square); 10 rollout steps (the card samples
-    50). Image rewards score the videos frame by frame (``sample.reward_frames``). Teachers: yours."""
+    50). Image rewards score the videos frame by frame (``sample.reward_frames``). The aesthetic
+    task samples the built-in motion prompts (``video_motion``: PickScore reads any prompt, and
+    still-image captions ask a video model for no motion); GenEval and OCR keep their prompt sets,
+    which their rewards read (GenEval's metadata, the text OCR looks for). Teachers: yours."""
     c = _large_model("wan_t2v_mopd", WAN21_T2V, "wan", resolution=480, guidance=5.0)
+    c.tasks.aesthetic.prompts = c.tasks.aesthetic.eval_prompts = "video_motion"
     c.sample.num_frames = 81
     c.sample.reward_frames = "count:8"
     return c

@@ -250,3 +250,5 @@ def test_newer_family_recipes(data_root, name, path, family, resolution, frames,
     assert tuple(c.lora.target_modules) == DEFAULT_LORA_TARGETS[family] and c.model.dtype == "bf16"
     assert c.model.gradient_checkpointing and len(c.tasks) == 3 and {t.teacher for t in c.tasks.values()} == set(c.teachers)
     assert c.model.guidance == ("embedded" if family == "flux2" else "auto")
+    # the video recipe's aesthetic task samples the built-in motion prompts (no download)
+    assert (c.tasks.aesthetic.prompts == "video_motion") == (family == "wan")

@@ -8,7 +8,9 @@ Two file formats, as the public Flow-GRPO / DiffusionNFT prompt sets use them:
   the metadata (GenEval rows carry ``tag``, ``include``, ``exclude`` that the reward needs).
 
 Built-in datasets live under ``<root>/<name>/`` (default root ``dataset``), laid out as in the
-Flow-GRPO repository; ``python scripts/download_data.py --dataset NAME`` fetches them.
+Flow-GRPO repository; ``python scripts/download_data.py --dataset NAME`` fetches them. The
+built-in video set ``video_motion`` (:mod:`diffusion_opd.data.video_prompts`) ships with the
+package: no download. Video prompt files use the same two formats.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Iterator, Mapping, Sequence, Union
 
 from ..errors import ConfigError, UserError
+from .video_prompts import VIDEO_PROMPT_SETS
 
 PathLike = Union[str, Path]
 
@@ -122,14 +125,22 @@ def load_prompt_file(path: PathLike) -> PromptDataset:
 
 
 def dataset_names() -> list[str]:
-    """The built-in dataset names."""
-    return sorted(DATASET_FILES)
+    """The built-in dataset names: the downloaded image sets and the packaged video sets."""
+    return sorted([*DATASET_FILES, *VIDEO_PROMPT_SETS])
+
+
+def packaged_prompts(name: str, split: str) -> PromptDataset:
+    """A prompt set shipped inside the package (``video_motion``): ``split`` "train" or "test"."""
+    splits = VIDEO_PROMPT_SETS[name]
+    if split not in splits:
+        raise ValueError(f"dataset '{name}' has no split '{split}'; valid splits: {', '.join(sorted(splits))}")
+    return PromptDataset.from_prompts(splits[split], source=f"{name} ({split}, built in)")
 
 
 def dataset_path(name: str, split: str, root: PathLike = "dataset") -> Path:
     """Where the built-in dataset ``name``'s ``split`` file lives under ``root``."""
     if name not in DATASET_FILES:
-        raise ValueError(f"unknown dataset '{name}'; valid datasets: {', '.join(dataset_names())}")
+        raise ValueError(f"unknown dataset '{name}'; valid datasets: {', '.join(sorted(DATASET_FILES))}")
     splits = DATASET_FILES[name]
     if split not in splits:
         raise ValueError(f"dataset '{name}' has no split '{split}'; valid splits: {', '.join(sorted(splits))}")
@@ -150,14 +161,17 @@ def _missing_message(name: str, split: str, path: Path, root: PathLike) -> str:
 
 
 def load_task_prompts(name_or_path: PathLike, split: str = "train", root: PathLike = "dataset") -> PromptDataset:
-    """The prompts of a built-in dataset (``geneval``, ``ocr``, ``pickscore``, ``drawbench``),
-    a prompt file, or a folder holding ``<split>_metadata.jsonl`` / ``<split>.txt``.
+    """The prompts of a built-in dataset (``geneval``, ``ocr``, ``pickscore``, ``drawbench``; the
+    packaged video set ``video_motion``), a prompt file, or a folder holding
+    ``<split>_metadata.jsonl`` / ``<split>.txt``.
 
     Raises :class:`PromptFileNotFoundError` (a ``FileNotFoundError``) naming the path looked at
     and the download command when a built-in dataset's file is missing, and ``ValueError``
     listing the valid names for an unknown name.
     """
     text = str(name_or_path)
+    if text in VIDEO_PROMPT_SETS:
+        return packaged_prompts(text, split)
     if text in DATASET_FILES:
         path = dataset_path(text, split, root)
         if not path.is_file():

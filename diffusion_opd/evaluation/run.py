@@ -28,7 +28,8 @@ Outputs in ``--output_dir``: ``results.jsonl`` (one row per image: ``index``, ``
 text, ``image`` path or null, ``nonfinite``: the sample diverged, its scores are null and it
 counts as a failure, ``summary.json``'s ``nonfinite_samples``), ``summary.json`` /
 ``summary.md`` (``evaluation/summary.py``: for GenEval the official per-tag overall and the
-labelled per-image mean), ``grid.png`` (the first images) and ``images/`` with ``--save_images``.
+labelled per-image mean), ``grid.png`` (the first 16 samples, each captioned with its prompt, row index
+and seed) and ``images/`` with ``--save_images``.
 """
 from __future__ import annotations
 
@@ -44,17 +45,19 @@ from typing import Any, Optional, Sequence
 
 
 from ..data.prompts import DATASET_FILES, PromptDataset, load_task_prompts
+from ..data.video_prompts import VIDEO_PROMPT_SETS
 from ..dtypes import DTYPE_NAMES
 from ..errors import UserError, run_cli
 from ..files import check_writable_folder, json_line
 from ..trainers.checkpoint import LORA_FILES, LORA_WEIGHTS, model_of_checkpoint, resolve_checkpoint
 from ..trainers.run_dir import LOCK_NAME, RunLock, move_aside
+from ..trainers.visuals import captioned_grid
 from ..video import frame_strip, is_video, write_mp4
 from .summary import summarize, write_summary
 
 __all__ = [
     "DATASET_REWARDS", "DEFAULT_MODEL", "EvalPlan", "build_parser", "default_rewards", "evaluate", "main",
-    "make_grid", "parse_reward_options", "plan_from_args", "resolve_checkpoint", "shard_indices",
+    "parse_reward_options", "plan_from_args", "resolve_checkpoint", "shard_indices",
 ]
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-3.5-medium"
@@ -82,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Evaluate a text-to-image model on a prompt set.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dataset", required=True,
-                   help=f"one of: {', '.join(sorted(DATASET_FILES))}, or a prompt file (.txt / .jsonl; needs --rewards)")
+                   help=f"one of: {', '.join(sorted(DATASET_FILES))}; the built-in video set "
+                        f"{', '.join(VIDEO_PROMPT_SETS)} or a prompt file (.txt / .jsonl): both need --rewards")
     p.add_argument("--split", default="test")
     p.add_argument("--data_root", default="dataset", help="folder of scripts/download_data.py")
     p.add_argument("--model.path", "--model", dest="model", default=None,
@@ -226,11 +230,14 @@ def _is_prompt_file(dataset: str) -> bool:
 
 def plan_from_args(args: argparse.Namespace) -> EvalPlan:
     """Validate every flag and load the prompt rows; no model is touched (errors come in ms)."""
-    if args.dataset not in DATASET_REWARDS and not _is_prompt_file(args.dataset):
-        raise ValueError(f"unknown dataset {args.dataset!r}; valid datasets: {', '.join(sorted(DATASET_REWARDS))}, "
-                         "or a prompt file")
-    if _is_prompt_file(args.dataset) and args.rewards is None:
-        raise ValueError(f"--dataset {args.dataset}: a prompt file has no default rewards; name them with --rewards")
+    video_set = args.dataset in VIDEO_PROMPT_SETS
+    if args.dataset not in DATASET_REWARDS and not video_set and not _is_prompt_file(args.dataset):
+        raise ValueError(f"unknown dataset {args.dataset!r}; valid datasets: "
+                         f"{', '.join(sorted([*DATASET_REWARDS, *VIDEO_PROMPT_SETS]))}, or a prompt file")
+    if (video_set or _is_prompt_file(args.dataset)) and args.rewards is None:
+        what = "the built-in video set" if video_set else "a prompt file"
+        raise ValueError(f"--dataset {args.dataset}: {what} has no default rewards; name them with --rewards "
+                         "(a video model: e.g. temporal_consistency,pickscore)")
     weight_dtype(args)
     for name in ("num_steps", "batch_size", "resolution", "max_sequence_length"):
         if getattr(args, name) < 1:
@@ -339,22 +346,6 @@ def _check_reward_inputs(rewards: dict[str, dict], rows: PromptDataset, device: 
 
 
 # ----------------------------------------------------------------------------- images
-def make_grid(images: Sequence, columns: Optional[int] = None):
-    """Images (PIL, same size) tiled row-major into one PIL image, ``ceil(sqrt(n))`` columns."""
-    from PIL import Image
-
-    if not images:
-        raise ValueError("make_grid: no images")
-    n = len(images)
-    columns = columns or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / columns)
-    w, h = images[0].size
-    grid = Image.new("RGB", (columns * w, rows * h), "white")
-    for i, image in enumerate(images):
-        grid.paste(image.convert("RGB").resize((w, h)), ((i % columns) * w, (i // columns) * h))
-    return grid
-
-
 def _png_bytes(image) -> bytes:
     import io
 
@@ -444,7 +435,8 @@ def evaluate(plan: EvalPlan) -> Optional[dict]:
                     record["video"] = f"images/{record['index']:05d}.mp4"
                     write_mp4(image, str(out_dir / record["video"]), fps=args.fps)
             if record["index"] < GRID_IMAGES:
-                grid_images.append((record["index"], _png_bytes(frame_strip(image) if video else image)))
+                grid_images.append((record["index"], (_png_bytes(frame_strip(image) if video else image),
+                                                      record["prompt"], record["seed"])))
         # rank 0 reports for everyone: the ranks advance at the same pace, one batch at a time
         bar.update(min(len(plan.rows), bar.n + len(records) * world) - bar.n)
 
@@ -507,7 +499,8 @@ def _claim_output_dir(plan: EvalPlan, accelerator):
     return lock
 
 
-def _write_outputs(plan: EvalPlan, records: list[dict], grid: list[tuple[int, bytes]], world: int) -> dict:
+def _write_outputs(plan: EvalPlan, records: list[dict], grid: list[tuple[int, tuple[bytes, str, int]]],
+                   world: int) -> dict:
     import io
 
     from PIL import Image
@@ -531,7 +524,8 @@ def _write_outputs(plan: EvalPlan, records: list[dict], grid: list[tuple[int, by
         "split": args.split, "rewards": list(plan.rewards), "num_processes": world,
     }
     write_summary(summary, out_dir)
-    make_grid([Image.open(io.BytesIO(png)) for _, png in grid]).save(out_dir / "grid.png")
+    captioned_grid([Image.open(io.BytesIO(png)) for _, (png, _, _) in grid], [prompt for _, (_, prompt, _) in grid],
+                   [f"#{index} · seed {seed}" for index, (_, _, seed) in grid]).save(out_dir / "grid.png")
     return summary
 
 

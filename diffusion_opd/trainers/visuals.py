@@ -7,7 +7,9 @@
   rounds differ only by the weights). Captioned with the task, round, sampler, each row's model
   and CFG scale and each column's prompt, in DejaVu Sans (the TrueType font matplotlib ships),
   sized to the cells: small samples are enlarged (nearest neighbour) to stay readable. Logged to
-  the trackers as images too.
+  the trackers as images too. A video model's cells are strips of frames, and beside the PNG
+  ``round-<N>.mp4`` plays the same captioned picture frame by frame (every video of the picture
+  at once); without PyAV (the ``video`` extra) one line says so, once, and only the PNG is written.
 * At the end of the run, ``<output_dir>/curves.png``: the training loss and the held-out
   distance / reward of every task over rounds, from ``metrics.jsonl`` (smoothed like
   TensorBoard's slider, ``logging.curve_smoothing``, the raw values faint behind; a log scale
@@ -19,6 +21,7 @@ import os
 from typing import Callable, Optional, Sequence
 
 from ..evaluation.core import eval_seed
+from ..video import is_video
 
 SAMPLES_DIR = "samples"
 CURVES_FILE = "curves.png"
@@ -74,23 +77,44 @@ def _wrap(text: str, face, width: int, max_lines: int) -> list[str]:
     return lines
 
 
+class _Cells:
+    """The cell geometry both pictures share: samples of ``w`` x ``h`` enlarged (nearest
+    neighbour) to at least :data:`MIN_CELL` or reduced to at most :data:`MAX_CELL` on their long
+    side, and a caption font sized to the cell width."""
+
+    def __init__(self, w: int, h: int):
+        from PIL import Image
+
+        self.scale = min(max(1.0, MIN_CELL / max(w, h)), MAX_CELL / max(w, h))
+        self.w, self.h = round(w * self.scale), round(h * self.scale)
+        self.size = max(14, self.w // 16)
+        self.face = font(self.size)
+        self.pad, self.line = self.size // 2, round(self.size * 1.25)
+        self.resample = Image.NEAREST if self.scale >= 1 else Image.LANCZOS
+
+    def fit(self, image):
+        return image.convert("RGB").resize((self.w, self.h), self.resample)
+
+
+def _as_images(samples: Sequence) -> list:
+    """Images as they are, videos (lists of frames) as strips of their frames."""
+    from ..video import frame_strip
+
+    return [frame_strip(x) if is_video(x) else x for x in samples]
+
+
 def comparison_picture(title: str, rows: Sequence[tuple[str, Sequence]], prompts: Sequence[str]):
     """One picture: a title line, then one row of images per ``(label, images)`` (the label, e.g.
     "teacher\nCFG 4.5", in a column on the left), then each column's prompt under the last row.
     A video (a list of frames) shows as a strip of its frames."""
     from PIL import Image, ImageDraw
 
-    from ..video import frame_strip, is_video
-
-    rows = [(label, [frame_strip(x) if is_video(x) else x for x in images]) for label, images in rows]  # videos: frame strips
+    rows = [(label, _as_images(images)) for label, images in rows]
     if not rows or any(len(images) != len(prompts) for _, images in rows) or not prompts:
         raise ValueError(f"comparison_picture: rows of {[len(i) for _, i in rows]} images for {len(prompts)} prompts")
-    w, h = rows[0][1][0].size
-    scale = min(max(1.0, MIN_CELL / max(w, h)), MAX_CELL / max(w, h))
-    cw, ch = round(w * scale), round(h * scale)
-    size = max(14, cw // 16)
-    face, bold = font(size), font(round(size * 1.2), bold=True)
-    pad, line = size // 2, round(size * 1.25)
+    cell = _Cells(*rows[0][1][0].size)
+    cw, ch, size, face, pad, line = cell.w, cell.h, cell.size, cell.face, cell.pad, cell.line
+    bold = font(round(size * 1.2), bold=True)
     label_w = max(max(face.getlength(part) for label, _ in rows for part in label.split("\n")) + 3 * pad, 4 * size)
     label_w = int(label_w)
     title_lines = _wrap(title, bold, label_w + len(prompts) * (cw + pad) - 2 * pad, 2)
@@ -103,18 +127,56 @@ def comparison_picture(title: str, rows: Sequence[tuple[str, Sequence]], prompts
     draw = ImageDraw.Draw(picture)
     for i, text in enumerate(title_lines):
         draw.text((pad, pad + i * round(size * 1.5)), text, fill="black", font=bold)
-    resample = Image.NEAREST if scale >= 1 else Image.LANCZOS
     for r, (label, images) in enumerate(rows):
         y = top + r * (ch + pad)
         for j, part in enumerate(label.split("\n")):
             draw.text((pad, y + ch // 2 - line + j * line), part, fill="black", font=face)
         for c, image in enumerate(images):
-            picture.paste(image.convert("RGB").resize((cw, ch), resample), (label_w + c * (cw + pad), y))
+            picture.paste(cell.fit(image), (label_w + c * (cw + pad), y))
     y = top + len(rows) * (ch + pad)
     for c, lines in enumerate(captions):
         for j, text in enumerate(lines):
             draw.text((label_w + c * (cw + pad), y + j * line), text, fill=(40, 40, 40), font=face)
     return picture
+
+
+def captioned_grid(samples: Sequence, captions: Sequence[str], notes: Sequence[str], columns: Optional[int] = None):
+    """The evaluation's ``grid.png``: samples (videos: frame strips) tiled row-major in cells
+    sized as :func:`comparison_picture`'s, each with its caption under it (the prompt, up to 3
+    lines) and a grey note (e.g. "#3 · seed 123"). ``columns`` defaults to a roughly square grid:
+    ``ceil(sqrt(n))`` for square samples, fewer for frame strips."""
+    import math
+
+    from PIL import Image, ImageDraw
+
+    images = _as_images(samples)
+    if not images or not len(images) == len(captions) == len(notes):
+        raise ValueError(f"captioned_grid: {len(images)} samples, {len(captions)} captions, {len(notes)} notes")
+    cell = _Cells(*images[0].size)
+    n = len(images)
+    columns = columns or max(1, min(n, math.ceil(math.sqrt(n * cell.h / cell.w))))
+    # each cell's text: (line, colour) pairs, the caption dark, the note grey
+    texts = [[(line, (40, 40, 40)) for line in _wrap(caption, cell.face, cell.w, 3)] +
+             [(line, (120, 120, 120)) for line in _wrap(note, cell.face, cell.w, 2)]
+             for caption, note in zip(captions, notes)]
+    caption_h = max(len(lines) for lines in texts) * cell.line + cell.pad
+    step_x, step_y = cell.w + cell.pad, cell.h + caption_h + cell.pad
+    picture = Image.new("RGB", (cell.pad + columns * step_x, cell.pad + math.ceil(n / columns) * step_y), "white")
+    draw = ImageDraw.Draw(picture)
+    for i, (image, lines) in enumerate(zip(images, texts)):
+        x, y = cell.pad + (i % columns) * step_x, cell.pad + (i // columns) * step_y
+        picture.paste(cell.fit(image), (x, y))
+        for j, (text, colour) in enumerate(lines):
+            draw.text((x, y + cell.h + cell.pad // 2 + j * cell.line), text, fill=colour, font=cell.face)
+    return picture
+
+
+def comparison_video(title: str, rows: Sequence[tuple[str, Sequence]], prompts: Sequence[str]) -> list:
+    """:func:`comparison_picture`'s layout once per frame of the videos in ``rows``: frame ``t``
+    shows every video's ``t``-th frame in its cell, so the frames play as one captioned mp4."""
+    num_frames = len(rows[0][1][0])
+    return [comparison_picture(title, [(label, [video[t] for video in videos]) for label, videos in rows], prompts)
+            for t in range(num_frames)]
 
 
 class SampleGrids:
@@ -139,6 +201,22 @@ class SampleGrids:
         self.seeds = {task: [eval_seed(seed, i) for i in range(len(rows))]
                       for task, rows in self.prompts.items()}
         self._teacher_images: dict[str, list] = {}
+        self.fps = 16  # the mp4 of a video model's samples (Wan's frame rate)
+        self._mp4_missing_said = False
+
+    def write_video(self, title: str, rows, prompts, path: str) -> Optional[str]:
+        """The mp4 beside a video model's picture (:func:`comparison_video`), or None without
+        PyAV: the run goes on with the PNG, and says so once."""
+        from ..errors import UserError
+        from ..video import write_mp4
+
+        try:
+            return write_mp4(comparison_video(title, rows, prompts), path, fps=self.fps)
+        except UserError as err:  # PyAV missing: the optional extra "video"
+            if not self._mp4_missing_said:
+                print(f"[samples] no mp4 of the video samples, only the frame grid PNG: {err}", flush=True)
+                self._mp4_missing_said = True
+            return None
 
     def path(self, task: str, round_idx: int) -> str:
         return os.path.join(self.root, task, f"round-{round_idx}.png")
@@ -164,7 +242,9 @@ class SampleGrids:
             if self.write:
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 comparison_picture(title, rows, prompts).save(path)
-            written[f"samples/{task}"] = path
+                if is_video(rows[-1][1][0]):
+                    self.write_video(title, rows, prompts, path[: -len(".png")] + ".mp4")
+            written[f"samples/{task}"] = path  # the PNG (trackers take images)
         return written
 
 

@@ -1,5 +1,6 @@
 """Prompt files and built-in datasets."""
 import json
+import os
 
 import pytest
 
@@ -9,6 +10,8 @@ from diffusion_opd.data.prompts import (
     load_prompt_file,
     load_task_prompts,
 )
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_txt_skips_blank_lines_and_strips(tmp_path):
@@ -81,10 +84,28 @@ def test_missing_dataset_says_where_and_how(tmp_path):
 
 
 def test_unknown_names_list_valid_ones():
-    with pytest.raises(ValueError, match="valid datasets: drawbench, geneval, ocr, pickscore"):
+    with pytest.raises(ValueError, match="valid datasets: drawbench, geneval, ocr, pickscore, video_motion"):
         load_task_prompts("genevals", "test")
     with pytest.raises(ValueError, match="valid splits: test, train"):
         load_task_prompts("ocr", "val")
+    with pytest.raises(ValueError, match="dataset 'video_motion' has no split 'val'; valid splits: test, train"):
+        load_task_prompts("video_motion", "val")
+
+
+def test_builtin_video_set_needs_no_download_and_holds_out_its_test_prompts(tmp_path):
+    """``video_motion`` ships with the package (an empty data root is enough), is selected by name
+    from a config task like the downloaded sets, and its test prompts are not training prompts."""
+    from diffusion_opd.config import load_config
+    from diffusion_opd.data.prompts import task_prompts
+
+    train, test = (load_task_prompts("video_motion", split, root=tmp_path) for split in ("train", "test"))
+    assert len(train) == 32 and len(test) == 8 and not set(train.prompts) & set(test.prompts)
+    assert len(set(train.prompts)) == len(train) and all(p == p.strip() and p for p in train.prompts + test.prompts)
+    assert train.metadata == [{}] * 32 and "video_motion (train, built in)" == train.source
+    config = load_config(os.path.join(ROOT, "config", "nft.py") + ":tiny_wan_t2v", [f"data_root={tmp_path}"])
+    assert config.tasks.bright.prompts == config.tasks.bright.eval_prompts == "video_motion"
+    assert task_prompts(config, "bright", "train").prompts == train.prompts
+    assert task_prompts(config, "bright", "eval").prompts == test.prompts
 
 
 def test_dataset_rows_select_and_slice():

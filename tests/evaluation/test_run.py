@@ -18,10 +18,10 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion_opd.evaluation.run import (DATASET_REWARDS, MODEL_REWARDS, default_rewards, main, make_grid,
-                                          shard_indices)
+from diffusion_opd.evaluation.run import DATASET_REWARDS, MODEL_REWARDS, default_rewards, main, shard_indices
 from diffusion_opd.evaluation.core import eval_seed
 from diffusion_opd.evaluation.summary import GENEVAL_TAGS
+from diffusion_opd.trainers.visuals import captioned_grid
 from tests.evaluation.tiny_geneval import build_tiny_geneval, write_car_rows
 from tests.shared_data import shared_datasets
 
@@ -123,9 +123,6 @@ def test_seeds_shards_and_reward_sets():
     assert default_rewards("drawbench") == default_rewards("pickscore") == list(MODEL_REWARDS)
     assert default_rewards("pickscore", ["unifiedreward"])[-1] == "unifiedreward"
     assert set(DATASET_REWARDS) == {"geneval", "ocr", "pickscore", "drawbench"}
-    tiles = [Image.new("RGB", (8, 8), (i * 20, 0, 0)) for i in range(5)]
-    grid = make_grid(tiles)  # ceil(sqrt(5)) = 3 columns, 2 rows
-    assert grid.size == (24, 16) and grid.getpixel((8 * 1 + 1, 8 + 1)) == (80, 0, 0)
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -141,9 +138,10 @@ def test_ocr_end_to_end(ocr_base):
     assert summary["num_rows"] == 3
     assert summary["headline"]["ocr/ocr"] == pytest.approx(np.mean([r["scores"]["ocr"] for r in rows]), abs=1e-12)
     assert "**ocr/ocr**" in (ocr_base / "summary.md").read_text()
-    grid = pixels(ocr_base / "grid.png")  # 3 images -> 2 columns x 2 rows, row-major
-    assert grid.shape == (128, 128, 3)
-    assert (grid[:64, 64:] == pixels(ocr_base / rows[1]["image"])).all()
+    # the grid: the saved images, each captioned with its prompt, index and seed (tests/trainers/test_visuals.py)
+    expected = captioned_grid([Image.open(ocr_base / r["image"]) for r in rows], [r["prompt"] for r in rows],
+                              [f"#{r['index']} · seed {r['seed']}" for r in rows])
+    assert (pixels(ocr_base / "grid.png") == np.asarray(expected, dtype=np.int16)).all()
 
 
 def test_geneval_end_to_end(geneval_one_process):
@@ -350,16 +348,25 @@ def test_evaluations_never_mix_in_one_output_dir(tmp_path, capsys, tiny_sd3_dir)
 
 
 def test_video_model_writes_mp4_and_frame_strips(tiny_wan_dir, tmp_path):
-    """A Wan pipeline folder through the CLI: 5-frame videos, each saved as an mp4 (PyAV) and a
-    frame-strip PNG, the grid of strips, and an image reward (OCR) scored frame by frame."""
+    """A Wan pipeline folder through the CLI on the built-in video prompts: 5-frame videos, each
+    saved as an mp4 (PyAV) and a frame-strip PNG, the captioned grid of strips, an image reward
+    (brightness) scored frame by frame and the video reward temporal_consistency."""
+    from diffusion_opd.data.video_prompts import VIDEO_MOTION_TEST
+
     av = pytest.importorskip("av")
     out = tmp_path / "wan_eval"
-    run_cli(["--dataset", "ocr", "--data_root", shared_datasets(), "--max_samples", "2", "--save_images",
-             "--model", tiny_wan_dir, "--num_frames", "5", "--fps", "8", "--output_dir", out, *SAMPLING])
+    run_cli(["--dataset", "video_motion", "--rewards", "brightness,temporal_consistency", "--max_samples", "2",
+             "--save_images", "--model", tiny_wan_dir, "--num_frames", "5", "--fps", "8", "--output_dir", out,
+             *SAMPLING])
     rows = read_results(out)
-    assert [r["index"] for r in rows] == [0, 1] and all(0.0 <= r["scores"]["ocr"] <= 1.0 for r in rows)
+    assert [r["prompt"] for r in rows] == list(VIDEO_MOTION_TEST[:2])  # --split test: the held-out prompts
+    assert [r["index"] for r in rows] == [0, 1]
+    assert all(0.0 < r["scores"]["brightness"] < 1.0 and 0.0 < r["scores"]["temporal_consistency"] <= 1.0
+               for r in rows)
     for r in rows:
         with av.open(str(out / r["video"])) as container:
             assert sum(1 for _ in container.decode(video=0)) == 5
         assert pixels(out / r["image"]).shape == (64, 5 * 64, 3)  # the 5 frames side by side
-    assert Image.open(out / "grid.png").size[0] >= 5 * 64
+    expected = captioned_grid([Image.open(out / r["image"]) for r in rows], [r["prompt"] for r in rows],
+                              [f"#{r['index']} · seed {r['seed']}" for r in rows])
+    assert (pixels(out / "grid.png") == np.asarray(expected, dtype=np.int16)).all()

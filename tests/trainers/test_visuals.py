@@ -1,9 +1,12 @@
 """Sample grids and curves: what they contain, drawn from real images and real metric rows."""
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
 
-from diffusion_opd.trainers.visuals import SampleGrids, comparison_picture, plot_curves, smooth
+from diffusion_opd.trainers.visuals import (SampleGrids, captioned_grid, comparison_picture, comparison_video, plot_curves,
+                                            smooth)
 
 
 def _solid(value, size=16):
@@ -58,6 +61,29 @@ def test_caption_font_grows_with_the_samples():
     assert title_height(512) > 1.7 * title_height(64)
 
 
+def test_captioned_grid_tiles_enlarged_cells_row_major_each_captioned_under_it():
+    """The evaluation's grid.png: 5 square samples -> 3 columns x 2 rows of cells enlarged to
+    256 px (nearest: each cell exactly its colour), the prompt and note drawn under each cell."""
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255)]
+    grid = captioned_grid([_colour(c, 32) for c in colours], [f"prompt {i}" for i in range(5)],
+                          [f"#{i} · seed {10 + i}" for i in range(5)])
+    px = np.asarray(grid)
+    boxes = []
+    for rgb in colours:
+        ys, xs = _cells(px, rgb)
+        assert ys.max() - ys.min() + 1 == 256 and xs.max() - xs.min() + 1 == 256 and len(ys) == 256 * 256
+        boxes.append((ys.min(), xs.min()))
+    assert boxes[0][0] == boxes[1][0] == boxes[2][0] < boxes[3][0] == boxes[4][0]  # 3 per row
+    assert boxes[0][1] == boxes[3][1] < boxes[1][1] == boxes[4][1] < boxes[2][1]  # row-major columns
+    for y, x in boxes:  # caption ink: two lines (prompt, note) right under the cell, none above
+        ink = _ink_rows(px, x, x + 256)
+        assert ((ink > y + 256) & (ink < y + 256 + 80)).sum() > 10
+    strips = captioned_grid([[_colour(c, 32)] * 5 for c in colours[:4]], ["p"] * 4, ["n"] * 4)
+    assert strips.size[0] < strips.size[1]  # frame strips (5:1) stack in one column, not 2 x 2
+    with pytest.raises(ValueError, match="2 samples, 1 captions"):
+        captioned_grid([_solid(0), _solid(1)], ["a"], ["n", "m"])
+
+
 def test_sample_grids_teacher_and_student_rows_on_the_same_seeds(tmp_path):
     calls = []
 
@@ -78,6 +104,35 @@ def test_sample_grids_teacher_and_student_rows_on_the_same_seeds(tmp_path):
     assert len({c[1] for c in ocr_calls}) == 1  # the same seeds for teacher and every round
     # the frozen teacher is sampled once, the student at every evaluation
     assert [c[2:] for c in ocr_calls] == [("teacher_ocr", 4.5), ("student", 2.0), ("student", 2.0)]
+
+
+def test_video_samples_are_a_frame_grid_png_and_an_mp4_or_one_line_without_pyav(tmp_path, monkeypatch, capsys):
+    """A video model's samples (lists of frames): the PNG shows frame strips, the mp4 beside it
+    plays the same captioned picture frame by frame; without PyAV the PNG alone, said once."""
+    def sample(prompts, seeds, adapter, guidance):  # 5 frames per video, grey level 40 t (+ the seed)
+        return [[_solid((40 * t + s) % 256, size=32) for t in range(5)] for s in seeds]
+
+    grids = SampleGrids(str(tmp_path), {"motion": ["a fox running", "waves crashing"]}, {}, num_images=2, seed=3)
+    png = grids.draw(1, sample, "student", 1.0)["samples/motion"]
+    assert Image.open(png).size[0] >= 2 * 5 * 32  # two cells, each a strip of the 5 frames
+    av = pytest.importorskip("av")
+    expected = comparison_video("task motion · round 1 · same seed in each column",
+                                [("student\nround 1\nCFG 1", sample(None, grids.seeds["motion"], "", 1.0))],
+                                ["a fox running", "waves crashing"])
+    with av.open(png[: -len(".png")] + ".mp4") as container:
+        decoded = [f.to_ndarray(format="rgb24").astype(float) for f in container.decode(video=0)]
+    assert len(decoded) == 5
+    for frame, want in zip(decoded, expected):  # lossy codec: the picture survives to a few grey levels
+        want = np.asarray(want, dtype=float)[: frame.shape[0], : frame.shape[1]]
+        assert frame.shape == want.shape and np.abs(frame - want).mean() < 3
+    monkeypatch.setitem(__import__("sys").modules, "av", None)  # PyAV not installed: `import av` fails
+    capsys.readouterr()
+    for round_idx in (2, 3):
+        grids.draw(round_idx, sample, "student", 1.0)
+        assert os.path.isfile(tmp_path / "samples" / "motion" / f"round-{round_idx}.png")
+        assert not os.path.exists(tmp_path / "samples" / "motion" / f"round-{round_idx}.mp4")
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "no mp4 of the video samples" in out[0] and "diffusion-opd[video]" in out[0], out
 
 
 def test_curves_plot_loss_distance_and_reward_per_task(tmp_path):
