@@ -28,11 +28,11 @@ from tqdm.auto import tqdm
 
 from ..config import to_dict, validate_config
 from ..data.sampler import PromptSampler
-from ..evaluation.core import eval_seed, evaluate_rows, mean_score
+from ..evaluation.core import eval_seed, evaluate_rows, mean_score, sample_images
 from ..models.base import STUDENT, Policy, PromptEmbeds
 from ..recipes import recipe_spec
 from ..rewards.multi import task_scorer
-from ..rollout import Sampling, sample
+from ..rollout import Sampling
 from ..seeds import sample_seed
 from . import checkpoint as ckpt
 from . import sharding
@@ -246,10 +246,8 @@ class Run:
         c = self.config
         spec = Sampling.from_config(c.sample, num_steps=c.eval.num_steps, noise_level=0.0)
 
-        def images(prompts, seeds, adapter, guidance):
-            embeds = self.policy.encode_prompts(prompts)
-            return self.policy.decode(sample(self.policy, embeds, seeds, spec.replace(guidance_scale=guidance),
-                                             adapter=adapter).latents)
+        def images(prompts, seeds, adapter, guidance):  # the evaluation core's sampler: the images evaluation scores
+            return sample_images(self.policy, prompts, seeds, spec.replace(guidance_scale=guidance), adapter=adapter)
 
         with self.ema.swapped_in() if self.ema is not None else nullcontext(), self.accelerator.autocast():
             written = self.grids.draw(round_idx, images, STUDENT, c.sample.guidance_scale,
