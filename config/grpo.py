@@ -102,15 +102,7 @@ def tiny_wan_t2v():
     16 x 2 x 4 x 4 latents; SDE rollouts, the per-step Gaussians over the whole video latent) on
     the built-in motion prompts (``video_motion``), reward = brightness scored on every frame and
     averaged per video; config/nft.py's ``tiny_wan_t2v`` with GRPO."""
-    c = _tiny("tiny_grpo_wan_t2v", guard=False)
-    c.tasks = {"bright": base.reward_task("video_motion", reward="brightness")}
-    c.model.path = "builtin:tiny-wan"
-    c.model.max_sequence_length = 32
-    c.lora.target_modules = base.DEFAULT_LORA_TARGETS["wan"]
-    c.sample.num_frames = 5
-    c.sample.reward_frames = "all"
-    c.sample.guidance_scale = 1.0  # no CFG: half the forwards on the CPU
-    return c
+    return base.tiny_wan_stage1(_tiny("tiny_grpo_wan_t2v", guard=False))
 
 
 CONFIGS = {f.__name__: f for f in (ocr, aesthetic, flow_grpo_ocr, multitask, tiny_grpo, tiny_guard, tiny_wan_t2v)}

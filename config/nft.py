@@ -105,15 +105,7 @@ def tiny_wan_t2v():
     latents) on the built-in motion prompts (``video_motion``), reward = brightness scored on every
     frame and averaged per video; a video teacher that then serves an OPD video student
     (tests/trainers/test_stage1.py)."""
-    c = _tiny("tiny_nft_wan_t2v")
-    c.tasks = {"bright": base.reward_task("video_motion", reward="brightness")}
-    c.model.path = "builtin:tiny-wan"
-    c.model.max_sequence_length = 32
-    c.lora.target_modules = base.DEFAULT_LORA_TARGETS["wan"]
-    c.sample.num_frames = 5
-    c.sample.reward_frames = "all"
-    c.sample.guidance_scale = 1.0  # no CFG: half the forwards on the CPU
-    return c
+    return base.tiny_wan_stage1(_tiny("tiny_nft_wan_t2v"))
 
 
 CONFIGS = {f.__name__: f for f in (geneval, ocr, pickscore, multitask, tiny, tiny_colorful, tiny_multitask,

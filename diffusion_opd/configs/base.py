@@ -238,6 +238,21 @@ def tiny_stage1(c):
     return c
 
 
+def tiny_wan_stage1(c):
+    """A tiny stage-1 config (:func:`tiny_stage1`) on the tiny random Wan 2.1 text-to-video model:
+    5 frames of 32 px (16 x 2 x 4 x 4 latents) on the built-in motion prompts (``video_motion``),
+    reward = brightness scored on every frame and averaged per video, no CFG (half the forwards
+    on the CPU)."""
+    c.tasks = {"bright": reward_task("video_motion", reward="brightness")}
+    c.model.path = "builtin:tiny-wan"
+    c.model.max_sequence_length = 32
+    c.lora.target_modules = DEFAULT_LORA_TARGETS["wan"]
+    c.sample.num_frames = 5
+    c.sample.reward_frames = "all"
+    c.sample.guidance_scale = 1.0
+    return c
+
+
 def teacher(path, subfolder="", kind="lora", guidance_scale=1.0, weight_name=""):
     """One teacher entry (see c.teachers)."""
     return ml_collections.ConfigDict(
