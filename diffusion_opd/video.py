@@ -9,7 +9,8 @@ optional extra ``video``).
 """
 from __future__ import annotations
 
-from typing import Sequence
+import itertools
+from typing import Iterable, Sequence
 
 __all__ = ["is_video", "frame_indices", "frame_strip", "write_mp4", "FRAME_KEYS"]
 
@@ -56,9 +57,10 @@ def frame_strip(frames: Sequence, max_frames: int = 8):
     return strip
 
 
-def write_mp4(frames: Sequence, path: str, fps: int = 16) -> str:
-    """Write ``frames`` (PIL images of one size) as an H.264 mp4 (yuv420p, so any player opens it)
-    through PyAV, whose wheel ships ffmpeg: ``pip install 'diffusion-opd[video]'``."""
+def write_mp4(frames: Iterable, path: str, fps: int = 16) -> str:
+    """Write ``frames`` (PIL images of one size; a list or a generator, read once) as an H.264
+    mp4 (yuv420p, so any player opens it) through PyAV, whose wheel ships ffmpeg:
+    ``pip install 'diffusion-opd[video]'``."""
     try:
         import av
     except ImportError as err:
@@ -67,12 +69,14 @@ def write_mp4(frames: Sequence, path: str, fps: int = 16) -> str:
         raise UserError("writing mp4 needs PyAV: pip install 'diffusion-opd[video]' (or pip install av)") from err
     import numpy as np
 
-    w, h = frames[0].size
+    frames = iter(frames)
+    first = next(frames)
+    w, h = first.size
     with av.open(path, mode="w") as container:
         stream = container.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4", rate=fps)
         stream.width, stream.height = w - w % 2, h - h % 2  # yuv420p needs even sides
         stream.pix_fmt = "yuv420p"
-        for frame in frames:
+        for frame in itertools.chain([first], frames):
             rgb = np.asarray(frame.convert("RGB"))[: stream.height, : stream.width]
             container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")))
         container.mux(stream.encode())

@@ -10,6 +10,8 @@
   the trackers as images too. A video model's cells are strips of frames, and beside the PNG
   ``round-<N>.mp4`` plays the same captioned picture frame by frame (every video of the picture
   at once); without PyAV (the ``video`` extra) one line says so, once, and only the PNG is written.
+* The evaluation CLI's ``grid.png`` (:func:`captioned_grid`): its first samples in cells sized
+  as above, each captioned with its prompt, row index and seed.
 * At the end of the run, ``<output_dir>/curves.png``: the training loss and the held-out
   distance / reward of every task over rounds, from ``metrics.jsonl`` (smoothed like
   TensorBoard's slider, ``logging.curve_smoothing``, the raw values faint behind; a log scale
@@ -18,7 +20,7 @@
 from __future__ import annotations
 
 import os
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 from ..evaluation.core import eval_seed
 from ..video import is_video
@@ -171,12 +173,12 @@ def captioned_grid(samples: Sequence, captions: Sequence[str], notes: Sequence[s
     return picture
 
 
-def comparison_video(title: str, rows: Sequence[tuple[str, Sequence]], prompts: Sequence[str]) -> list:
+def comparison_video(title: str, rows: Sequence[tuple[str, Sequence]], prompts: Sequence[str]) -> Iterator:
     """:func:`comparison_picture`'s layout once per frame of the videos in ``rows``: frame ``t``
-    shows every video's ``t``-th frame in its cell, so the frames play as one captioned mp4."""
-    num_frames = len(rows[0][1][0])
-    return [comparison_picture(title, [(label, [video[t] for video in videos]) for label, videos in rows], prompts)
-            for t in range(num_frames)]
+    shows every video's ``t``-th frame in its cell, so the frames play as one captioned mp4.
+    Yielded one at a time (81 frames of a 2 x 4 grid of 480 px cells would hold ~0.5 GB)."""
+    for t in range(len(rows[0][1][0])):
+        yield comparison_picture(title, [(label, [video[t] for video in videos]) for label, videos in rows], prompts)
 
 
 class SampleGrids:
