@@ -48,7 +48,7 @@ from .errors import ConfigError
 from .models.architectures import ARCHITECTURES, meta_inputs, meta_student
 
 __all__ = ["GB", "TEXT_ENCODER_PLACEMENTS", "RECIPES", "Geometry", "geometry_of", "recipe_geometry", "round_memory",
-           "round_flops", "expected_flops", "expected_flops_cfg", "expected_flops_embedded_guidance",
+           "allgather_volume", "round_flops", "expected_flops", "expected_flops_cfg", "expected_flops_embedded_guidance",
            "gpu_memory_bytes", "budget_line"]
 
 GB = 1e9
@@ -300,6 +300,23 @@ def round_memory(model: str, geo: Geometry = Geometry(), strategy: str = "ddp", 
             "parameters": {"transformer": c["backbone"], "student_lora": lora,
                            "text_encoders": sum(e["total"] for e in encoders), "vae": c["vae"]},
             "activation_detail": act, "bytes": parts, "total_bytes": total, "total_gb": round(total / GB, 1)}
+
+
+def allgather_volume(model: str, geo: Geometry = Geometry(), world: int = 8, bandwidth: float = 360e9) -> dict:
+    """What FSDP2 moves per GPU in one round (``reshard_after_forward=true``): every forward and
+    every backward all-gathers the whole transformer with its adapters (the student LoRA and the
+    LoRA teachers, at the compute dtype), each GPU receiving ``(N-1)/N`` of it; per task (all
+    tasks at once under lockstep) ``steps`` rollout forwards, ``trained`` teacher forwards and
+    ``trained`` backwards (the checkpointed recompute runs inside the backward's gather). The
+    student's fp32 LoRA gradients are reduce-scattered once. ``bandwidth``: the all-gather bus
+    bandwidth assumed (bytes/s; 360e9 = ~80% of NVLink 4's 450 GB/s per direction)."""
+    c = _counts(model, geo)
+    per_gather = (c["backbone"] + (1 + geo.lora_teachers) * c["student_lora"]) * geo.weight_bytes
+    gathers = (1 if geo.lockstep else geo.tasks) * (geo.steps + 2 * geo.trained)
+    received = gathers * per_gather * (world - 1) // world
+    return {"model": model, "world": world, "gathers_per_round": gathers, "bytes_per_gather": per_gather,
+            "received_per_gpu": received, "seconds_at_bandwidth": received / bandwidth, "bandwidth": bandwidth,
+            "lora_reduce_scatter_bytes": c["student_lora"] * 4 * (world - 1) // world}
 
 
 # ------------------------------------------------------------------------------------- FLOPs

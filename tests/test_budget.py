@@ -83,6 +83,12 @@ def test_round_memory_under_ddp_and_fsdp(model):
     assert offloaded["bytes"]["text_encoders"] == 0
     with pytest.raises(ValueError, match="text_encoders 'cpu'"):
         round_memory(model, geo, "fsdp", 8, "cpu")
+    # fsdp's traffic: per task 10 rollout + 9 teacher forwards + 9 backwards each gather the whole
+    # transformer with its 4 adapters; each GPU receives 7/8 of it; lockstep: one batch, 28 gathers
+    moved = budget.allgather_volume(model, geo, 8)
+    assert moved["gathers_per_round"] == 84 and moved["bytes_per_gather"] == 2 * (n_params + 4 * lora)
+    assert moved["received_per_gpu"] == 84 * moved["bytes_per_gather"] * 7 // 8
+    assert budget.allgather_volume(model, replace(geo, lockstep=True), 8)["gathers_per_round"] == 28
 
 
 @pytest.mark.slow
