@@ -72,6 +72,9 @@ TABLE = [
      "sample.reward_frames: unknown frame key 'some'; valid: all, first, middle, last, count:<k>, stride:<k>"),
     ("eval: a frame count the VAE cannot encode", "eval", ["--output_dir", "{tmp}/eval", "--num_frames", "6"],
      "--num_frames: 6 frames cannot be encoded by the video VAE"),
+    ("eval: a video reward that cannot score frames", "eval", ["--output_dir", "{tmp}/eval", "--num_frames", "5",
+                                                              "--rewards", "brightness,toy_colour"],
+     "reward 'toy_colour' scores only images of its own kind and cannot score video frames"),
 ]
 if not torch.cuda.is_available():  # refused, not silently run on the CPU
     TABLE.append(("device=cuda without a GPU", "train", ["--config", f"{OPD}:tiny_mopd", "output_dir={tmp}/run",

@@ -285,6 +285,10 @@ def plan_from_args(args: argparse.Namespace) -> EvalPlan:
                                 f"(no model_index.json)")
 
     rewards, weights = _plan_rewards(args)
+    if args.num_frames:  # a video model: every reward must score frames (or whole videos)
+        from ..rewards.video import check_video_rewards
+
+        check_video_rewards(",".join(rewards), video=True)
     rows = load_task_prompts(args.dataset, args.split, args.data_root)
     if args.max_samples is not None:
         rows = rows[: args.max_samples]
