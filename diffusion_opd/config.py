@@ -65,6 +65,7 @@ CHOICES = {
     "logging.wandb_mode": ("online", "offline", "disabled"),
     "perf.compile": ("auto", "on", "off"),
     "distributed.strategy": ("ddp", "fsdp"),
+    "distributed.text_encoders": ("replicate", "shard", "rank0"),
 }
 USER_NAMED = ("tasks", "teachers")  # sections whose entry names are the user's
 

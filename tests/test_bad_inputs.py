@@ -75,6 +75,16 @@ TABLE = [
     ("eval: a video reward that cannot score frames", "eval", ["--output_dir", "{tmp}/eval", "--num_frames", "5",
                                                               "--rewards", "brightness,toy_colour"],
      "reward 'toy_colour' scores only images of its own kind and cannot score video frames"),
+    # distributed.text_encoders: refused before anything loads
+    ("text encoders sharded under ddp", "train", ["--config", f"{OPD}:tiny_mopd", "output_dir={tmp}/run",
+                                                  "distributed.text_encoders=shard"],
+     "distributed.text_encoders: shard needs distributed.strategy=fsdp"),
+    ("sharded text encoders offloaded", "train", ["--config", f"{OPD}:tiny_mopd", "output_dir={tmp}/run",
+                                                  "distributed.strategy=fsdp", "distributed.text_encoders=shard",
+                                                  "model.offload_text_encoders=true"],
+     "model.offload_text_encoders: true with distributed.text_encoders=shard is not supported"),
+    ("unknown text-encoder placement", "train", ["--config", f"{OPD}:tiny_mopd", "output_dir={tmp}/run",
+                                                 "distributed.text_encoders=rank1"], "distributed.text_encoders"),
 ]
 if not torch.cuda.is_available():  # refused, not silently run on the CPU
     TABLE.append(("device=cuda without a GPU", "train", ["--config", f"{OPD}:tiny_mopd", "output_dir={tmp}/run",

@@ -152,6 +152,10 @@ def get_config():
     # The memory of the GPU a run will use, for --validate_only's budget (diffusion_opd/budget.py): 0 = read it
     # from CUDA (unknown on a machine without one); > 0 = this many GB (planning a run from another machine)
     c.distributed.gpu_memory_gb = 0.0
+    # Text encoders: replicate (whole on every process) | shard (fsdp only: FSDP2 per encoder layer,
+    # 1/N each, encoding in lockstep) | rank0 (ddp or fsdp: only rank 0 loads them and encodes every
+    # process's prompts). Same embeddings either way (trainers/sharding.py).
+    c.distributed.text_encoders = "replicate"
 
     c.logging = ml_collections.ConfigDict()
     # Experiment trackers through accelerate (comma-separated): wandb, tensorboard, mlflow, comet_ml,

@@ -13,7 +13,7 @@ import os
 import tempfile
 from collections import OrderedDict
 from contextlib import contextmanager
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -56,6 +56,8 @@ def _mixed_rows(embeds: PromptEmbeds, layout, dtype) -> dict[str, torch.Tensor]:
 # prompt is encoded once per run (then cached), so the extra forwards cost little.
 _ENCODE_CHUNK = 1
 _TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+# (texts, encode_here) -> one embedding row per text: how a process gets its prompts encoded
+TextRoute = Callable[[list, Callable[[list], list]], list]
 
 
 def _diffusers_class(name: str):
@@ -132,6 +134,8 @@ class DiffusersPolicy(Policy):
             transformer.enable_gradient_checkpointing()
         self._student_module: torch.nn.Module = transformer
         self._text_pipe = None
+        self._text_route: Optional[TextRoute] = None
+        self._text_placed = False
         self._vae = None
         self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._max_cached = max_cached_prompts
@@ -268,12 +272,30 @@ class DiffusersPolicy(Policy):
             self._text_pipe.set_progress_bar_config(disable=True)
         return self._text_pipe
 
-    @torch.no_grad()
-    def _encode(self, texts: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def text_encoder_modules(self, load: bool = False) -> list[torch.nn.Module]:
+        """The text encoders this process holds: none until the first encode (or ``load=True``,
+        which loads them on the CPU, where they stay until the first encode moves them)."""
+        if self._text_pipe is None and not load:
+            return []
         pipe = self._text_pipeline()
-        encoders = [getattr(pipe, n) for n in _TEXT_ENCODERS if getattr(pipe, n, None) is not None]
-        for enc in encoders:  # no-op after the first call unless offloading
-            enc.to(self.device)
+        return [getattr(pipe, n) for n in _TEXT_ENCODERS if getattr(pipe, n, None) is not None]
+
+    def set_text_encoding(self, route: Optional[TextRoute], placed: bool = False) -> None:
+        """Route every encode through ``route(texts, encode_here) -> rows`` (one row per text, as
+        ``encode_here`` returns them): the distributed placements of the text encoders
+        (trainers/sharding.py; ``None``: encode here, the default). A route is a collective: every
+        process calls :meth:`encode_prompts` the same number of times, with or without texts
+        missing from its cache. ``placed``: the route has put the encoders on the device itself
+        (sharded), the encode must not move them."""
+        self._text_route, self._text_placed = route, placed
+
+    @torch.no_grad()
+    def _encode_here(self, texts: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        pipe = self._text_pipeline()
+        encoders = self.text_encoder_modules()
+        if not self._text_placed:
+            for enc in encoders:  # no-op after the first call unless offloading
+                enc.to(self.device)
         rows = []
         try:
             for i in range(0, len(texts), _ENCODE_CHUNK):
@@ -291,8 +313,11 @@ class DiffusersPolicy(Policy):
         prompts = check_prompts(prompts)
         missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
         texts = missing + ([""] if self._uncond is None else [])
+        if self._text_route is not None:  # a collective: taken even with nothing to encode here
+            rows = self._text_route(texts, self._encode_here)
+        elif texts:
+            rows = self._encode_here(texts)
         if texts:
-            rows = self._encode(texts)
             if self._uncond is None:
                 self._uncond = rows.pop()
             self._cache.update(zip(missing, rows))

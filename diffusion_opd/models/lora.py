@@ -33,7 +33,7 @@ from .hub import ModelNotFoundError
 
 __all__ = ["SECOND_EXPERT", "join_expert_adapters", "AdapterMismatchError", "LoraAdapter", "read_lora_adapter", "check_adapter_fits", "add_lora_adapter",
            "lora_conflicts", "add_student_adapter", "save_peft_adapter", "AdapterSwitch",
-           "merge_adapter_into_layers"]
+           "merge_adapter_into_layers", "merged_weights_as_parameters"]
 
 PEFT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 DIFFUSERS_FILES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
@@ -374,6 +374,22 @@ def merge_adapter_into_layers(model: torch.nn.Module, adapter: LoraAdapter, name
             total += weight.numel() * weight.element_size()
     model.peft_config.pop(name, None)
     return total
+
+
+def merged_weights_as_parameters(model: torch.nn.Module) -> int:
+    """Re-register every merged teacher weight (:func:`merge_adapter_into_layers`'s buffers) as a
+    frozen parameter of its layer, under the same name, so that FSDP2's ``fully_shard`` (which
+    shards parameters, never buffers) cuts it like the backbone weight beside it and all-gathers
+    it with its block. The layer's forward reads it by name either way. Returns the count."""
+    count = 0
+    for layer in model.modules():
+        for buffer in layer.__dict__.get("_opd_merged", {}).values():
+            if buffer in layer._buffers:
+                weight = layer._buffers.pop(buffer)
+                layer._non_persistent_buffers_set.discard(buffer)
+                layer.register_parameter(buffer, torch.nn.Parameter(weight, requires_grad=False))
+                count += 1
+    return count
 
 
 def add_adapter_copy(model: torch.nn.Module, source: str, name: str) -> dict[str, torch.nn.Parameter]:

@@ -99,6 +99,7 @@ class Run:
             if self.lock is not None:
                 self.lock.abandon()
             raise
+        sharding.place_text_encoders(self.policy, config, acc.device)  # distributed.text_encoders
         self.params = self.policy.trainable_parameters()
         broadcast_parameters(self.params, acc)
         self.build_optimizer()
@@ -114,8 +115,9 @@ class Run:
         self.guard = NonFiniteGuard(config.train.nan_patience)
         self.log: Optional[MetricsLog] = None
         self.grids = None  # sample grids: main process only, when there are held-out prompts
-        # sampling a grid runs the denoiser: under fsdp every process takes part, the main one writes
-        if (acc.is_main_process or sharding.is_fsdp(config)) and self.eval_prompts and config.eval.sample_images:
+        # sampling a grid is a collective under fsdp or non-replicated text encoders: every process
+        # takes part, the main one writes
+        if (acc.is_main_process or sharding.everyone_samples(config)) and self.eval_prompts and config.eval.sample_images:
             teachers = {t: (spec.teacher, config.teachers[spec.teacher].guidance_scale)
                         for t, spec in config.tasks.items() if spec.teacher}
             self.grids = SampleGrids(config.output_dir, {t: [r["prompt"] for r in rows] for t, rows in

@@ -12,9 +12,20 @@ forward / backward, freed after: ``distributed.reshard_after_forward``).
 Nothing else changes: peft's adapter switching and mixed-adapter batches only flip attributes of
 the LoRA layers and route rows, so they work on sharded blocks as they do on whole ones; the
 teachers' weights are all-gathered with the block they live in. Merged teachers
-(``perf.merge_teachers``) keep their merged layer weights as buffers of the shared transformer:
-fully_shard shards parameters only, so every process holds them whole (+0.9 GB per teacher on
-SD3.5-M).
+(``perf.merge_teachers``) keep their merged layer weights (``W + sBA``) as buffers under ddp;
+under fsdp they become frozen parameters first (``merged_weights_as_parameters``), so each
+process holds 1/N of them too. The price: a block's all-gather carries its merged copies at
+every forward and backward, the student's included (per teacher, +the adapted layers' bytes,
+~0.9 GB over the whole SD3.5-M transformer), where the LoRA teachers add only their small A/B.
+
+Text encoders (``distributed.text_encoders``): ``replicate`` (the default) keeps them whole on
+every process; ``shard`` (fsdp only) cuts each encoder layer by layer with fully_shard (frozen,
+forward only, in the model's dtype: the all-gathered weights are the replicated ones, so the
+embeddings are bit-identical); ``rank0`` loads them on rank 0 only, which encodes the prompts
+of every process (gathered as strings, the rows scattered back: one object gather and one
+scatter per encode call). Both are collectives: every process encodes in lockstep (under
+``shard`` the processes pad their cache misses with the empty prompt to the same count of
+encoder forwards). ``rank0`` also works under ddp (any world size; one process: replicate).
 
 Gradients: FSDP2 reduce-scatters a block's gradients after its backward. A round runs many
 backwards (the fused rollout backpropagates at every trained step) and must reduce ONCE:
@@ -36,17 +47,21 @@ world size and strategy the resumed run is bit-identical to an uninterrupted one
 from __future__ import annotations
 
 import os
+from functools import partial
 from typing import Any, Callable, Optional
 
 import torch
 
+from ..config import CHOICES
 from ..errors import ConfigError
 
 STRATEGIES = ("ddp", "fsdp")
+TEXT_ENCODERS = CHOICES["distributed.text_encoders"]  # replicate | shard | rank0
 ACCELERATE_CONFIGS = {"ddp": "scripts/accelerate_configs/multi_gpu.yaml",
                       "fsdp": "scripts/accelerate_configs/fsdp2.yaml"}
 
-__all__ = ["STRATEGIES", "ACCELERATE_CONFIGS", "is_fsdp", "check_strategy", "launched_strategy", "shard_policy",
+__all__ = ["STRATEGIES", "TEXT_ENCODERS", "ACCELERATE_CONFIGS", "is_fsdp", "check_strategy", "launched_strategy",
+           "shard_policy", "place_text_encoders", "everyone_samples",
            "ReduceOnce", "gather", "shard_like", "clip_grad_norm_", "local_bytes"]
 
 
@@ -54,8 +69,23 @@ def is_fsdp(config) -> bool:
     return config.distributed.strategy == "fsdp"
 
 
+def everyone_samples(config) -> bool:
+    """Whether sampling is a collective (every process takes part in a rollout another process
+    asked for, e.g. the main process's sample grids): the denoiser is sharded, or encoding a
+    prompt needs every process (``distributed.text_encoders`` other than replicate)."""
+    return is_fsdp(config) or config.distributed.text_encoders != "replicate"
+
+
 def check_strategy(config, world_size: int) -> None:
-    """The combinations ``fsdp`` refuses, each a one-line ConfigError (before anything loads)."""
+    """The combinations ``fsdp`` and ``distributed.text_encoders`` refuse, each a one-line
+    ConfigError (before anything loads)."""
+    text = config.distributed.text_encoders
+    if text == "shard" and not is_fsdp(config):
+        raise ConfigError("distributed.text_encoders: shard needs distributed.strategy=fsdp (the encoders are cut "
+                          "with FSDP2); under ddp use distributed.text_encoders=rank0 to hold them on rank 0 only")
+    if text == "shard" and config.model.offload_text_encoders:
+        raise ConfigError("model.offload_text_encoders: true with distributed.text_encoders=shard is not supported "
+                          "(sharded encoders stay on the device, 1/N each); set it to false or use text_encoders=rank0")
     if not is_fsdp(config):
         return
     if world_size < 2:
@@ -127,7 +157,11 @@ def shard_policy(policy, config) -> Callable[[torch.nn.Parameter], torch.nn.Para
     parameter`` for the parameter lists callers hold (fully_shard registers new parameters)."""
     from torch.distributed.device_mesh import init_device_mesh
 
+    from ..models.lora import merged_weights_as_parameters
+
     modules = policy.denoiser_modules()
+    for module in modules:  # merged teachers: frozen parameters, so they are sharded with the backbone
+        merged_weights_as_parameters(module)
     before = {id(p): (i, name) for i, m in enumerate(modules) for name, p in m.named_parameters()}
     device = torch.device(policy.device)
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
@@ -141,6 +175,89 @@ def shard_policy(policy, config) -> Callable[[torch.nn.Parameter], torch.nn.Para
         return after[i][name]
 
     return remap
+
+
+def shard_text_encoders(policy, config, mesh) -> list[torch.nn.Module]:
+    """``distributed.text_encoders=shard``: load the policy's text encoders on the CPU and cut each
+    one layer by layer, then its root (fully_shard moves each shard to the mesh's device as it
+    goes, so no process ever holds a whole encoder on the device). Frozen, forward only, no
+    mixed precision: the all-gathered weights are exactly the loaded ones."""
+    from torch.distributed.fsdp import fully_shard
+
+    encoders = policy.text_encoder_modules(load=True)
+    for encoder in encoders:
+        encoder.requires_grad_(False).eval()
+        for layer in encoder_layers(encoder):
+            fully_shard(layer, mesh=mesh, reshard_after_forward=True)
+        fully_shard(encoder, mesh=mesh, reshard_after_forward=True)
+    return encoders
+
+
+def encoder_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated layers of a text encoder, wherever they sit (CLIP ``text_model.encoder.layers``,
+    T5 ``encoder.block``, a decoder LM's ``layers``): every entry of each ModuleList of at least
+    two modules of one class that is not itself inside such an entry."""
+    layers: list[torch.nn.Module] = []
+    inside: set[int] = set()
+    for m in module.modules():
+        if id(m) in inside:
+            continue
+        if isinstance(m, torch.nn.ModuleList) and len(m) >= 2 and len({type(x) for x in m}) == 1:
+            layers.extend(m)
+            inside.update(id(x) for entry in m for x in entry.modules())
+    return layers
+
+
+def place_text_encoders(policy, config, device: torch.device) -> None:
+    """Apply ``distributed.text_encoders`` to ``policy`` (replicate: nothing to do)."""
+    mode = config.distributed.text_encoders
+    if mode == "replicate":
+        return
+    if not hasattr(policy, "set_text_encoding"):
+        raise ConfigError(f"distributed.text_encoders: {mode} needs a diffusers pipeline with text encoders; "
+                          f"{type(policy).__name__} has none (use distributed.text_encoders=replicate)")
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return  # one process: every placement is the replicated one
+    if mode == "rank0":
+        policy.set_text_encoding(encode_on_rank0)
+        return
+    from torch.distributed.device_mesh import init_device_mesh
+
+    shard_text_encoders(policy, config, init_device_mesh(device.type, (dist.get_world_size(),)))
+    policy.set_text_encoding(partial(encode_in_lockstep, device=device), placed=True)
+
+
+def encode_on_rank0(texts: list[str], encode_here: Callable[[list[str]], list]) -> list:
+    """Every process's ``texts`` gathered on rank 0, encoded there (each distinct text once), and
+    each process's rows sent back to it. Only rank 0 ever calls ``encode_here``."""
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, texts)  # (gather_object is not on every backend; these are short strings)
+    out = None
+    if rank == 0:
+        distinct = list(dict.fromkeys(t for mine in everyone for t in mine))
+        rows = dict(zip(distinct, encode_here(distinct))) if distinct else {}
+        out = [[rows[t] for t in mine] for mine in everyone]
+    mine = [None]
+    dist.scatter_object_list(mine, out, src=0)
+    return mine[0]
+
+
+def encode_in_lockstep(texts: list[str], encode_here: Callable[[list[str]], list], device: torch.device) -> list:
+    """Sharded encoders: every process runs the same number of encoder forwards (the most texts
+    any process misses; the others pad with the empty prompt and drop those rows)."""
+    import torch.distributed as dist
+
+    count = torch.tensor([len(texts)], device=device)
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    most = int(count.item())
+    if most == 0:
+        return []
+    return encode_here(texts + [""] * (most - len(texts)))[:len(texts)]
 
 
 class ReduceOnce:

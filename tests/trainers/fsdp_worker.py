@@ -9,6 +9,8 @@ runs ONE round's backward(s) and writes, on rank 0, ``OUT/<case>.pt``: the stude
 averaged over processes (gathered to full tensors), the round's loss, how many reduce-scatter
 collectives ran during the round, how many backwards and optimizer steps it had, how many shard
 groups hold student parameters, and the parameter bytes each rank holds vs the whole backbone.
+OPD cases also record every process's prompt embeddings of the round, the text-encoder bytes
+each process holds (and their full size) and the merged-teacher weight bytes each holds.
 Stage-1 cases record the gradient of the round's last optimizer step.
 """
 import os
@@ -36,6 +38,14 @@ CASES = {  # name -> (config, overrides, keep only the first task)
     "two_pass": ("config/opd.py:tiny_mopd", ["train.mode=two_pass", "train.grad_accum=2", "train.batch_size=1"],
                  False),
     "flux": ("config/opd.py:tiny_flux_mopd", ["perf.lockstep_tasks=true", "model.max_sequence_length=16"], False),
+    # distributed.text_encoders (compared with "ode" / "flux": replicate) and merged teachers
+    "text_shard": ("config/opd.py:tiny_mopd", ["distributed.text_encoders=shard"], False),
+    "text_rank0": ("config/opd.py:tiny_mopd", ["distributed.text_encoders=rank0"], False),
+    "flux_text_shard": ("config/opd.py:tiny_flux_mopd", ["perf.lockstep_tasks=true", "model.max_sequence_length=16",
+                                                         "distributed.text_encoders=shard"], False),
+    "flux_text_rank0": ("config/opd.py:tiny_flux_mopd", ["perf.lockstep_tasks=true", "model.max_sequence_length=16",
+                                                         "distributed.text_encoders=rank0"], False),
+    "merged_lockstep": ("config/opd.py:tiny_mopd", ["perf.merge_teachers=true", "perf.lockstep_tasks=true"], False),
     "nft": ("config/nft.py:tiny", ["rl.groups_per_round=1", "rl.group_size=4", "train.batch_size=2"], False),
     "grpo_guard": ("config/grpo.py:tiny_guard", ["rl.groups_per_round=1", "rl.group_size=4", "train.batch_size=2"],
                    False),
@@ -57,6 +67,13 @@ class Counter:
     def __call__(self, *args, **kwargs):
         self.count += 1
         return self.original(*args, **kwargs)
+
+
+def everyone(obj) -> list:
+    """``obj`` of every process, in rank order."""
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def main(out, strategy, cases):
@@ -88,8 +105,13 @@ def main(out, strategy, cases):
 
         run.backward = backward
         counter.count = 0
+        embeds = None
         if config.recipe == "opd":
-            loss = recipe.backward(1, recipe.draw(1))["loss"]
+            batches = recipe.draw(1)
+            embeds = everyone({t: {k: v.detach().cpu() for k, v in {**e.cond, **{f"uncond/{k}": u for k, u in
+                                                                                 e.uncond.items()}}.items()}
+                               for t, (e, _) in batches.items()})
+            loss = recipe.backward(1, batches)["loss"]
             if run.sync is None:
                 all_reduce_gradients(run.params, run.accelerator)
             grads = sharding.gather([p.grad for p in run.params])
@@ -119,8 +141,21 @@ def main(out, strategy, cases):
             for m in run.policy.transformer.modules():
                 group = m._get_fsdp_state()._fsdp_param_group if isinstance(m, FSDPModule) else None
                 groups += bool(group and any(fp.sharded_param.requires_grad for fp in group.fsdp_params))
+        encoders = run.policy.text_encoder_modules()
+        text = [sharding.local_bytes(m) for m in encoders]
+        from torch.distributed.fsdp import FSDPModule
+
+        text_groups = (sum(isinstance(m, FSDPModule) for e in encoders for m in e.modules()),
+                       sum(len(sharding.encoder_layers(e)) + 1 for e in encoders), len(encoders))
+        text_bytes = everyone((sum(a for a, _ in text), sum(b for _, b in text)))
+        merged = [(t.to_local() if hasattr(t, "to_local") else t) for n, t in
+                  (*run.policy.transformer.named_parameters(), *run.policy.transformer.named_buffers())
+                  if "_opd_merged_" in n]
+        merged_bytes = everyone(sum(t.numel() * t.element_size() for t in merged))
         if run.rank == 0:
             torch.save({"grads": [g.detach().cpu() for g in grads], "names": names, "loss": loss,
+                        "embeds": embeds, "text_bytes": text_bytes, "text_groups": text_groups, "merged_bytes": merged_bytes,
+                        "merged_full": sum(run.policy.merged_teacher_bytes.values()),
                         "collectives": collectives, "groups": groups, "local_bytes": local, "full_bytes": full,
                         "world": run.world, **counts}, os.path.join(out, f"{strategy}-{case}.pt"))
         run.close()
@@ -128,3 +163,4 @@ def main(out, strategy, cases):
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2], sys.argv[3:])
+    dist.destroy_process_group()  # a clean exit (gloo's threads stopped before the interpreter ends)

@@ -71,6 +71,54 @@ def test_fsdp_round_equals_ddp_every_variant(tmp_path):
         check_round(ddp, fsdp)
 
 
+@pytest.mark.slow
+def test_text_encoder_placements_and_merged_teachers_give_the_same_round(tmp_path):
+    """distributed.text_encoders = shard / rank0 give the prompt embeddings and the student's
+    gradient of replicate (tiny SD3 and tiny FLUX; rank0 also under ddp) while rank 1 holds half /
+    none of the text encoders; merged teachers under fsdp (mixed-teacher lockstep batches) give
+    the adapter-switched teachers' gradient while every process holds half of the merged weights."""
+    fsdp_cases = ["ode", "text_shard", "text_rank0", "merged_lockstep", "flux", "flux_text_shard", "flux_text_rank0"]
+    torchrun("fsdp_worker.py", str(tmp_path), "fsdp", *fsdp_cases)
+    torchrun("fsdp_worker.py", str(tmp_path), "ddp", "ode", "text_rank0")
+    r = {f"{s}-{c}": torch.load(tmp_path / f"{s}-{c}.pt") for s, cases in (("fsdp", fsdp_cases), ("ddp", ["ode", "text_rank0"]))
+         for c in cases}
+    for reference, case in (("fsdp-ode", "fsdp-text_shard"), ("fsdp-ode", "fsdp-text_rank0"), ("ddp-ode", "ddp-text_rank0"),
+                            ("fsdp-flux", "fsdp-flux_text_shard"), ("fsdp-flux", "fsdp-flux_text_rank0")):
+        a, b = r[reference], r[case]
+        # Exact (tolerance 0): the encoders compute with the same weights (all-gathered copies of the
+        # loaded ones, no mixed precision) on one prompt per forward (models/diffusers_policy.py), so
+        # every embedding row, hence every rollout and gradient, is the same float for float.
+        assert len(a["embeds"]) == len(b["embeds"]) == 2
+        for rank in range(2):
+            assert a["embeds"][rank].keys() == b["embeds"][rank].keys()
+            for task, tensors in a["embeds"][rank].items():
+                assert all(torch.equal(v, b["embeds"][rank][task][k]) for k, v in tensors.items()), (case, rank, task)
+        assert a["names"] == b["names"] and all(torch.equal(x, y) for x, y in zip(a["grads"], b["grads"])), case
+        assert a["loss"] == b["loss"]
+        # text-encoder bytes held per process: replicate whole on both, rank0 whole / none, shard ~half each
+        (full, _), text = a["text_bytes"][0], b["text_bytes"]
+        assert full > 0 and a["text_bytes"] == [(full, full), (full, full)]
+        if case.endswith("rank0"):
+            assert text == [(full, full), (0, 0)], (case, text)
+        else:
+            assert all(f == full and abs(local / full - 0.5) < 0.01 for local, f in text), (case, text)
+            assert sum(local for local, _ in text) >= full
+            # one shard group per encoder layer (>= 2 each), plus each encoder's root
+            groups, expected, encoders = b["text_groups"]
+            assert groups == expected >= 3 * encoders >= 6, b["text_groups"]
+    # merged teachers, mixed in lockstep batches, vs LoRA teachers queried one by one (both fsdp).
+    # Not exact: a merged layer computes (W + sBA) x where the adapter computes Wx + sB(Ax); the two
+    # differ by fp32 rounding (measured: 9e-12 absolute on gradients of up to 2.7e-5), far inside
+    # the rtol 1e-5 of the ddp comparison.
+    merged, ode = r["fsdp-merged_lockstep"], r["fsdp-ode"]
+    for name, a, b in zip(ode["names"], ode["grads"], merged["grads"]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6 * float(a.abs().max()), msg=name)
+    assert merged["loss"] == pytest.approx(ode["loss"], rel=1e-6)
+    assert ode["merged_full"] == 0 and ode["merged_bytes"] == [0, 0]
+    assert merged["merged_full"] > 0 and all(b == merged["merged_full"] // 2 for b in merged["merged_bytes"])
+    assert abs(merged["local_bytes"] / merged["full_bytes"] - 0.5) < 0.01  # the whole backbone, merged copies too
+
+
 def train(out, *overrides):
     return torchrun("ddp_worker.py", str(out), "train.num_rounds=10", "save_every=5", "eval.every=0",
                     "train.ema_decay=0.9", "expect_world_size=2", "logging.progress=false", *overrides)
@@ -155,3 +203,33 @@ def test_validate_only_refuses_fsdp_on_one_process_in_one_line():
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: distributed.strategy: fsdp shards over processes"), lines
+
+
+def test_merged_teacher_weights_become_frozen_parameters_with_the_same_velocity(tiny_sd3_dir, tiny_teacher_dirs):
+    """What fsdp does to merged teachers before fully_shard (which shards parameters only): each
+    merged weight becomes a frozen parameter under its buffer's name, and every velocity stays
+    bit-identical (the layers read it by name)."""
+    from diffusion_opd.models import build_policy
+    from diffusion_opd.models.lora import merged_weights_as_parameters
+    from tests.models.test_fast_paths import random_embeds
+
+    pol = build_policy(tiny_sd3_dir, teachers=[dict(name="a", path=tiny_teacher_dirs["peft"]),
+                                               dict(name="b", path=tiny_teacher_dirs["diffusers"])],
+                       merge_teachers=True)
+    embeds = random_embeds(pol, n=2)
+    x = torch.randn(2, *pol.latent_shape(64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = [pol.velocity(x, 0.6, embeds, name, 3.0) for name in ("a", "b", "student")]
+        before.append(pol.velocity_mixed(x, 0.6, embeds, ["a", "b"], [3.0, 1.0]))
+    merged = {n: b.numel() * b.element_size() for n, b in pol.transformer.named_buffers() if "_opd_merged_" in n}
+    assert sum(merged.values()) == sum(pol.merged_teacher_bytes.values()) > 0
+    student = pol.trainable_parameters()
+    assert merged_weights_as_parameters(pol.transformer) == len(merged)
+    assert not any("_opd_merged_" in n for n, _ in pol.transformer.named_buffers())
+    params = {n: p for n, p in pol.transformer.named_parameters() if "_opd_merged_" in n}
+    assert params.keys() == merged.keys() and not any(p.requires_grad for p in params.values())
+    assert all(a is b for a, b in zip(student, pol.trainable_parameters()))  # the student is untouched
+    with torch.no_grad():
+        after = [pol.velocity(x, 0.6, embeds, name, 3.0) for name in ("a", "b", "student")]
+        after.append(pol.velocity_mixed(x, 0.6, embeds, ["a", "b"], [3.0, 1.0]))
+    assert all(torch.equal(u, v) for u, v in zip(before, after))
