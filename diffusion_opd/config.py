@@ -334,8 +334,8 @@ def validate_config(config, *, world_size: int = 1) -> None:
         "cpu_threads": config.cpu_threads, "seed": config.seed, "train.warmup_rounds": t.warmup_rounds,
         "train.weight_decay": t.weight_decay, "train.max_grad_norm": t.max_grad_norm,
         "train.stop_after_round": t.stop_after_round, "sample.noise_level": s.noise_level,
-        "sample.guidance_scale": s.guidance_scale, "eval.every": config.eval.every,
-        "eval.sample_images": config.eval.sample_images,
+        "sample.guidance_scale": s.guidance_scale, "model.guidance_scale_2": config.model.guidance_scale_2,
+        "eval.every": config.eval.every, "eval.sample_images": config.eval.sample_images,
         "expect_world_size": config.expect_world_size, "distributed.gpu_memory_gb": config.distributed.gpu_memory_gb,
     }
     for key, value in non_negative.items():

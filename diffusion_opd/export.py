@@ -76,7 +76,8 @@ def check_output_dir(out: str) -> None:
 
 
 def sample_images(policy, adapter: str, settings: dict):
-    """uint8 images of CHECK_PROMPTS on fixed seeds under ``adapter`` (deterministic ODE)."""
+    """uint8 images of CHECK_PROMPTS on fixed seeds under ``adapter`` (deterministic ODE; a video
+    model's videos as their frames)."""
     import numpy as np
 
     from .evaluation.core import eval_seed, sample_images as sample
@@ -86,7 +87,8 @@ def sample_images(policy, adapter: str, settings: dict):
                     resolution=settings["resolution"], shift=settings["shift"])
     seeds = [eval_seed(settings["seed"], i) for i in range(len(CHECK_PROMPTS))]
     images = sample(policy, list(CHECK_PROMPTS), seeds, spec, adapter=adapter)
-    return np.stack([np.asarray(im.convert("RGB"), dtype=np.int16) for im in images])
+    frames = [f for im in images for f in (im if isinstance(im, list) else [im])]
+    return np.stack([np.asarray(im.convert("RGB"), dtype=np.int16) for im in frames])
 
 
 def export(args) -> dict:
@@ -112,8 +114,11 @@ def export(args) -> dict:
                     guidance_scale=args.guidance_scale if args.guidance_scale is not None
                     else sample.get("guidance_scale", 4.5), shift=sample.get("shift") or None)
 
-    # The student starts as exactly the checkpoint's adapter (model.student_init's loader).
-    policy = build_policy(model, device=args.device, student_init=dict(path=folder))
+    # The student starts as exactly the checkpoint's adapter (model.student_init's loader); a video
+    # run's frame count and Wan 2.2's low-noise CFG scale as the run sampled them.
+    run_model = dict(num_frames=sample.get("num_frames") or None,
+                     guidance_scale_2=config.get("model", {}).get("guidance_scale_2") or None)
+    policy = build_policy(model, device=args.device, student_init=dict(path=folder), **run_model)
     if args.format == "merged" and not hasattr(policy, "save_merged_pipeline"):
         raise ValueError(f"--format merged: not available for {type(policy).__name__} (not a diffusers pipeline); "
                          "use --format diffusers or peft")
@@ -129,9 +134,9 @@ def export(args) -> dict:
     if not args.no_check:
         reference = sample_images(policy, STUDENT, settings)
         if args.format == "merged":
-            exported = sample_images(build_policy(args.out, device=args.device), BASE, settings)
+            exported = sample_images(build_policy(args.out, device=args.device, **run_model), BASE, settings)
         else:
-            back = build_policy(model, device=args.device, teachers=[dict(name=EXPORTED, path=args.out)])
+            back = build_policy(model, device=args.device, teachers=[dict(name=EXPORTED, path=args.out)], **run_model)
             exported = sample_images(back, EXPORTED, settings)
         diff = float(abs(reference - exported).max())
         tolerance = args.tolerance if args.tolerance is not None else (8.0 if args.format == "merged" else 0.0)
@@ -182,7 +187,8 @@ def write_model_card(args, model: str, config: dict, checkpoint_dir: str) -> str
     path = os.path.join(args.out, "README.md")
     with open(path, "w") as f:
         f.write(model_card(base_model=model, fmt=args.format, config=config, repo=args.push_to_hub or args.out,
-                           source=args.checkpoint, evaluation=evaluation))
+                           source=args.checkpoint, evaluation=evaluation,
+                           second_expert=os.path.isdir(os.path.join(args.out, "transformer_2"))))
     return path
 
 

@@ -22,7 +22,9 @@ def _family(base_model: str) -> Optional[str]:
     return "flux" if "flux" in low else "sd3" if ("sd3" in low or "stable-diffusion-3" in low) else None
 
 
-def _load_snippet(fmt: str, base_model: str, repo: str) -> str:
+def _load_snippet(fmt: str, base_model: str, repo: str, second_expert: bool = False) -> str:
+    """The card's loading code; ``second_expert``: a two-expert adapter (Wan 2.2 A14B), whose
+    low-noise expert's LoRA is in ``transformer_2/`` (models/lora.py)."""
     if fmt == "merged":
         return (f"import torch\nfrom diffusers import DiffusionPipeline\n\n"
                 f"pipe = DiffusionPipeline.from_pretrained(\"{repo}\", torch_dtype=torch.bfloat16).to(\"cuda\")\n"
@@ -31,14 +33,19 @@ def _load_snippet(fmt: str, base_model: str, repo: str) -> str:
         return (f"import torch\nfrom diffusers import DiffusionPipeline\nfrom peft import PeftModel\n\n"
                 f"pipe = DiffusionPipeline.from_pretrained(\"{base_model}\", torch_dtype=torch.bfloat16).to(\"cuda\")\n"
                 f"pipe.transformer = PeftModel.from_pretrained(pipe.transformer, \"{repo}\")\n"
+                + (f"pipe.transformer_2 = PeftModel.from_pretrained(pipe.transformer_2, \"{repo}\", "
+                   "subfolder=\"transformer_2\")\n" if second_expert else "") +
                 "image = pipe(\"a photo of a red apple\").images[0]")
     return (f"import torch\nfrom diffusers import DiffusionPipeline\n\n"
             f"pipe = DiffusionPipeline.from_pretrained(\"{base_model}\", torch_dtype=torch.bfloat16).to(\"cuda\")\n"
-            f"pipe.load_lora_weights(\"{repo}\")\nimage = pipe(\"a photo of a red apple\").images[0]")
+            f"pipe.load_lora_weights(\"{repo}\")\n"
+            + (f"pipe.load_lora_weights(\"{repo}\", weight_name=\"transformer_2/pytorch_lora_weights.safetensors\", "
+               "load_into_transformer_2=True)\n" if second_expert else "") +
+            "image = pipe(\"a photo of a red apple\").images[0]")
 
 
 def model_card(*, base_model: str, fmt: str, config: dict, repo: str = "<this folder or repo>",
-               source: str = "", evaluation: Optional[dict] = None) -> str:
+               source: str = "", evaluation: Optional[dict] = None, second_expert: bool = False) -> str:
     """The card's text. ``config``: the training config of the checkpoint ({} when unknown, e.g. a
     peer checkpoint); ``evaluation``: ``{name: value}`` of the run's last evaluation, if any."""
     recipe = config.get("recipe", "")
@@ -50,7 +57,7 @@ def model_card(*, base_model: str, fmt: str, config: dict, repo: str = "<this fo
     name = config.get("run_name") or "diffusion_opd export"
     body = [f"# {name}", "", f"A {'merged pipeline' if fmt == 'merged' else f'{fmt}-format LoRA'} of "
             f"`{base_model}` trained with {method}, using the `diffusion_opd` library." + (f" Exported from `{source}`." if source else ""),
-            "", "## How to load", "", "```python", _load_snippet(fmt, base_model, repo), "```", ""]
+            "", "## How to load", "", "```python", _load_snippet(fmt, base_model, repo, second_expert), "```", ""]
     tasks = config.get("tasks") or {}
     if tasks:
         body += ["## Training", "", "| task | teacher | reward |", "|---|---|---|"]

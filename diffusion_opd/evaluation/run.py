@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample.guidance_scale", "--guidance_scale", dest="guidance_scale", type=float, default=4.5,
                    help="CFG scale (SD3); for a guidance-distilled FLUX.1-dev the value of its guidance embedding "
                         "(FluxPipeline's default is 3.5)")
+    p.add_argument("--model.guidance_scale_2", "--guidance_scale_2", dest="guidance_scale_2", type=float, default=None,
+                   help="Wan 2.2 A14B: the low-noise expert's CFG scale (WanPipeline's guidance_scale_2; default: "
+                        "--guidance_scale in both experts)")
     p.add_argument("--sample.resolution", "--resolution", dest="resolution", type=int, default=512,
                    help="image side in pixels (the paper's table: 1024)")
     p.add_argument("--solver", choices=("ode", "sde"), default="ode", help="ode: Euler flow matching")
@@ -370,6 +373,7 @@ def _build_policy(plan: EvalPlan, device):
         lora=dict(rank=1, alpha=1),  # the family's default targets (they differ between families)
         teachers=[plan.adapter] if plan.adapter else [],
         max_sequence_length=args.max_sequence_length, num_frames=args.num_frames or None,
+        guidance_scale_2=args.guidance_scale_2,
     )
 
 

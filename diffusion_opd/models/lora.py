@@ -11,8 +11,10 @@ Two on-disk formats are read (both what the published checkpoints use):
 
 A two-expert model (Wan 2.2 A14B: a high-noise and a low-noise transformer) has one adapter per
 expert: the first expert's in the folder itself, the second's in its subfolder ``transformer_2``
-(same format; diffusers loads it with ``load_lora_weights(folder + "/transformer_2",
-load_into_transformer_2=True)``). Read together they are ONE adapter on a module holding both
+(same format; diffusers loads it with ``load_lora_weights(folder,
+weight_name="transformer_2/pytorch_lora_weights.safetensors", load_into_transformer_2=True)``, a
+local folder or a Hub repo; ``subfolder=`` is not an alternative: for a local folder diffusers
+ignores it and loads the first expert's file). Read together they are ONE adapter on a module holding both
 experts as ``transformer`` and ``transformer_2`` (models/wan.py): module names
 ``transformer.<module>`` / ``transformer_2.<module>``.
 """

@@ -27,8 +27,10 @@ pipeline's default). Both experts sit in ONE module (:class:`WanExperts`), so th
 both (one optimizer over both experts' LoRA), every teacher is one adapter on both, and adapter
 switching, mixed-teacher batches and merged teachers work unchanged. The student is saved as one
 adapter per expert: the high-noise expert's in the folder (``pipe.load_lora_weights(folder)``), the
-low-noise expert's in ``folder/transformer_2`` (``pipe.load_lora_weights(folder + "/transformer_2",
-load_into_transformer_2=True)``), the same layout for the PEFT folder; teachers and
+low-noise expert's in ``folder/transformer_2`` (``pipe.load_lora_weights(folder,
+weight_name="transformer_2/pytorch_lora_weights.safetensors", load_into_transformer_2=True)``), the
+same layout for the PEFT folder (``PeftModel.from_pretrained(pipe.transformer_2, folder,
+subfolder="transformer_2")``); teachers and
 ``model.student_init`` are read from that layout (models/lora.py). Teachers given as full
 transformers are refused for two experts. TI2V-5B (per-token timesteps) is refused in one line:
 not built here.
@@ -227,7 +229,8 @@ class WanPolicy(DiffusersPolicy):
     def save_student(self, directory: str, state: Optional[dict[str, torch.Tensor]] = None) -> None:
         """Wan 2.1: ``pytorch_lora_weights.safetensors`` (``WanPipeline.load_lora_weights(directory)``).
         Wan 2.2 A14B: the same for the high-noise expert, and ``directory/transformer_2`` for the
-        low-noise one (``load_lora_weights(directory + "/transformer_2", load_into_transformer_2=True)``)."""
+        low-noise one (``load_lora_weights(directory, weight_name="transformer_2/pytorch_lora_weights.safetensors",
+        load_into_transformer_2=True)``)."""
         if not self.two_experts:
             return super().save_student(directory, state)
         from diffusers import WanPipeline

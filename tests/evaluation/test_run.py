@@ -347,17 +347,19 @@ def test_evaluations_never_mix_in_one_output_dir(tmp_path, capsys, tiny_sd3_dir)
         holder.wait()
 
 
-def test_video_model_writes_mp4_and_frame_strips(tiny_wan_dir, tmp_path):
-    """A Wan pipeline folder through the CLI on the built-in video prompts: 5-frame videos, each
-    saved as an mp4 (PyAV) and a frame-strip PNG, the captioned grid of strips, an image reward
-    (brightness) scored frame by frame and the video reward temporal_consistency."""
+@pytest.mark.parametrize("folder, extra", [("tiny_wan_dir", []), ("tiny_wan22_dir", ["--guidance_scale_2", "3.0"])])
+def test_video_model_writes_mp4_and_frame_strips(request, folder, extra, tmp_path):
+    """A Wan pipeline folder (2.1; 2.2 A14B's two experts with the low-noise expert's own CFG scale)
+    through the CLI on the built-in video prompts: 5-frame videos, each saved as an mp4 (PyAV) and a
+    frame-strip PNG, the captioned grid of strips, an image reward (brightness) scored frame by frame
+    and the video reward temporal_consistency."""
     from diffusion_opd.data.video_prompts import VIDEO_MOTION_TEST
 
     av = pytest.importorskip("av")
     out = tmp_path / "wan_eval"
     run_cli(["--dataset", "video_motion", "--rewards", "brightness,temporal_consistency", "--max_samples", "2",
-             "--save_images", "--model", tiny_wan_dir, "--num_frames", "5", "--fps", "8", "--output_dir", out,
-             *SAMPLING])
+             "--save_images", "--model", request.getfixturevalue(folder), "--num_frames", "5", "--fps", "8",
+             "--output_dir", out, *extra, *SAMPLING])
     rows = read_results(out)
     assert [r["prompt"] for r in rows] == list(VIDEO_MOTION_TEST[:2])  # --split test: the held-out prompts
     assert [r["index"] for r in rows] == [0, 1]

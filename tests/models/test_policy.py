@@ -87,10 +87,9 @@ def test_unreachable_hub_teacher_names_the_teacher(tiny_sd3_dir):
 
 
 def _broken_copy(src, dst, edit):
-    os.makedirs(dst)
-    for name in os.listdir(src):
-        data = open(os.path.join(src, name), "rb").read()
-        open(os.path.join(dst, name), "wb").write(data)
+    import shutil
+
+    shutil.copytree(src, dst)  # (Wan 2.2: with the second expert's adapter in transformer_2/)
     path = os.path.join(dst, "adapter_model.safetensors")
     save_file(edit(load_file(path)), path)
     return str(dst)
@@ -114,7 +113,9 @@ def test_mismatched_teacher_adapter_names_teacher_and_module(tiny_family, tmp_pa
         sd[key] = torch.zeros(sd[key].shape[0], 48)
         return sd
 
-    for name, edit, detail in [("missing", rename, f"{missing}' does not exist"), ("wide", widen, f"{module}' is {linear}")]:
+    prefix = tiny_family.module_prefix  # the top-level file adapts the (first) transformer
+    for name, edit, detail in [("missing", rename, f"{prefix}{missing}' does not exist"),
+                               ("wide", widen, f"{prefix}{module}' is {linear}")]:
         folder = _broken_copy(tiny_family.teachers["peft"], tmp_path / name, edit)
         with pytest.raises(AdapterMismatchError) as err:
             tiny_family.build(teachers=[dict(name=f"t_{name}", path=folder)])
@@ -204,7 +205,9 @@ def test_batched_cfg_equals_two_separate_forwards(cfg_policy, batch):
         # reached 1.3e-5 in a full-suite run; a wrong combine is off by >= 1% of |v|, ~1e-2.)
         # (Qwen-Image rescales v_u + g (v_c - v_u) per token to |v_c|: its pipeline's combination,
         # checked against QwenImagePipeline in test_rollout)
-        torch.testing.assert_close(v, policy._guided(v_u, v_c, g), rtol=0, atol=3e-5)
+        # (Wan 2.2: rows of the low-noise expert at its own scale, guidance_scale_2)
+        scale = policy._cfg_scale(g, torch.full((3,), 0.7))
+        torch.testing.assert_close(v, policy._guided(v_u, v_c, scale), rtol=0, atol=3e-5)
         assert _rel(v, v_c) > 0.01  # guidance really changes the velocity
 
 
@@ -221,17 +224,14 @@ def test_student_and_teachers_predict_different_velocities(tiny_family, batch):
 
 def test_teacher_formats_match_reference_loaders(policy, batch, tiny_family):
     """Our PEFT / diffusers readers give the velocities of peft's and diffusers' own loaders."""
-    from peft import PeftModel
-
     x, embeds = batch
     g = tiny_family.guidance
     pipe = tiny_family.pipeline_class.from_pretrained(tiny_family.dir, **tiny_family.no_text_kwargs())
-    peft_ref = PeftModel.from_pretrained(type(pipe.transformer).from_pretrained(tiny_family.dir, subfolder="transformer"),
-                                         tiny_family.teachers["peft"])
-    pipe.load_lora_weights(tiny_family.teachers["diffusers"])
+    peft_ref = tiny_family.peft_reference(tiny_family.teachers["peft"])
+    tiny_family.load_lora(pipe, tiny_family.teachers["diffusers"])
     with torch.no_grad():
         refs = {name: tiny_family.reference_forward(model, x, 0.3, embeds.cond, g)
-                for name, model in (("gen", peft_ref), ("ocr", pipe.transformer))}
+                for name, model in (("gen", peft_ref), ("ocr", tiny_family.reference_holder(pipe)))}
     for name, ref in refs.items():
         # same modules and weights; only the order of a few fp32 additions may differ
         torch.testing.assert_close(policy.velocity(x, 0.3, embeds, name, g), ref, rtol=0, atol=1e-5)
@@ -240,6 +240,8 @@ def test_teacher_formats_match_reference_loaders(policy, batch, tiny_family):
 def test_full_transformer_teacher(tiny_family, tmp_path, batch):
     import diffusers
 
+    if tiny_family.name == "wan22":
+        pytest.skip("refused for two experts in one line (test_wan.py::test_wan22_only_settings_are_refused_in_one_line)")
     x, _ = batch
     cls = getattr(diffusers, tiny_family.transformer_class)
     full = cls.from_pretrained(tiny_family.dir, subfolder="transformer")
@@ -450,8 +452,10 @@ def test_teacher_from_a_repo_layout_subfolder_and_weight_name(tiny_family, tmp_p
     x, _ = batch
     # The layout of quanhaol/DiffusionOPD: <repo>/GenEvalTeacher/lora/<PEFT files>
     shutil.copytree(tiny_family.teachers["peft"], tmp_path / "repo" / "GenEvalTeacher" / "lora")
-    shutil.copy(os.path.join(tiny_family.teachers["diffusers"], "pytorch_lora_weights.safetensors"),
-                tmp_path / "repo" / "ocr_step_900.safetensors")
+    for sub in ("", *tiny_family.experts[1:]):  # Wan 2.2: the low-noise expert's file under the same name
+        os.makedirs(tmp_path / "repo" / sub, exist_ok=True)
+        shutil.copy(os.path.join(tiny_family.teachers["diffusers"], sub, "pytorch_lora_weights.safetensors"),
+                    tmp_path / "repo" / sub / "ocr_step_900.safetensors")
     pol = tiny_family.build(teachers=[
         dict(name="gen", path=str(tmp_path / "repo"), subfolder="GenEvalTeacher/lora"),
         dict(name="ocr", path=str(tmp_path / "repo"), weight_name="ocr_step_900.safetensors")])

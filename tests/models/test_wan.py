@@ -27,8 +27,11 @@ def test_unbuilt_wan_folders_are_refused_in_one_line_before_any_weight(tiny_wan_
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
-def test_wan22_student_spans_both_experts_and_each_row_runs_its_expert(tiny_wan22_dir):
-    pol = build_policy(tiny_wan22_dir, num_frames=5, guidance_scale_2=3.0)
+def test_wan22_student_spans_both_experts_and_each_row_runs_its_expert(tiny_wan22_dir, tmp_path):
+    from diffusion_opd.models.tiny import write_random_teacher_lora
+
+    teacher = write_random_teacher_lora(tiny_wan22_dir, str(tmp_path / "teacher"), seed=1)
+    pol = build_policy(tiny_wan22_dir, num_frames=5, guidance_scale_2=3.0, teachers=[dict(name="t", path=teacher)])
     named = {n: p for n, p in pol.transformer.named_parameters() if p.requires_grad}
     assert {n.split(".")[0] for n in named} == {"transformer", "transformer_2"}  # one student over both experts
     assert set(map(id, named.values())) == set(map(id, pol.trainable_parameters()))
@@ -52,6 +55,11 @@ def test_wan22_student_spans_both_experts_and_each_row_runs_its_expert(tiny_wan2
         for i in range(2):
             alone = pol.velocity(x[i:i + 1], sig[i].item(), embeds.select([i]), STUDENT, 4.0)
             torch.testing.assert_close(both[i:i + 1], alone, rtol=0, atol=1e-5)
+        # teacher rows in one mixed forward (adapter spans) straddling the boundary: each row its own call
+        mixed = pol.velocity_mixed(x, sig, embeds, ["t", "base"], [4.0, 4.0])
+        for i, adapter in enumerate(("t", "base")):
+            alone = pol.velocity(x[i:i + 1], sig[i].item(), embeds.select([i]), adapter, 4.0)
+            torch.testing.assert_close(mixed[i:i + 1], alone, rtol=0, atol=1e-5)
         # guidance_scale_2 applies below the boundary only (WanPipeline's guidance_scale_2)
         pol.guidance_scale_2 = None
         same = pol.velocity(x, sig, embeds, STUDENT, 4.0)

@@ -16,16 +16,26 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 TINY = os.path.join(ROOT, "config", "opd.py") + ":tiny_mopd"
 
 
-def tiny(out, *overrides):
-    return load_config(TINY, [f"output_dir={out}", "logging.progress=false", "eval.every=0", *overrides])
+def tiny(out, *overrides, config=TINY):
+    return load_config(config, [f"output_dir={out}", "logging.progress=false", "eval.every=0", *overrides])
+
+
+def _finished(tmp_path_factory, config):
+    out = tmp_path_factory.mktemp("peers") / "run"
+    run = train(tiny(out, "train.num_rounds=2", "save_every=2", "train.ema_decay=0.5", config=config))
+    return run, os.path.join(out, "checkpoints", "round-2")
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     """Two rounds of tiny_mopd with an EMA; the round-2 checkpoint."""
-    out = tmp_path_factory.mktemp("peers") / "run"
-    run = train(tiny(out, "train.num_rounds=2", "save_every=2", "train.ema_decay=0.5"))
-    return run, os.path.join(out, "checkpoints", "round-2")
+    return _finished(tmp_path_factory, TINY)
+
+
+@pytest.fixture(scope="module")
+def finished_wan22_run(tmp_path_factory):
+    """The same on Wan 2.2 A14B's two experts (tiny_wan22_t2v_mopd: one adapter per expert, 5-frame videos)."""
+    return _finished(tmp_path_factory, TINY.replace(":tiny_mopd", ":tiny_wan22_t2v_mopd"))
 
 
 def _inputs(policy, n=2, seed=0):
@@ -109,8 +119,9 @@ def _export_script():
 
 
 @pytest.mark.parametrize("fmt,use_ema", [("diffusers", False), ("peft", True), ("merged", False)])
-def test_export_round_trip_reproduces_the_checkpoints_images(finished_run, tmp_path, fmt, use_ema):
-    run, ckpt = finished_run
+@pytest.mark.parametrize("finished", ["finished_run", pytest.param("finished_wan22_run", marks=pytest.mark.slow)])
+def test_export_round_trip_reproduces_the_checkpoints_images(request, finished, tmp_path, fmt, use_ema):
+    run, ckpt = request.getfixturevalue(finished)
     script = _export_script()
     out = tmp_path / fmt
     argv = [ckpt, "--format", fmt, "--out", str(out), "--num_steps", "3"] + (["--use_ema"] if use_ema else [])
