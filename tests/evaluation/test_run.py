@@ -347,7 +347,8 @@ def test_evaluations_never_mix_in_one_output_dir(tmp_path, capsys, tiny_sd3_dir)
         holder.wait()
 
 
-@pytest.mark.parametrize("folder, extra", [("tiny_wan_dir", []), ("tiny_wan22_dir", ["--guidance_scale_2", "3.0"])])
+@pytest.mark.parametrize("folder, extra", [("tiny_wan_dir", []), pytest.param("tiny_wan22_dir", ["--guidance_scale_2", "3.0"],
+                                                                         marks=pytest.mark.slow)])
 def test_video_model_writes_mp4_and_frame_strips(request, folder, extra, tmp_path):
     """A Wan pipeline folder (2.1; 2.2 A14B's two experts with the low-noise expert's own CFG scale)
     through the CLI on the built-in video prompts: 5-frame videos, each saved as an mp4 (PyAV) and a
