@@ -46,6 +46,7 @@ import torch
 
 from .errors import ConfigError
 from .models.architectures import ARCHITECTURES, meta_inputs, meta_student
+from .models.compile import nested_repeated_blocks as _blocks  # a transformer's blocks, a text encoder's layers
 
 __all__ = ["GB", "TEXT_ENCODER_PLACEMENTS", "RECIPES", "Geometry", "geometry_of", "recipe_geometry", "round_memory",
            "allgather_volume", "round_flops", "expected_flops", "expected_flops_cfg", "expected_flops_embedded_guidance",
@@ -171,19 +172,6 @@ def _tensors(value):
     elif isinstance(value, dict):
         for v in value.values():
             yield from _tensors(v)
-
-
-def _blocks(module: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated layers of a model: every entry of a ModuleList of two or more modules of one
-    class, at any depth (a transformer's blocks; a text encoder's layers), outermost lists only."""
-    out, inside = [], set()
-    for m in module.modules():
-        if id(m) in inside:
-            continue
-        if isinstance(m, torch.nn.ModuleList) and len(m) >= 2 and len({type(c) for c in m}) == 1:
-            out.extend(m)
-            inside.update(id(x) for c in m for x in c.modules())
-    return out
 
 
 def activation_bytes(model: str, geo: Geometry) -> dict:

@@ -28,7 +28,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["repeated_blocks", "glue_modules", "compile_repeated_blocks", "RECOMPILE_LIMIT"]
+__all__ = ["repeated_blocks", "nested_repeated_blocks", "glue_modules", "compile_repeated_blocks", "RECOMPILE_LIMIT"]
 
 RECOMPILE_LIMIT = 64  # graphs kept per block code object (see the module docstring)
 
@@ -45,6 +45,20 @@ def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
         if isinstance(child, torch.nn.ModuleList) and len(child) >= 2 and len({type(m) for m in child}) == 1:
             blocks.extend(child)
     return blocks
+
+
+def nested_repeated_blocks(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated layers of any model, at any depth (a text encoder's ``encoder.layers`` /
+    ``encoder.block``, a transformer's blocks): every entry of a ModuleList of two or more
+    modules of one class, outermost lists only (not the lists inside such an entry)."""
+    out, inside = [], set()
+    for m in module.modules():
+        if id(m) in inside:
+            continue
+        if isinstance(m, torch.nn.ModuleList) and len(m) >= 2 and len({type(c) for c in m}) == 1:
+            out.extend(m)
+            inside.update(id(x) for c in m for x in c.modules())
+    return out
 
 
 def glue_modules(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -184,28 +184,15 @@ def shard_text_encoders(policy, config, mesh) -> list[torch.nn.Module]:
     mixed precision: the all-gathered weights are exactly the loaded ones."""
     from torch.distributed.fsdp import fully_shard
 
+    from ..models.compile import nested_repeated_blocks
+
     encoders = policy.text_encoder_modules(load=True)
     for encoder in encoders:
         encoder.requires_grad_(False).eval()
-        for layer in encoder_layers(encoder):
+        for layer in nested_repeated_blocks(encoder):  # CLIP encoder.layers, T5 encoder.block, an LM's layers
             fully_shard(layer, mesh=mesh, reshard_after_forward=True)
         fully_shard(encoder, mesh=mesh, reshard_after_forward=True)
     return encoders
-
-
-def encoder_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated layers of a text encoder, wherever they sit (CLIP ``text_model.encoder.layers``,
-    T5 ``encoder.block``, a decoder LM's ``layers``): every entry of each ModuleList of at least
-    two modules of one class that is not itself inside such an entry."""
-    layers: list[torch.nn.Module] = []
-    inside: set[int] = set()
-    for m in module.modules():
-        if id(m) in inside:
-            continue
-        if isinstance(m, torch.nn.ModuleList) and len(m) >= 2 and len({type(x) for x in m}) == 1:
-            layers.extend(m)
-            inside.update(id(x) for entry in m for x in entry.modules())
-    return layers
 
 
 def place_text_encoders(policy, config, device: torch.device) -> None:

@@ -145,8 +145,10 @@ def main(out, strategy, cases):
         text = [sharding.local_bytes(m) for m in encoders]
         from torch.distributed.fsdp import FSDPModule
 
+        from diffusion_opd.models.compile import nested_repeated_blocks
+
         text_groups = (sum(isinstance(m, FSDPModule) for e in encoders for m in e.modules()),
-                       sum(len(sharding.encoder_layers(e)) + 1 for e in encoders), len(encoders))
+                       sum(len(nested_repeated_blocks(e)) + 1 for e in encoders), len(encoders))
         text_bytes = everyone((sum(a for a, _ in text), sum(b for _, b in text)))
         merged = [(t.to_local() if hasattr(t, "to_local") else t) for n, t in
                   (*run.policy.transformer.named_parameters(), *run.policy.transformer.named_buffers())
