@@ -82,7 +82,7 @@ def test_sigterm_finishes_the_round_checkpoints_and_says_how_to_resume(tmp_path,
 
 @pytest.mark.parametrize("config", ["tiny_mopd", "tiny_flux_mopd"] + [
     pytest.param(name, marks=pytest.mark.slow)  # the newer families: minutes of CPU each
-    for name in ("tiny_qwen_image_mopd", "tiny_flux2_mopd", "tiny_wan_t2v_mopd")])
+    for name in ("tiny_qwen_image_mopd", "tiny_flux2_mopd", "tiny_wan_t2v_mopd", "tiny_wan22_t2v_mopd")])
 def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, config, full_run):
     full, killed = full_run(config), str(tmp_path / "killed")
 
