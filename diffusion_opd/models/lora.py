@@ -24,6 +24,7 @@ import json
 import os
 import warnings
 from contextlib import contextmanager
+from functools import partial
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -382,16 +383,25 @@ def merged_weights_as_parameters(model: torch.nn.Module) -> int:
     """Re-register every merged teacher weight (:func:`merge_adapter_into_layers`'s buffers) as a
     frozen parameter of its layer, under the same name, so that FSDP2's ``fully_shard`` (which
     shards parameters, never buffers) cuts it like the backbone weight beside it and all-gathers
-    it with its block. The layer's forward reads it by name either way. Returns the count."""
+    it with its block. The layer's forward reads it by name either way. They stay out of
+    ``state_dict()`` like the non-persistent buffers they were (a state dict hook drops them):
+    the student's state dict, checkpoints and exports never carry them. Returns the count."""
     count = 0
     for layer in model.modules():
-        for buffer in layer.__dict__.get("_opd_merged", {}).values():
-            if buffer in layer._buffers:
-                weight = layer._buffers.pop(buffer)
-                layer._non_persistent_buffers_set.discard(buffer)
-                layer.register_parameter(buffer, torch.nn.Parameter(weight, requires_grad=False))
-                count += 1
+        names = [b for b in layer.__dict__.get("_opd_merged", {}).values() if b in layer._buffers]
+        for buffer in names:
+            weight = layer._buffers.pop(buffer)
+            layer._non_persistent_buffers_set.discard(buffer)
+            layer.register_parameter(buffer, torch.nn.Parameter(weight, requires_grad=False))
+        if names:
+            layer._register_state_dict_hook(partial(_drop_keys, names=tuple(names)))
+        count += len(names)
     return count
+
+
+def _drop_keys(module, state_dict, prefix, local_metadata, names=()):
+    for name in names:
+        state_dict.pop(prefix + name, None)
 
 
 def add_adapter_copy(model: torch.nn.Module, source: str, name: str) -> dict[str, torch.nn.Parameter]:

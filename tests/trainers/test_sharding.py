@@ -229,6 +229,8 @@ def test_merged_teacher_weights_become_frozen_parameters_with_the_same_velocity(
     params = {n: p for n, p in pol.transformer.named_parameters() if "_opd_merged_" in n}
     assert params.keys() == merged.keys() and not any(p.requires_grad for p in params.values())
     assert all(a is b for a, b in zip(student, pol.trainable_parameters()))  # the student is untouched
+    assert not any("_opd_merged_" in k for k in pol.transformer.state_dict())  # never saved, as before
+    assert pol.student_state_dict().keys() == pol._student_keys
     with torch.no_grad():
         after = [pol.velocity(x, 0.6, embeds, name, 3.0) for name in ("a", "b", "student")]
         after.append(pol.velocity_mixed(x, 0.6, embeds, ["a", "b"], [3.0, 1.0]))
