@@ -218,8 +218,10 @@ def test_student_and_teachers_predict_different_velocities(tiny_family, batch):
     v = {a: pol.velocity(x, 0.5, embeds, a, 1.0) for a in (STUDENT, BASE, "gen", "ocr")}
     assert torch.equal(v[STUDENT], v[BASE])  # fresh student LoRA: B = 0, exactly the base model
     for t in ("gen", "ocr"):
-        assert _rel(v[t], v[BASE]) > 0.1, t  # the random teachers move the velocity by ~30%
-    assert _rel(v["gen"], v["ocr"]) > 0.1
+        # the random teachers move the velocity by ~30% (Qwen-Image's, on its text stream only, by
+        # ~8%: models/tiny.py, _TEACHER_TARGETS); a teacher that is not applied moves it by 0
+        assert _rel(v[t], v[BASE]) > 0.05, t
+    assert _rel(v["gen"], v["ocr"]) > 0.05
 
 
 def test_teacher_formats_match_reference_loaders(policy, batch, tiny_family):
