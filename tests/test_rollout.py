@@ -119,7 +119,7 @@ def test_ode_rollout_reproduces_the_diffusers_pipeline(tiny_family, true_cfg):
     # pipeline's float32 sigmas vs our float64 ones cast to float32, and FLUX's timestep
     # 1000 sigma / 1000) and the order of a few fp32 sums (CFG batches, Qwen-Image's masked padding):
     # measured max |diff| 1.2e-6 (SD3, CFG), 3.6e-7 (FLUX, embedded guidance), 2.6e-6 (FLUX,
-    # true CFG x 4.5), 1.5e-6 (Qwen-Image), 0 (FLUX.2), 1.9e-6 (Wan), 2.3e-6 (Wan 2.2's two experts,
+    # true CFG x 4.5), 1.4e-6 (Qwen-Image), 0 (FLUX.2), 2.9e-6 (Wan), 2.3e-6 (Wan 2.2's two experts,
     # CFG 4.5 / guidance_scale_2 3.0) on latents of order 1-5; a wrong shift, packing or guidance
     # shows as O(0.1-1) (Wan 2.2: guidance_scale_2 ignored 0.025, the high-noise expert throughout 3.1).
     print(f"{tiny_family.name} true_cfg={true_cfg}: max |rollout - pipeline| = {(ours - latents).abs().max():.3g}")
