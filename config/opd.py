@@ -171,8 +171,9 @@ def tiny_flux2_mopd():
     c = _tiny_family(tiny_mopd(), "tiny-flux2", "flux2", guidance="embedded")
     c.run_name, c.output_dir = "tiny_flux2_mopd", "outputs/tiny_flux2_mopd"
     # As tiny_flux_mopd: FLUX.2 attends to its padding, and with 128 text tokens (mostly padding)
-    # beside the 16 image tokens the teachers' change is more prompt- than noise-driven. Measured
-    # on the CPU, 40 rounds: held-out distance -67% / -54% with 32 tokens, -87% / -70% with 128.
+    # beside the 16 image tokens the teachers' change is more prompt- than noise-driven (measured
+    # on the CPU, 40 rounds: held-out distance -63% / -59% (seed 7: -53% / -50%); see
+    # _TEACHER_TARGETS in diffusion_opd/models/tiny.py for the teachers).
     c.model.max_sequence_length = 128
     c.sample.guidance_scale = 2.5
     c.teachers.teacher_a.guidance_scale = 2.5

@@ -97,7 +97,8 @@ def _broken_copy(src, dst, edit):
 
 def test_mismatched_teacher_adapter_names_teacher_and_module(tiny_family, tmp_path):
     teacher = load_file(os.path.join(tiny_family.teachers["peft"], "adapter_model.safetensors"))
-    key = sorted(k for k in teacher if "to_k.lora_A" in k)[-1]  # the last adapted block's to_k
+    # the last adapted block's key projection (image stream, or text stream for Qwen-Image's teachers)
+    key = sorted(k for k in teacher if re.search(r"\.(to_k|add_k_proj)\.lora_A", k))[-1]
     module = key[len("base_model.model."):-len(".lora_A.weight")]
     missing = re.sub(r"\.\d+\.", ".7.", module, count=1)  # a block the tiny transformer does not have
     linear = f"Linear({teacher[key].shape[1]} -> {teacher[key.replace('lora_A', 'lora_B')].shape[0]})"
