@@ -234,7 +234,7 @@ def _counts(model: str, geo: Geometry) -> dict:
 
     arch = ARCHITECTURES[model]
     student = meta_student(model, geo.rank)
-    frozen = [b for b in _blocks(student)]
+    frozen = _blocks(student)
     with torch.device("meta"):
         text = [cls(cfg) for cls, cfg in arch.text_encoders()]
         vae_cls, vae_cfg = arch.vae()
@@ -397,7 +397,7 @@ def budget_line(config, world: int, gpu_bytes: Optional[int] = None) -> Optional
     if model is None:
         return None
     geo = geometry_of(config, model)
-    placement = config.distributed.get("text_encoders", "replicate")
+    placement = config.distributed.text_encoders
     strategy = config.distributed.strategy
     worlds = sorted(set(FSDP_WORLDS) | ({world} if world >= 2 else set()))
     fsdp = {n: round_memory(model, geo, "fsdp", n, placement) for n in worlds}

@@ -164,6 +164,11 @@ def test_validate_only_line_and_the_gpu_it_must_fit(tmp_path, monkeypatch):
         budget.budget_line(config, 1, budget.gpu_memory_bytes(config))
     config.distributed.strategy = "fsdp"
     assert "this run: fsdp x8" in budget.budget_line(config, 8, budget.gpu_memory_bytes(config))
+    config.distributed.text_encoders = "shard"  # the config's placement is what the line budgets
+    sharded = round_memory("flux.2-dev", geo, "fsdp", 8, "shard")
+    line = budget.budget_line(config, 8)
+    assert f"x8 {sharded['total_gb']} GB" in line and "text encoders: shard" in line
+    assert sharded["total_bytes"] < fsdp8["total_bytes"]
     assert budget.budget_line(load_config("opd:tiny_flux2_mopd", []), 1) is None  # a tiny model: nothing counted
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     config.distributed.gpu_memory_gb = 0.0
