@@ -165,4 +165,8 @@ def main(out, strategy, cases):
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2], sys.argv[3:])
-    dist.destroy_process_group()  # a clean exit (gloo's threads stopped before the interpreter ends)
+    # a clean exit: both processes leave together (rank 0 still writing while rank 1 tore its gloo
+    # connections down aborted rank 1 once under load: "terminate called without an active
+    # exception"), with gloo's threads stopped before the interpreter ends
+    dist.barrier()
+    dist.destroy_process_group()
