@@ -44,6 +44,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .config import CHOICES
 from .errors import ConfigError
 from .models.architectures import ARCHITECTURES, meta_inputs, meta_student
 from .models.compile import nested_repeated_blocks as _blocks  # a transformer's blocks, a text encoder's layers
@@ -53,7 +54,7 @@ __all__ = ["GB", "TEXT_ENCODER_PLACEMENTS", "RECIPES", "Geometry", "geometry_of"
            "gpu_memory_bytes", "budget_line"]
 
 GB = 1e9
-TEXT_ENCODER_PLACEMENTS = ("replicate", "shard", "rank0")  # the values of distributed.text_encoders
+TEXT_ENCODER_PLACEMENTS = CHOICES["distributed.text_encoders"]  # the config owns the names
 FSDP_WORLDS = (2, 4, 8)  # the world sizes --validate_only shows next to the configured one
 
 # Each counted architecture at its recipe's geometry (the shipped config the table row reads).

@@ -188,7 +188,8 @@ def write_model_card(args, model: str, config: dict, checkpoint_dir: str) -> str
     with open(path, "w") as f:
         f.write(model_card(base_model=model, fmt=args.format, config=config, repo=args.push_to_hub or args.out,
                            source=args.checkpoint, evaluation=evaluation,
-                           second_expert=os.path.isdir(os.path.join(args.out, "transformer_2"))))
+                           second_expert=os.path.isdir(os.path.join(args.out, "transformer_2")),
+                           video=bool(config.get("sample", {}).get("num_frames"))))
     return path
 
 

@@ -98,10 +98,10 @@ def check_manifest_entry(path: Union[str, Path], meta: dict) -> None:
         raise DamagedFileError(f"{path}: content differs from what was written (SHA-256 mismatch)")
 
 
-def check_against_manifest(path: Union[str, Path], levels: int = 2) -> bool:
+def check_against_manifest(path: Union[str, Path], levels: int = 3) -> bool:
     """Check ``path`` against the manifest of the folder it was sealed in, if any: a manifest
     in its folder or up to ``levels - 1`` folders above (a checkpoint's ``round-N/`` holds
-    ``lora/`` and ``ema/``). Returns whether a manifest listed it; raises
+    ``lora/`` and ``ema/``, a two-expert student's ``lora/transformer_2/``). Returns whether a manifest listed it; raises
     :class:`DamagedFileError` when it differs, so a damaged file is named before it is read."""
     path = os.path.abspath(str(path))
     folder = os.path.dirname(path)

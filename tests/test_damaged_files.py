@@ -101,3 +101,19 @@ def test_a_damaged_lora_is_one_line_naming_the_file(entry, how, trained, tmp_pat
     assert "Traceback" not in out + err
     if main is train_main:  # the run that failed to start leaves no run.lock behind
         assert not (tmp_path / "next" / "run.lock").exists()
+
+
+@pytest.mark.parametrize("rel", [WEIGHTS, f"lora/{WEIGHTS}", f"lora/transformer_2/{WEIGHTS}"])
+def test_a_checkpoint_file_is_checked_against_the_round_manifest_at_every_depth(rel, tmp_path):
+    """A round's manifest covers Wan 2.2's second expert (round-N/lora/transformer_2/) too."""
+    from diffusion_opd.files import DamagedFileError, check_against_manifest
+    from diffusion_opd.trainers.checkpoint import write_manifest
+
+    path = tmp_path / "round-1" / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(bytes(range(256)))
+    write_manifest(str(tmp_path / "round-1"))
+    assert check_against_manifest(path)
+    flip_a_byte(path)
+    with pytest.raises(DamagedFileError, match="SHA-256 mismatch"):
+        check_against_manifest(path)

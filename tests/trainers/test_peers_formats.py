@@ -200,3 +200,24 @@ def test_push_to_hub_dry_run_writes_a_model_card_naming_the_base_model(finished_
     assert 'PeftModel.from_pretrained(pipe.transformer, "me/tiny-opd")' in card.text
     assert "| objects | teacher_a |" in card.text and "| eval CLI: ocr_accuracy | 0.625 |" in card.text
     assert script.main([ckpt, "--format", "peft", "--out", str(tmp_path / "x"), "--dry_run"]) == 2
+
+
+@pytest.mark.parametrize("base, video, tag", [("Qwen/Qwen-Image", False, "qwen-image"),
+                                              ("black-forest-labs/FLUX.2-dev", False, "flux2"),
+                                              ("Wan-AI/Wan2.2-T2V-A14B-Diffusers", True, "wan")])
+def test_model_card_of_the_newer_families_names_the_family_and_loads_video_as_frames(base, video, tag):
+    """A video export's card loads ``.frames`` (a Wan pipeline has no ``.images``) and says text-to-video;
+    every snippet is valid Python."""
+    import ast
+
+    from huggingface_hub import ModelCard
+
+    from diffusion_opd.model_card import model_card
+
+    for fmt in ("diffusers", "peft", "merged"):
+        card = ModelCard(model_card(base_model=base, fmt=fmt, config={}, second_expert=video, video=video))
+        assert card.data.pipeline_tag == ("text-to-video" if video else "text-to-image") and tag in card.data.tags
+        code = card.text.split("```python\n")[1].split("```")[0]
+        ast.parse(code)
+        assert (".frames[0]" in code) == video and (".images[0]" in code) == (not video)
+        assert ("transformer_2" in code) == (video and fmt != "merged")
