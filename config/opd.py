@@ -202,6 +202,17 @@ def tiny_wan22_t2v_mopd():
     return c
 
 
+def _train_every_step(c):
+    """Train all sample.num_steps steps, not the first 9 of 10. mopd (SD3.5-M) leaves out the last
+    step because SD3's schedule ends at sigma 0.009 (nothing left to denoise); the pipelines that
+    sample linspace(1, 1/N, N) through their shift end far higher at 10 steps: FLUX.1-dev at 512 px
+    at 0.17, Wan 2.1 (shift 3) at 0.25, FLUX.2-dev at 1024 px at 0.52, so an untrained last step
+    would leave a quarter to half of the denoising to a student never matched there (Qwen-Image's
+    shift_terminal ends at 0.02: it keeps mopd's 9). tests/test_configs.py checks the rule."""
+    c.train.num_train_steps = c.sample.num_steps
+    return c
+
+
 def _flux_dev(c):
     """FLUX.1-dev as the backbone (guidance-distilled: the guidance scales feed its embedding)."""
     c.model.path = FLUX_DEV
@@ -221,7 +232,7 @@ def flux_mopd():
     LoRA student. No FLUX teachers are released: give yours as LoRA folders or Hub repos +
     subfolders (``teachers.<name>.path`` / ``.subfolder``; ``kind="transformer"`` for fully
     fine-tuned transformers), e.g. ``teachers.geneval.path=/ckpt/flux_geneval/lora``."""
-    c = _flux_dev(mopd())
+    c = _train_every_step(_flux_dev(mopd()))
     c.run_name = "flux_mopd"
     c.output_dir = "outputs/flux_mopd"
     c.teachers = {
@@ -270,7 +281,7 @@ def flux2_mopd():
     """The multi-teacher recipe on FLUX.2-dev (guidance-distilled: the scales feed its guidance
     embedding). Geometry from Flux2Pipeline's documented example: 1024 px (its default size),
     embedded guidance 2.5; 10 rollout steps as in mopd (the example samples 50). Teachers: yours."""
-    c = _large_model("flux2_mopd", FLUX2_DEV, "flux2", resolution=1024, guidance=2.5)
+    c = _train_every_step(_large_model("flux2_mopd", FLUX2_DEV, "flux2", resolution=1024, guidance=2.5))
     c.model.guidance = "embedded"
     return c
 
@@ -283,7 +294,7 @@ def wan_t2v_mopd():
     task samples the built-in motion prompts (``video_motion``: PickScore reads any prompt, and
     still-image captions ask a video model for no motion); GenEval and OCR keep their prompt sets,
     which their rewards read (GenEval's metadata, the text OCR looks for). Teachers: yours."""
-    c = _large_model("wan_t2v_mopd", WAN21_T2V, "wan", resolution=480, guidance=5.0)
+    c = _train_every_step(_large_model("wan_t2v_mopd", WAN21_T2V, "wan", resolution=480, guidance=5.0))
     c.tasks.aesthetic.prompts = c.tasks.aesthetic.eval_prompts = "video_motion"
     c.sample.num_frames = 81
     c.sample.reward_frames = "count:8"

@@ -214,9 +214,12 @@ def test_flux_and_sd35_large_recipes(data_root):
     assert all(t.subfolder for t in flux.teachers.values())  # Hub repo + subfolder, or a folder
     assert (flux.teachers.ocr.path, flux.teachers.ocr.subfolder) == ("/ckpt/flux_ocr", "lora")
     geo, ref = derived_geometry(flux, 8), derived_geometry(mopd, 8)
-    assert {k: v for k, v in geo.items() if "forwards" not in k} == {k: v for k, v in ref.items() if "forwards" not in k}
-    # no uncond rows: 3 tasks x 3 images x 10 steps student, 3 x 3 x 9 teacher forwards
-    assert geo["student_forwards_per_round_per_process"] == 90 and geo["teacher_forwards_per_round_per_process"] == 81
+    same = lambda g: {k: v for k, v in g.items() if "forwards" not in k and "trained" not in k}  # noqa: E731
+    assert same(geo) == same(ref)
+    # no uncond rows: 3 tasks x 3 images x 10 steps student, 3 x 3 x 10 teacher forwards (every
+    # step trained: test_a_recipe_leaves_untrained_only_steps_with_nothing_left_to_denoise)
+    assert geo["trained_steps_per_image"] == "10 of 10" and ref["trained_steps_per_image"] == "9 of 10"
+    assert geo["student_forwards_per_round_per_process"] == 90 and geo["teacher_forwards_per_round_per_process"] == 90
     large = load_config(f"{OPD}:sd35_large_mopd", [f"data_root={data_root}"])
     assert large.model.path == "stabilityai/stable-diffusion-3.5-large" and large.model.gradient_checkpointing
     assert tuple(large.lora.target_modules) == DEFAULT_LORA_TARGETS["sd3"]
@@ -252,3 +255,51 @@ def test_newer_family_recipes(data_root, name, path, family, resolution, frames,
     assert c.model.guidance == ("embedded" if family == "flux2" else "auto")
     # the video recipe's aesthetic task samples the built-in motion prompts (no download)
     assert (c.tasks.aesthetic.prompts == "video_motion") == (family == "wan")
+
+
+# Each large recipe's schedule as its released folder's scheduler builds it (Wan 2.1's folders ship
+# UniPC with flow sigmas; the tiny models' schedulers mirror the others' configs).
+_WAN21_SCHEDULER = dict(_class_name="UniPCMultistepScheduler", flow_shift=3.0, use_flow_sigmas=True,
+                        prediction_type="flow_prediction")
+
+
+def _recipe_sigmas(c):
+    import math
+
+    import diffusers
+    import numpy as np
+    from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
+
+    from diffusion_opd.models import tiny
+    from diffusion_opd.sampling import flux_sigmas, sd3_sigmas
+
+    n, tokens, path = c.sample.num_steps, (c.sample.resolution // 16) ** 2, c.model.path.lower()
+    ramp = np.linspace(1.0, 1 / n, n)
+    if "qwen" in path:
+        s = diffusers.FlowMatchEulerDiscreteScheduler(**tiny.QWEN_IMAGE_SCHEDULER_CONFIG)
+        s.set_timesteps(sigmas=ramp, mu=calculate_shift(tokens, 256, 8192, 0.5, 0.9))
+        return s.sigmas.tolist()
+    if "flux.2" in path:
+        s = diffusers.FlowMatchEulerDiscreteScheduler(**tiny.FLUX2_SCHEDULER_CONFIG)
+        s.set_timesteps(sigmas=ramp, mu=compute_empirical_mu(tokens, n))
+        return s.sigmas.tolist()
+    if "flux" in path:
+        return flux_sigmas(n, tokens).tolist()
+    if "wan" in path:
+        s = diffusers.UniPCMultistepScheduler(**{k: v for k, v in _WAN21_SCHEDULER.items() if k != "_class_name"})
+        s.set_timesteps(n)
+        return s.sigmas.tolist()
+    return sd3_sigmas(n, c.sample.shift or 3.0).tolist()
+
+
+@pytest.mark.parametrize("name", ["mopd", "sd35_large_mopd", "flux_mopd", "flux2_mopd", "qwen_image_mopd",
+                                  "wan_t2v_mopd"])
+def test_a_recipe_leaves_untrained_only_steps_with_nothing_left_to_denoise(name):
+    """train.num_train_steps < sample.num_steps leaves the last steps to an unmatched student: only
+    where the schedule has reached sigma < 0.05 there (SD3 ends at 0.009, Qwen-Image at 0.02; FLUX.1,
+    FLUX.2 and Wan end at 0.17-0.52 and train every step)."""
+    c = load_config(os.path.join(ROOT, "config", "opd.py") + f":{name}", [])
+    sigmas = _recipe_sigmas(c)
+    assert len(sigmas) == c.sample.num_steps + 1 and sigmas[-1] == 0
+    assert sigmas[c.train.num_train_steps] < 0.05, (name, [round(s, 3) for s in sigmas])
