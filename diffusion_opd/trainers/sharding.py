@@ -31,7 +31,8 @@ Gradients: FSDP2 reduce-scatters a block's gradients after its backward. A round
 backwards (the fused rollout backpropagates at every trained step) and must reduce ONCE:
 :class:`ReduceOnce` turns gradient sync off (``set_requires_gradient_sync(False)``: gradients
 accumulate unsharded, which costs one full copy of the LoRA gradients per process, a few MB)
-and on again just before the last backward before the optimizer step. The reduction averages
+and on again just before the last backward before the optimizer step (a denoiser of two experts,
+Wan 2.2 A14B, reduces at every backward: see :class:`ReduceOnce`). The reduction averages
 in fp32 (``MixedPrecisionPolicy(reduce_dtype=float32)``) like the DDP path.
 
 Mixed precision: ``mixed_precision="bf16"`` becomes ``MixedPrecisionPolicy(param_dtype=bf16)``
@@ -253,12 +254,18 @@ class ReduceOnce:
     ``expect(n)`` announces how many backwards come before the next step; ``backward(loss)``
     runs one, with FSDP2's reduce-scatter switched on only for the ``n``-th. ``check()`` (at
     the step) refuses a step whose gradients were never reduced: a recipe that announced the
-    wrong count would otherwise step on unreduced gradients without a word."""
+    wrong count would otherwise step on unreduced gradients without a word.
+
+    FSDP2 reduces a shard group's held gradients only in a backward that reaches the group. A
+    denoiser of several experts (Wan 2.2 A14B: the high-noise expert runs only at the first steps,
+    so never in the round's last backward) therefore reduces at every backward: a LoRA gradient
+    reduce-scatter per backward, small next to the all-gathers of the weights."""
 
     def __init__(self, modules: list[torch.nn.Module], backward: Callable[[torch.Tensor], None]):
         self.modules, self._backward = modules, backward
         self.pending: Optional[int] = None
-        self._set(False)
+        self.every_backward = any(len(getattr(m, "experts", ())) > 1 for m in modules)
+        self._set(self.every_backward)
 
     def _set(self, sync: bool) -> None:
         for m in self.modules:
@@ -274,7 +281,7 @@ class ReduceOnce:
             raise RuntimeError("ReduceOnce: a backward was not announced with expect(n) (sharded gradients would "
                                "never be reduced)")
         self.pending -= 1
-        last = self.pending == 0
+        last = self.pending == 0 and not self.every_backward
         if last:
             self._set(True)
         try:
@@ -282,6 +289,7 @@ class ReduceOnce:
         finally:
             if last:
                 self._set(False)
+            if self.pending == 0:
                 self.pending = None
 
     def check(self) -> None:

@@ -46,6 +46,8 @@ CASES = {  # name -> (config, overrides, keep only the first task)
     "flux_text_rank0": ("config/opd.py:tiny_flux_mopd", ["perf.lockstep_tasks=true", "model.max_sequence_length=16",
                                                          "distributed.text_encoders=rank0"], False),
     "merged_lockstep": ("config/opd.py:tiny_mopd", ["perf.merge_teachers=true", "perf.lockstep_tasks=true"], False),
+    # Wan 2.2 A14B's two experts: the high-noise one sits out the round's last (low-noise) backwards
+    "wan22": ("config/opd.py:tiny_wan22_t2v_mopd", ["perf.lockstep_tasks=true"], False),
     "nft": ("config/nft.py:tiny", ["rl.groups_per_round=1", "rl.group_size=4", "train.batch_size=2"], False),
     "grpo_guard": ("config/grpo.py:tiny_guard", ["rl.groups_per_round=1", "rl.group_size=4", "train.batch_size=2"],
                    False),
