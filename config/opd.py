@@ -14,6 +14,7 @@ SD35_LARGE = "stabilityai/stable-diffusion-3.5-large"
 QWEN_IMAGE = "Qwen/Qwen-Image"
 FLUX2_DEV = "black-forest-labs/FLUX.2-dev"  # gated: accept the licence, `hf auth login`
 WAN21_T2V = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"  # the 14B folder (Wan-AI/Wan2.1-T2V-14B-Diffusers) runs alike
+WAN22_T2V = "Wan-AI/Wan2.2-T2V-A14B-Diffusers"  # two 14B experts (high / low noise)
 
 
 def _released_teachers():
@@ -301,6 +302,22 @@ def wan_t2v_mopd():
     return c
 
 
+def wan22_t2v_mopd():
+    """wan_t2v_mopd on Wan 2.2 T2V A14B: two 14B experts, the high-noise one at timesteps >= 875
+    (the folder's boundary_ratio), one student LoRA spanning both, each teacher a LoRA on both
+    (``transformer_2/`` in its folder). The card's CFG: 4.0 for the high-noise expert, 3.0 for the
+    low-noise one (model.guidance_scale_2). Its schedule (flow shift 12) ends at sigma 0.57 at 10
+    steps: every step trained. Both experts' 57 GB of bf16 weights want distributed.strategy=fsdp over
+    several GPUs (``python scripts/round_budget.py --models wan2.2-t2v-a14b``). Teachers: yours."""
+    c = wan_t2v_mopd()
+    c.run_name, c.output_dir = "wan22_t2v_mopd", "outputs/wan22_t2v_mopd"
+    c.model.path = WAN22_T2V
+    c.sample.guidance_scale = 4.0
+    c.model.guidance_scale_2 = 3.0
+    c.teachers = _user_teachers("your-org/wan22-t2v-opd-teachers", 4.0)
+    return c
+
+
 def sd35_large_mopd():
     """The released recipe with SD3.5-Large as the backbone: the same SD3 code path, only the
     model and the (user-supplied) teachers differ. bf16 weights (the 8B transformer in fp16 needs
@@ -322,7 +339,7 @@ def sd35_large_mopd():
 
 CONFIGS = {f.__name__: f for f in (mopd, mopd_sde, sopd_geneval, sopd_ocr, sopd_pickscore, tiny_mopd, tiny_flux_mopd,
                                    tiny_qwen_image_mopd, tiny_flux2_mopd, tiny_wan_t2v_mopd, tiny_wan22_t2v_mopd, flux_mopd,
-                                   sd35_large_mopd, qwen_image_mopd, flux2_mopd, wan_t2v_mopd)}
+                                   sd35_large_mopd, qwen_image_mopd, flux2_mopd, wan_t2v_mopd, wan22_t2v_mopd)}
 
 
 def get_config(name="mopd"):

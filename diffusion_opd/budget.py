@@ -66,6 +66,7 @@ RECIPES = {
     "qwen-image": "opd:qwen_image_mopd",
     "wan2.1-t2v-1.3b": "opd:wan_t2v_mopd",
     "wan2.1-t2v-14b": "opd:wan_t2v_mopd",  # the same recipe on the 14B folder
+    "wan2.2-t2v-a14b": "opd:wan22_t2v_mopd",
 }
 
 
@@ -241,8 +242,11 @@ def _counts(model: str, geo: Geometry) -> dict:
         vae_cls, vae_cfg = arch.vae()
         vae = getattr(diffusers, vae_cls.__name__)(**vae_cfg)
     in_blocks = {id(p) for b in frozen for p in b.parameters()}
-    return {"backbone": _numel(student, trainable=False), "student_lora": _numel(student, trainable=True),
-            "root": sum(p.numel() for p in student.parameters() if id(p) not in in_blocks and not p.requires_grad),
+    # Several experts (Wan 2.2 A14B): each holds its weights and its LoRAs, one runs per forward
+    # (the activations and the gathered blocks are one expert's).
+    e = arch.experts
+    return {"experts": e, "backbone": e * _numel(student, trainable=False), "student_lora": e * _numel(student, trainable=True),
+            "root": e * sum(p.numel() for p in student.parameters() if id(p) not in in_blocks and not p.requires_grad),
             "block_max": max(_numel(b) for b in frozen),
             "text_encoders": [_shape(t) for t in text], "vae": _numel(vae),
             "activations": activation_bytes(model, geo)}
@@ -298,14 +302,19 @@ def allgather_volume(model: str, geo: Geometry = Geometry(), world: int = 8, ban
     tasks at once under lockstep) ``steps`` rollout forwards, ``trained`` teacher forwards and
     ``trained`` backwards (the checkpointed recompute runs inside the backward's gather). The
     student's fp32 LoRA gradients are reduce-scattered once. ``bandwidth``: the all-gather bus
-    bandwidth assumed (bytes/s; 360e9 = ~80% of NVLink 4's 450 GB/s per direction)."""
+    bandwidth assumed (bytes/s; 360e9 = ~80% of NVLink 4's 450 GB/s per direction). A gather moves
+    one expert of a two-expert model (the one its step runs), whose LoRA gradients are then
+    reduce-scattered at every backward (trainers/sharding.py ReduceOnce)."""
     c = _counts(model, geo)
-    per_gather = (c["backbone"] + (1 + geo.lora_teachers) * c["student_lora"]) * geo.weight_bytes
-    gathers = (1 if geo.lockstep else geo.tasks) * (geo.steps + 2 * geo.trained)
+    e = c["experts"]
+    per_gather = (c["backbone"] + (1 + geo.lora_teachers) * c["student_lora"]) * geo.weight_bytes // e
+    batches = 1 if geo.lockstep else geo.tasks
+    gathers = batches * (geo.steps + 2 * geo.trained)
     received = gathers * per_gather * (world - 1) // world
+    reduces = 1 if e == 1 else batches * geo.trained
     return {"model": model, "world": world, "gathers_per_round": gathers, "bytes_per_gather": per_gather,
             "received_per_gpu": received, "seconds_at_bandwidth": received / bandwidth, "bandwidth": bandwidth,
-            "lora_reduce_scatter_bytes": c["student_lora"] * 4 * (world - 1) // world}
+            "lora_reduce_scatter_bytes": reduces * c["student_lora"] // e * 4 * (world - 1) // world}
 
 
 # ------------------------------------------------------------------------------------- FLOPs
@@ -382,6 +391,18 @@ def gpu_memory_bytes(config) -> Optional[int]:
     return None
 
 
+def _has_second_expert(path: str, revision: Optional[str]) -> bool:
+    """Whether the pipeline has a ``transformer_2`` (Wan 2.2 A14B), from its config file alone."""
+    from .models.backbone import transformer_config
+
+    if os.path.isdir(path):
+        return os.path.isfile(os.path.join(path, "transformer_2", "config.json"))
+    try:
+        return transformer_config(path, revision, subfolder="transformer_2") is not None
+    except ConfigError:  # the Hub repo has no transformer_2/config.json
+        return False
+
+
 def budget_line(config, world: int, gpu_bytes: Optional[int] = None) -> Optional[str]:
     """The per-GPU memory line ``--validate_only`` prints for an OPD config whose backbone is a
     counted architecture (None otherwise: the tiny and toy models, stage-1 recipes). Raises a
@@ -394,7 +415,8 @@ def budget_line(config, world: int, gpu_bytes: Optional[int] = None) -> Optional
     if config.recipe != "opd" or path.startswith(BUILTIN):
         return None
     cfg = transformer_config(path, config.model.revision or None)
-    model = architecture_of(cfg) if cfg else None
+    model = architecture_of(cfg, experts=2 if cfg and _has_second_expert(path, config.model.revision or None) else 1) \
+        if cfg else None
     if model is None:
         return None
     geo = geometry_of(config, model)

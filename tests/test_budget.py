@@ -25,7 +25,8 @@ ALL = [pytest.param(m, marks=() if m in FAST else pytest.mark.slow) for m in ARC
 # The released checkpoints' transformer sizes (safetensors), where the test pins them exactly.
 EXACT = {"flux.1-dev": 11_901_408_320, "wan2.1-t2v-1.3b": 1_418_996_800}
 # The model cards' sizes (billions) for the others: a wrong layer count or width is >10% off.
-PUBLISHED = {"sd3.5-medium": 2.5, "sd3.5-large": 8.1, "flux.2-dev": 32, "qwen-image": 20, "wan2.1-t2v-14b": 14}
+PUBLISHED = {"sd3.5-medium": 2.5, "sd3.5-large": 8.1, "flux.2-dev": 32, "qwen-image": 20, "wan2.1-t2v-14b": 14,
+             "wan2.2-t2v-a14b": 27}  # A14B: "27B parameters, 14B active per step"
 
 
 def small(model: str) -> Geometry:
@@ -86,7 +87,8 @@ def test_round_memory_under_ddp_and_fsdp(model):
     # fsdp's traffic: per task 10 rollout + 9 teacher forwards + 9 backwards each gather the whole
     # transformer with its 4 adapters; each GPU receives 7/8 of it; lockstep: one batch, 28 gathers
     moved = budget.allgather_volume(model, geo, 8)
-    assert moved["gathers_per_round"] == 84 and moved["bytes_per_gather"] == 2 * (n_params + 4 * lora)
+    experts = ARCHITECTURES[model].experts  # a gather moves the one expert its step runs
+    assert moved["gathers_per_round"] == 84 and moved["bytes_per_gather"] == 2 * (n_params + 4 * lora) // experts
     assert moved["received_per_gpu"] == 84 * moved["bytes_per_gather"] * 7 // 8
     assert budget.allgather_volume(model, replace(geo, lockstep=True), 8)["gathers_per_round"] == 28
 
@@ -116,9 +118,12 @@ def test_a_folder_config_is_identified_as_its_architecture(model):
     arch = ARCHITECTURES[model]
     config = json.loads(json.dumps({"_class_name": arch.transformer_class, "_diffusers_version": "0.42.1",
                                     **arch.transformer_config()}))
-    assert architecture_of(config) == model
+    assert architecture_of(config, experts=arch.experts) == model
+    # one expert of Wan 2.2 A14B is Wan 2.1 14B's transformer: the folder's transformer_2 tells them apart
+    assert architecture_of(config, experts=3 - arch.experts) == {"wan2.1-t2v-14b": "wan2.2-t2v-a14b",
+                                                                 "wan2.2-t2v-a14b": "wan2.1-t2v-14b"}.get(model)
     config["num_layers"] = 3  # another size of the family: not counted as this one
-    assert architecture_of(config) is None
+    assert architecture_of(config, experts=arch.experts) is None
 
 
 @pytest.mark.parametrize("model", list(budget.RECIPES))
@@ -139,12 +144,32 @@ def _folder(tmp_path, model):
     """A pipeline folder of a real architecture without weights: its model_index.json and
     transformer/config.json (what --validate_only reads)."""
     arch = ARCHITECTURES[model]
-    (tmp_path / model / "transformer").mkdir(parents=True)
-    (tmp_path / model / "transformer" / "config.json").write_text(
-        json.dumps({"_class_name": arch.transformer_class, **arch.transformer_config()}))
+    for sub in ("transformer", "transformer_2")[:arch.experts]:
+        (tmp_path / model / sub).mkdir(parents=True)
+        (tmp_path / model / sub / "config.json").write_text(
+            json.dumps({"_class_name": arch.transformer_class, **arch.transformer_config()}))
     pipeline = {"flux2": "Flux2Pipeline", "wan": "WanPipeline"}[arch.family]
     (tmp_path / model / "model_index.json").write_text(json.dumps({"_class_name": pipeline}))
     return str(tmp_path / model)
+
+
+@pytest.mark.slow
+def test_two_experts_hold_both_and_run_one(tmp_path):
+    """Wan 2.2 A14B = two Wan 2.1 14B transformers: twice the weights and LoRAs, one expert's
+    activations and gathers; its LoRA gradients reduced at each of the 27 backwards (sharding.py);
+    a folder with a transformer_2 is budgeted as A14B, the same folder without it as 14B."""
+    geo = small("wan2.1-t2v-14b")
+    one, two = round_memory("wan2.1-t2v-14b", geo), round_memory("wan2.2-t2v-a14b", geo)
+    for part in ("transformer", "student_lora"):
+        assert two["parameters"][part] == 2 * one["parameters"][part]
+    assert two["activation_detail"] == one["activation_detail"] and two["bytes"]["text_encoders"] == one["bytes"]["text_encoders"]
+    a, b = (budget.allgather_volume(m, geo, 8) for m in ("wan2.1-t2v-14b", "wan2.2-t2v-a14b"))
+    assert a["bytes_per_gather"] == b["bytes_per_gather"] and b["lora_reduce_scatter_bytes"] == 27 * a["lora_reduce_scatter_bytes"]
+    path = _folder(tmp_path, "wan2.2-t2v-a14b")
+    config = load_config("opd:tiny_wan22_t2v_mopd", [f"model.path={path}", f"output_dir={tmp_path}/run"])
+    assert budget.budget_line(config, 1).startswith("[budget] wan2.2-t2v-a14b, 5 frames of 64 px")
+    os.remove(os.path.join(path, "transformer_2", "config.json"))
+    assert budget.budget_line(config, 1).startswith("[budget] wan2.1-t2v-14b, 5 frames of 64 px")
 
 
 def test_validate_only_line_and_the_gpu_it_must_fit(tmp_path, monkeypatch):

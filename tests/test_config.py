@@ -240,6 +240,7 @@ def test_shipped_configs_load_by_name_from_any_folder(tmp_path, monkeypatch):
     ("qwen_image_mopd", "Qwen/Qwen-Image", "qwen_image", 1328, 0, 4.0),
     ("flux2_mopd", "black-forest-labs/FLUX.2-dev", "flux2", 1024, 0, 2.5),
     ("wan_t2v_mopd", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "wan", 480, 81, 5.0),
+    ("wan22_t2v_mopd", "Wan-AI/Wan2.2-T2V-A14B-Diffusers", "wan", 480, 81, 4.0),
 ])
 def test_newer_family_recipes(data_root, name, path, family, resolution, frames, guidance):
     """The recipe on Qwen-Image / FLUX.2-dev / Wan 2.1 T2V: the geometry of each model card, the
@@ -255,6 +256,8 @@ def test_newer_family_recipes(data_root, name, path, family, resolution, frames,
     assert c.model.guidance == ("embedded" if family == "flux2" else "auto")
     # the video recipe's aesthetic task samples the built-in motion prompts (no download)
     assert (c.tasks.aesthetic.prompts == "video_motion") == (family == "wan")
+    # Wan 2.2 A14B: the card's CFG of the low-noise expert
+    assert c.model.guidance_scale_2 == (3.0 if name == "wan22_t2v_mopd" else 0)
 
 
 # Each large recipe's schedule as its released folder's scheduler builds it (Wan 2.1's folders ship
@@ -286,15 +289,17 @@ def _recipe_sigmas(c):
         return s.sigmas.tolist()
     if "flux" in path:
         return flux_sigmas(n, tokens).tolist()
-    if "wan" in path:
-        s = diffusers.UniPCMultistepScheduler(**{k: v for k, v in _WAN21_SCHEDULER.items() if k != "_class_name"})
+    if "wan" in path:  # Wan 2.2 A14B: flow shift 12 (the Wan team's t2v_A14B config, as the tiny model)
+        shift = tiny.WAN22_SCHEDULER_CONFIG["shift"] if "wan2.2" in path else _WAN21_SCHEDULER["flow_shift"]
+        s = diffusers.UniPCMultistepScheduler(**{k: v for k, v in _WAN21_SCHEDULER.items() if k != "_class_name"}
+                                              | {"flow_shift": shift})
         s.set_timesteps(n)
         return s.sigmas.tolist()
     return sd3_sigmas(n, c.sample.shift or 3.0).tolist()
 
 
 @pytest.mark.parametrize("name", ["mopd", "sd35_large_mopd", "flux_mopd", "flux2_mopd", "qwen_image_mopd",
-                                  "wan_t2v_mopd"])
+                                  "wan_t2v_mopd", "wan22_t2v_mopd"])
 def test_a_recipe_leaves_untrained_only_steps_with_nothing_left_to_denoise(name):
     """train.num_train_steps < sample.num_steps leaves the last steps to an unmatched student: only
     where the schedule has reached sigma < 0.05 there (SD3 ends at 0.009, Qwen-Image at 0.02; FLUX.1,

@@ -108,7 +108,7 @@ def wan21_t2v_14b_transformer_config() -> dict:
 class Architecture:
     """One real model: its transformer and the parts around it, and how a round calls it."""
 
-    family: str  # "sd3" | "flux"
+    family: str  # "sd3" | "flux" | "qwen_image" | "flux2" | "wan"
     transformer_class: str
     transformer_config: Callable[[], dict]
     text_tokens: int  # prompt_embeds length in the recipe (SD3: 77 CLIP + T5 tokens; FLUX: T5 tokens)
@@ -116,6 +116,7 @@ class Architecture:
     text_encoders: Callable[[], list] = field(default=lambda: [])  # (class, config) pairs
     vae: Callable[[], tuple] = field(default=lambda: _vae())  # (class, config kwargs)
     frames: int = 0  # video: frames per sample (its latent has (frames - 1) / 4 + 1 frames)
+    experts: int = 1  # transformers of this config in the pipeline, one running per step (Wan 2.2 A14B: 2)
 
 
 ARCHITECTURES = {
@@ -135,6 +136,9 @@ ARCHITECTURES = {
                                     lambda: [_umt5_xxl()], _vae_of("AutoencoderKLWan"), frames=81),
     "wan2.1-t2v-14b": Architecture("wan", "WanTransformer3DModel", wan21_t2v_14b_transformer_config, 512, True,
                                    lambda: [_umt5_xxl()], _vae_of("AutoencoderKLWan"), frames=81),
+    # Wan-AI/Wan2.2-T2V-A14B-Diffusers: two experts of the 14B's config (high / low noise)
+    "wan2.2-t2v-a14b": Architecture("wan", "WanTransformer3DModel", wan21_t2v_14b_transformer_config, 512, True,
+                                    lambda: [_umt5_xxl()], _vae_of("AutoencoderKLWan"), frames=81, experts=2),
 }
 
 
@@ -177,15 +181,16 @@ def _full_config(arch: Architecture) -> dict:
     return json.loads(json.dumps({**_class_defaults(arch.transformer_class), **arch.transformer_config()}))
 
 
-def architecture_of(transformer_config: dict) -> Optional[str]:
+def architecture_of(transformer_config: dict, experts: int = 1) -> Optional[str]:
     """The name in ARCHITECTURES whose transformer a folder's ``transformer/config.json`` describes
-    (same diffusers class, every constructor argument equal), else None: the budget counts only
-    architectures it knows, whatever path or Hub id they were loaded from."""
+    (same diffusers class, every constructor argument equal; ``experts``: 2 when the folder also
+    has a ``transformer_2``), else None: the budget counts only architectures it knows, whatever
+    path or Hub id they were loaded from."""
     import json
 
     given = json.loads(json.dumps({k: v for k, v in transformer_config.items() if not k.startswith("_")}))
     for name, arch in ARCHITECTURES.items():
-        if transformer_config.get("_class_name") != arch.transformer_class:
+        if transformer_config.get("_class_name") != arch.transformer_class or arch.experts != experts:
             continue
         full = _full_config(arch)
         if all(given.get(k, v) == v for k, v in full.items()):
