@@ -7,6 +7,8 @@ against ``lora.target_modules``. Each failure is a one-line :class:`~diffusion_o
 """
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass
 
 from ..config import validate_config
@@ -14,7 +16,7 @@ from ..data.prompts import PromptDataset, run_prompts
 from ..errors import ConfigError
 from ..files import check_writable_folder
 from .run_dir import check_output_dir
-from .sharding import check_strategy
+from .sharding import check_launch, check_strategy
 
 
 @dataclass
@@ -65,6 +67,7 @@ def preflight(config, world_size: int, backbone: bool = True, output_dir: bool =
     ``output_dir=False`` in a run, which checks the folder while claiming it (main process,
     under the lock, the outcome shared with every process)."""
     validate_config(config, world_size=world_size)
+    check_launch(config, dict(os.environ))  # a copy: the run itself hides accelerate's FSDP switch later
     check_strategy(config, world_size)
     check_devices(config)
     check_rewards(config)

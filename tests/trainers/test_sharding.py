@@ -214,13 +214,18 @@ def test_matching_accelerate_config_is_accepted_and_accelerate_fsdp_switch_hidde
     sharding.check_launch(tiny("distributed.strategy=fsdp"), {})  # torchrun: nothing to compare
 
 
-def test_validate_only_refuses_fsdp_on_one_process_in_one_line():
-    result = subprocess.run([sys.executable, "scripts/train.py", "--config", "config/opd.py:tiny_mopd",
-                             "distributed.strategy=fsdp", "--validate_only"], cwd=ROOT, capture_output=True,
-                            text=True, env={**os.environ, "WORLD_SIZE": "1"})
+@pytest.mark.parametrize("overrides, env, message", [
+    (["distributed.strategy=fsdp"], {"WORLD_SIZE": "1"}, "error: distributed.strategy: fsdp shards over processes"),
+    # the check a launched run makes, also in the dry run the launch scripts do first
+    (["expect_world_size=2"], {"WORLD_SIZE": "2", "ACCELERATE_USE_FSDP": "true"},
+     "error: distributed.strategy: ddp but the accelerate config launched fsdp"),
+])
+def test_validate_only_refuses_a_bad_launch_in_one_line(overrides, env, message):
+    result = subprocess.run([sys.executable, "scripts/train.py", "--config", "config/opd.py:tiny_mopd", *overrides,
+                             "--validate_only"], cwd=ROOT, capture_output=True, text=True, env={**os.environ, **env})
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: distributed.strategy: fsdp shards over processes"), lines
+    assert len(lines) == 1 and lines[0].startswith(message), lines
 
 
 def test_merged_teacher_weights_become_frozen_parameters_with_the_same_velocity(tiny_sd3_dir, tiny_teacher_dirs):
