@@ -46,6 +46,11 @@ CASES = {  # name -> (config, overrides, keep only the first task)
     "flux_text_rank0": ("config/opd.py:tiny_flux_mopd", ["perf.lockstep_tasks=true", "model.max_sequence_length=16",
                                                          "distributed.text_encoders=rank0"], False),
     "merged_lockstep": ("config/opd.py:tiny_mopd", ["perf.merge_teachers=true", "perf.lockstep_tasks=true"], False),
+    # a full-transformer teacher (a separate copy, sharded like the backbone): the folder the test
+    # writes and names in OPD_FULL_TEACHER
+    "full_teacher": ("config/opd.py:tiny_mopd", ["teachers.teacher_b.kind=transformer",
+                                                 f"teachers.teacher_b.path={os.environ.get('OPD_FULL_TEACHER', '')}"],
+                     False),
     # Wan 2.2 A14B's two experts: the high-noise one sits out the round's last (low-noise) backwards
     "wan22": ("config/opd.py:tiny_wan22_t2v_mopd", ["perf.lockstep_tasks=true"], False),
     "nft": ("config/nft.py:tiny", ["rl.groups_per_round=1", "rl.group_size=4", "train.batch_size=2"], False),
@@ -156,12 +161,15 @@ def main(out, strategy, cases):
                   (*run.policy.transformer.named_parameters(), *run.policy.transformer.named_buffers())
                   if "_opd_merged_" in n]
         merged_bytes = everyone(sum(t.numel() * t.element_size() for t in merged))
+        copies = [sharding.local_bytes(m) for m in run.policy.denoiser_modules()[1:]]  # full-transformer teachers
+        teacher_bytes = (sum(a for a, _ in copies), sum(b for _, b in copies))
         if run.rank == 0:
             torch.save({"grads": [g.detach().cpu() for g in grads], "names": names, "loss": loss,
                         "embeds": embeds, "text_bytes": text_bytes, "text_groups": text_groups, "merged_bytes": merged_bytes,
                         "merged_full": sum(run.policy.merged_teacher_bytes.values()),
                         "collectives": collectives, "groups": groups, "local_bytes": local, "full_bytes": full,
-                        "world": run.world, **counts}, os.path.join(out, f"{strategy}-{case}.pt"))
+                        "teacher_bytes": teacher_bytes, "world": run.world, **counts},
+                       os.path.join(out, f"{strategy}-{case}.pt"))
         run.close()
 
 

@@ -30,10 +30,10 @@ def torchrun(script, *args, env=None):
     return result
 
 
-def round_pair(out, cases):
+def round_pair(out, cases, env=None):
     """One round of every case under ddp and under fsdp (two launches, each running every case)."""
     for strategy in ("ddp", "fsdp"):
-        torchrun("fsdp_worker.py", str(out), strategy, *cases)
+        torchrun("fsdp_worker.py", str(out), strategy, *cases, env=env)
     return {c: tuple(torch.load(out / f"{s}-{c}.pt") for s in ("ddp", "fsdp")) for c in cases}
 
 
@@ -117,6 +117,26 @@ def test_text_encoder_placements_and_merged_teachers_give_the_same_round(tmp_pat
     assert ode["merged_full"] == 0 and ode["merged_bytes"] == [0, 0]
     assert merged["merged_full"] > 0 and all(b == merged["merged_full"] // 2 for b in merged["merged_bytes"])
     assert abs(merged["local_bytes"] / merged["full_bytes"] - 0.5) < 0.01  # the whole backbone, merged copies too
+
+
+@pytest.mark.slow
+def test_fsdp_full_transformer_teacher_is_a_sharded_copy(tmp_path):
+    """A full-transformer teacher (kind=transformer) under fsdp: its own copy, cut in half like
+    the backbone, and the student's gradient of ddp."""
+    import diffusers
+
+    from diffusion_opd.models.tiny import TINY_BUILDERS
+
+    base = TINY_BUILDERS["tiny-sd3"](str(tmp_path / "base"), seed=0)  # the run's builtin:tiny-sd3
+    teacher = diffusers.SD3Transformer2DModel.from_pretrained(base, subfolder="transformer")
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.mul_(1.05)
+    teacher.save_pretrained(tmp_path / "full")
+    ddp, fsdp = round_pair(tmp_path, ["full_teacher"], env={"OPD_FULL_TEACHER": str(tmp_path / "full")})["full_teacher"]
+    check_round(ddp, fsdp)
+    (local, full), (whole, whole_full) = fsdp["teacher_bytes"], ddp["teacher_bytes"]
+    assert full == whole == whole_full > 0 and abs(local / full - 0.5) < 0.01, (local, full)
 
 
 @pytest.mark.slow
