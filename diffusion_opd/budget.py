@@ -415,8 +415,9 @@ def budget_line(config, world: int, gpu_bytes: Optional[int] = None) -> Optional
     if config.recipe != "opd" or path.startswith(BUILTIN):
         return None
     cfg = transformer_config(path, config.model.revision or None)
-    model = architecture_of(cfg, experts=2 if cfg and _has_second_expert(path, config.model.revision or None) else 1) \
-        if cfg else None
+    if not cfg:
+        return None
+    model = architecture_of(cfg, experts=2 if _has_second_expert(path, config.model.revision or None) else 1)
     if model is None:
         return None
     geo = geometry_of(config, model)

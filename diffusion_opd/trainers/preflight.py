@@ -8,7 +8,6 @@ against ``lora.target_modules``. Each failure is a one-line :class:`~diffusion_o
 from __future__ import annotations
 
 import os
-
 from dataclasses import dataclass
 
 from ..config import validate_config
