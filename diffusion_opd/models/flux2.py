@@ -19,6 +19,7 @@ each as ``Flux2Pipeline`` runs it:
 """
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import numpy as np
@@ -28,6 +29,19 @@ from .diffusers_policy import DiffusersPolicy
 from .flux import FluxPolicy
 
 __all__ = ["Flux2Policy"]
+
+
+class _LegacyProcessorKwargs(logging.Filter):
+    """Drop transformers' warning that Flux2Pipeline.encode_prompt passes ``padding`` /
+    ``max_length`` to ``apply_chat_template`` as plain keyword arguments: transformers folds them
+    into ``processor_kwargs`` itself (same tokens), but warns at every encode call, dozens of lines
+    in a run's log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "have to be in `processor_kwargs`" not in record.getMessage()
+
+
+logging.getLogger("transformers.processing_utils").addFilter(_LegacyProcessorKwargs())
 
 
 class Flux2Policy(DiffusersPolicy):
